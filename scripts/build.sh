@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Builds the Worker (Rust → wasm → worker/build/index.js + index_bg.wasm) with the pinned tools in .tools/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+if [ -f .tools/debian-rust/enabled ]; then
+  # Debian's rustc-web has no prebuilt wasm32 std: build it from source (see scripts/setup.sh).
+  export PATH="$ROOT/.tools/debian-rust:$PATH" RUSTC_BOOTSTRAP=1 CARGO_UNSTABLE_BUILD_STD=std,panic_abort \
+         CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_LINKER=wasm-ld-19
+fi
+export PATH="$ROOT/.tools/bin:$PATH"
+export WASM_BINDGEN_BIN="$ROOT/.tools/bin/wasm-bindgen"
+export ESBUILD_BIN="$ROOT/node_modules/.bin/esbuild"
+export WASM_OPT_BIN="$ROOT/node_modules/.bin/wasm-opt"
+worker-build --release worker >&2

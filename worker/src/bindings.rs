@@ -1,0 +1,119 @@
+//! The only code that touches the Workers runtime's bindings and globals: env, D1, KV, clock, randomness,
+//! and the per-isolate state (validated config, auth cache).
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use wasm_bindgen::prelude::*;
+use worker::{Env, Error};
+
+use crate::auth::{AuthCache, KeyRecord};
+use crate::config::{Config, ConfigError};
+use crate::error::ApiError;
+use crate::models::{CachedModels, KV_MIN_TTL_SECS};
+
+pub const DB: &str = "DB";
+pub const CACHE: &str = "CACHE";
+
+const MODELS_CACHE_KEY: &str = "models:v1";
+
+#[wasm_bindgen]
+extern "C" {
+    #[wasm_bindgen(js_namespace = crypto, js_name = getRandomValues)]
+    fn get_random_values(buf: &mut [u8]);
+}
+
+pub fn now_ms() -> u64 {
+    worker::Date::now().as_millis()
+}
+
+/// Cryptographically secure random bytes (`crypto.getRandomValues`).
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut buf = [0u8; N];
+    get_random_values(&mut buf);
+    buf
+}
+
+thread_local! {
+    static CONFIG: RefCell<Option<Rc<Config>>> = const { RefCell::new(None) };
+    static AUTH_CACHE: RefCell<Option<AuthCache>> = const { RefCell::new(None) };
+}
+
+/// The validated configuration, parsed once per isolate (vars and secrets do not change under a running isolate).
+pub fn config(env: &Env) -> Result<Rc<Config>, ApiError> {
+    if let Some(config) = CONFIG.with(|c| c.borrow().clone()) {
+        return Ok(config);
+    }
+    let config = Config::from_lookup(|name| env_string(env, name)).map_err(|e: ConfigError| {
+        log_error("config_invalid", &e.to_string());
+        ApiError::internal("config_invalid")
+    })?;
+    let config = Rc::new(config);
+    CONFIG.with(|c| *c.borrow_mut() = Some(config.clone()));
+    Ok(config)
+}
+
+/// A var or secret as a string (numbers given with `--var` arrive as JS numbers).
+fn env_string(env: &Env, name: &str) -> Option<String> {
+    let value = js_sys::Reflect::get(env.as_ref(), &JsValue::from_str(name)).ok()?;
+    value.as_string().or_else(|| value.as_f64().map(|n| n.to_string())).or_else(|| value.as_bool().map(|b| b.to_string()))
+}
+
+/// The active key with this hash, through the isolate's auth cache.
+pub async fn find_active_key(env: &Env, config: &Config, hash: &str) -> Result<Option<KeyRecord>, ApiError> {
+    let now = now_ms();
+    let cached = AUTH_CACHE.with(|c| c.borrow().as_ref().and_then(|cache| cache.get(hash, now)));
+    if let Some(answer) = cached {
+        return Ok(answer);
+    }
+    let found = query_active_key(env, hash).await.map_err(|e| {
+        log_error("d1_key_lookup_failed", &e.to_string());
+        ApiError::unavailable("auth_unavailable", "API key verification")
+    })?;
+    AUTH_CACHE.with(|c| {
+        c.borrow_mut()
+            .get_or_insert_with(|| AuthCache::new(config.auth_cache_ttl_secs, config.auth_cache_max_entries))
+            .put(hash.to_owned(), found.clone(), now)
+    });
+    Ok(found)
+}
+
+async fn query_active_key(env: &Env, hash: &str) -> Result<Option<KeyRecord>, Error> {
+    env.d1(DB)?
+        .prepare("SELECT id, user_id FROM api_keys WHERE key_hash = ?1 AND active = 1")
+        .bind(&[JsValue::from_str(hash)])?
+        .first::<KeyRecord>(None)
+        .await
+}
+
+/// The cached model list, fresh or not (the caller decides; a stale list beats an error when upstream is down).
+pub async fn cached_models(env: &Env) -> Option<CachedModels> {
+    let kv = env.kv(CACHE).ok()?;
+    match kv.get(MODELS_CACHE_KEY).json::<CachedModels>().await {
+        Ok(found) => found,
+        Err(e) => {
+            log_error("kv_read_failed", &e.to_string());
+            None
+        }
+    }
+}
+
+pub async fn store_models(env: &Env, models: &CachedModels, ttl_secs: u64) {
+    let Ok(kv) = env.kv(CACHE) else { return };
+    let Ok(body) = serde_json::to_string(models) else { return };
+    // Keep the entry past its freshness so it can stand in while the upstream is down.
+    let expiration = ttl_secs.max(KV_MIN_TTL_SECS) + 3600;
+    let put = match kv.put(MODELS_CACHE_KEY, body) {
+        Ok(put) => put.expiration_ttl(expiration).execute().await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = put {
+        log_error("kv_write_failed", &e.to_string());
+    }
+}
+
+/// One structured error line for operators (`wrangler tail`); `detail` must never hold a secret.
+pub fn log_error(label: &str, detail: &str) {
+    let line = serde_json::json!({"level": "error", "event": label, "detail": detail});
+    worker::console_error!("{line}");
+}

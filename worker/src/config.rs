@@ -1,0 +1,278 @@
+//! Environment strings → a validated [`Config`], in one step.
+//!
+//! Parsing is pure (it reads through a lookup function), so every rule here has a native unit test; the Worker
+//! builds the lookup from `Env` once per isolate. A bad value is a startup error that names the variable, never a
+//! silently ignored default.
+
+use std::fmt;
+
+pub const DEFAULT_OPENROUTER_BASE_URL: &str = "https://openrouter.ai/api/v1";
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Base URL requests are forwarded to; `/chat/completions` and `/models` are appended.
+    pub upstream_base_url: String,
+    pub openrouter_api_key: Option<Secret>,
+    pub default_model: String,
+    pub max_tokens_default: u32,
+    /// Ceiling for a request's `max_tokens` / `max_completion_tokens`.
+    pub max_tokens_limit: u32,
+    pub max_request_bytes: usize,
+    pub upstream_timeout_secs: u64,
+    pub referer: String,
+    pub title: String,
+    pub allowed_origins: AllowedOrigins,
+    pub rate_limit_per_minute: u32,
+    pub models_cache_ttl_secs: u64,
+    pub auth_cache_ttl_secs: u64,
+    pub auth_cache_max_entries: usize,
+    pub posthog: Option<PostHogConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PostHogConfig {
+    pub api_key: Secret,
+    pub host: String,
+    /// Send prompts and answers (`$ai_input`, `$ai_output_choices`); off unless asked for (privacy).
+    pub capture_content: bool,
+}
+
+/// A value that must never reach a log line or a response: Debug prints stars.
+#[derive(Clone, PartialEq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("*****")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum AllowedOrigins {
+    Any,
+    List(Vec<String>),
+}
+
+impl AllowedOrigins {
+    pub fn allows(&self, origin: &str) -> bool {
+        match self {
+            AllowedOrigins::Any => true,
+            AllowedOrigins::List(list) => list.iter().any(|o| o == origin),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    pub variable: &'static str,
+    pub problem: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid configuration {}: {}", self.variable, self.problem)
+    }
+}
+
+impl Config {
+    /// `lookup(name)` returns the variable's value (a var or a secret), or `None` when unset.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let get = |name: &str| lookup(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
+
+        let db_provider = get("DB_PROVIDER").unwrap_or_else(|| "d1".to_owned());
+        if !db_provider.eq_ignore_ascii_case("d1") {
+            return Err(ConfigError {
+                variable: "DB_PROVIDER",
+                problem: format!("'{db_provider}' is not supported; the gateway stores keys and usage in D1 (use 'd1')"),
+            });
+        }
+
+        let upstream_base_url = match get("CF_AI_GATEWAY_URL") {
+            Some(url) => parse_base_url("CF_AI_GATEWAY_URL", &url)?,
+            None => parse_base_url(
+                "OPENROUTER_BASE_URL",
+                &get("OPENROUTER_BASE_URL").unwrap_or_else(|| DEFAULT_OPENROUTER_BASE_URL.to_owned()),
+            )?,
+        };
+
+        let max_tokens_default = parse_num("MAX_TOKENS_DEFAULT", get("MAX_TOKENS_DEFAULT"), 4096, 1, u32::MAX)?;
+        let max_tokens_limit = parse_num("MAX_TOKENS_LIMIT", get("MAX_TOKENS_LIMIT"), 65_536, 1, u32::MAX)?;
+        if max_tokens_default > max_tokens_limit {
+            return Err(ConfigError {
+                variable: "MAX_TOKENS_DEFAULT",
+                problem: format!("{max_tokens_default} exceeds MAX_TOKENS_LIMIT ({max_tokens_limit})"),
+            });
+        }
+
+        let posthog = match get("POSTHOG_API_KEY") {
+            None => None,
+            Some(key) => Some(PostHogConfig {
+                api_key: Secret(key),
+                host: parse_base_url(
+                    "POSTHOG_HOST",
+                    &get("POSTHOG_HOST").unwrap_or_else(|| "https://us.i.posthog.com".to_owned()),
+                )?,
+                capture_content: parse_bool("POSTHOG_CAPTURE_CONTENT", get("POSTHOG_CAPTURE_CONTENT"), false)?,
+            }),
+        };
+
+        Ok(Config {
+            upstream_base_url,
+            openrouter_api_key: get("OPENROUTER_API_KEY").map(Secret),
+            default_model: get("DEFAULT_MODEL").unwrap_or_else(|| "openai/gpt-4o-mini".to_owned()),
+            max_tokens_default,
+            max_tokens_limit,
+            max_request_bytes: parse_num("MAX_REQUEST_BYTES", get("MAX_REQUEST_BYTES"), 4 << 20, 1024, 100 << 20)?,
+            upstream_timeout_secs: parse_num("UPSTREAM_TIMEOUT_SECONDS", get("UPSTREAM_TIMEOUT_SECONDS"), 120, 1, 3600)?,
+            referer: get("OPENROUTER_REFERER").unwrap_or_default(),
+            title: get("OPENROUTER_TITLE").unwrap_or_else(|| "OpenRouter Gateway".to_owned()),
+            allowed_origins: parse_origins(get("ALLOWED_ORIGINS"))?,
+            rate_limit_per_minute: parse_num("RATE_LIMIT_PER_MINUTE", get("RATE_LIMIT_PER_MINUTE"), 60, 1, 1_000_000)?,
+            models_cache_ttl_secs: parse_num("CACHE_TTL_SECONDS", get("CACHE_TTL_SECONDS"), 300, 0, 86_400 * 30)?,
+            auth_cache_ttl_secs: parse_num("AUTH_CACHE_TTL_SECONDS", get("AUTH_CACHE_TTL_SECONDS"), 10, 0, 3600)?,
+            auth_cache_max_entries: parse_num("AUTH_CACHE_MAX_ENTRIES", get("AUTH_CACHE_MAX_ENTRIES"), 10_000, 0, 1_000_000)?,
+            posthog,
+        })
+    }
+}
+
+fn parse_num<T>(variable: &'static str, raw: Option<String>, default: T, min: T, max: T) -> Result<T, ConfigError>
+where
+    T: std::str::FromStr + PartialOrd + fmt::Display + Copy,
+{
+    let Some(raw) = raw else { return Ok(default) };
+    let value: T = raw.parse().map_err(|_| ConfigError {
+        variable,
+        problem: format!("'{raw}' is not a whole number"),
+    })?;
+    if value < min || value > max {
+        return Err(ConfigError { variable, problem: format!("{value} is outside {min}..={max}") });
+    }
+    Ok(value)
+}
+
+fn parse_bool(variable: &'static str, raw: Option<String>, default: bool) -> Result<bool, ConfigError> {
+    match raw.as_deref().map(str::to_ascii_lowercase).as_deref() {
+        None => Ok(default),
+        Some("1" | "true" | "yes" | "on") => Ok(true),
+        Some("0" | "false" | "no" | "off") => Ok(false),
+        Some(other) => Err(ConfigError { variable, problem: format!("'{other}' is not true/false") }),
+    }
+}
+
+/// An absolute http(s) URL without a trailing slash, so paths can be appended with `format!`.
+fn parse_base_url(variable: &'static str, raw: &str) -> Result<String, ConfigError> {
+    let lower = raw.to_ascii_lowercase();
+    if !(lower.starts_with("https://") || lower.starts_with("http://")) || raw.contains(char::is_whitespace) {
+        return Err(ConfigError { variable, problem: format!("'{raw}' is not an http(s) URL") });
+    }
+    Ok(raw.trim_end_matches('/').to_owned())
+}
+
+fn parse_origins(raw: Option<String>) -> Result<AllowedOrigins, ConfigError> {
+    let Some(raw) = raw else { return Ok(AllowedOrigins::List(Vec::new())) };
+    let mut list = Vec::new();
+    for origin in raw.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+        if origin == "*" {
+            return Ok(AllowedOrigins::Any);
+        }
+        // Browsers send the origin without a path or trailing slash; store it the same way so comparison is exact.
+        let origin = origin.trim_end_matches('/');
+        parse_base_url("ALLOWED_ORIGINS", origin)?;
+        list.push(origin.to_owned());
+    }
+    Ok(AllowedOrigins::List(list))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Config::from_lookup(|name| map.get(name).cloned())
+    }
+
+    #[test]
+    fn defaults_apply_when_nothing_is_set() {
+        let c = config(&[]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.upstream_base_url, DEFAULT_OPENROUTER_BASE_URL);
+        assert_eq!(c.max_tokens_default, 4096);
+        assert_eq!(c.rate_limit_per_minute, 60);
+        assert_eq!(c.models_cache_ttl_secs, 300);
+        assert_eq!(c.allowed_origins, AllowedOrigins::List(vec![]));
+        assert!(c.posthog.is_none());
+        assert!(c.openrouter_api_key.is_none());
+    }
+
+    #[test]
+    fn ai_gateway_url_takes_precedence_and_loses_its_trailing_slash() {
+        let c = config(&[
+            ("OPENROUTER_BASE_URL", "http://127.0.0.1:9/api/v1"),
+            ("CF_AI_GATEWAY_URL", "https://gateway.ai.cloudflare.com/v1/acc/gw/openrouter/"),
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.upstream_base_url, "https://gateway.ai.cloudflare.com/v1/acc/gw/openrouter");
+    }
+
+    #[test]
+    fn bad_numbers_name_the_variable() {
+        let e = config(&[("RATE_LIMIT_PER_MINUTE", "sixty")]).err();
+        assert_eq!(e.map(|e| e.variable), Some("RATE_LIMIT_PER_MINUTE"));
+        let e = config(&[("MAX_TOKENS_DEFAULT", "0")]).err();
+        assert_eq!(e.map(|e| e.variable), Some("MAX_TOKENS_DEFAULT"));
+        let e = config(&[("MAX_TOKENS_DEFAULT", "9000"), ("MAX_TOKENS_LIMIT", "8192")]).err();
+        assert_eq!(e.map(|e| e.variable), Some("MAX_TOKENS_DEFAULT"));
+    }
+
+    #[test]
+    fn only_d1_is_a_supported_db_provider() {
+        assert!(config(&[("DB_PROVIDER", "D1")]).is_ok());
+        assert_eq!(config(&[("DB_PROVIDER", "neon")]).err().map(|e| e.variable), Some("DB_PROVIDER"));
+    }
+
+    #[test]
+    fn origins_parse_as_a_list_or_wildcard() {
+        let c = config(&[("ALLOWED_ORIGINS", "http://localhost:3000, https://app.example.com/ ,")])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(c.allowed_origins.allows("https://app.example.com"));
+        assert!(c.allowed_origins.allows("http://localhost:3000"));
+        assert!(!c.allowed_origins.allows("https://evil.example.com"));
+        let any = config(&[("ALLOWED_ORIGINS", "*")]).unwrap_or_else(|e| panic!("{e}"));
+        assert!(any.allowed_origins.allows("https://anything.example"));
+        assert!(config(&[("ALLOWED_ORIGINS", "localhost:3000")]).is_err());
+    }
+
+    #[test]
+    fn posthog_is_enabled_only_with_a_key_and_capture_is_opt_in() {
+        let c = config(&[("POSTHOG_API_KEY", "phc_x"), ("POSTHOG_HOST", "http://127.0.0.1:1/")])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let ph = c.posthog.unwrap_or_else(|| panic!("posthog should be on"));
+        assert_eq!(ph.host, "http://127.0.0.1:1");
+        assert!(!ph.capture_content);
+        assert!(config(&[("POSTHOG_API_KEY", "phc_x"), ("POSTHOG_CAPTURE_CONTENT", "maybe")]).is_err());
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let c = config(&[("OPENROUTER_API_KEY", "sk-or-v1-abc"), ("POSTHOG_API_KEY", "phc_secret")])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let printed = format!("{c:?}");
+        assert!(!printed.contains("sk-or-v1-abc"));
+        assert!(!printed.contains("phc_secret"));
+    }
+
+    #[test]
+    fn blank_values_count_as_unset() {
+        let c = config(&[("DEFAULT_MODEL", "  "), ("CACHE_TTL_SECONDS", "")]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.default_model, "openai/gpt-4o-mini");
+        assert_eq!(c.models_cache_ttl_secs, 300);
+    }
+}

@@ -1,0 +1,281 @@
+//! The one error type of the request path, and the one place that renders it as an OpenAI error body.
+//!
+//! Every failure a client can see is an [`ApiError`]: it knows its HTTP status, the OpenAI `type`/`code`/`param`,
+//! a message safe to show, and a low-cardinality `label` for logs. Internal details (binding errors, upstream
+//! bodies) are logged by the caller and never copied into the message.
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    pub status: u16,
+    pub kind: &'static str,
+    pub code: Option<&'static str>,
+    pub param: Option<String>,
+    pub message: String,
+    /// Seconds the client should wait before retrying (`Retry-After`); also rendered as `retry-after-ms`.
+    pub retry_after_ms: Option<u64>,
+    /// Stable, low-cardinality name for logs and metrics.
+    pub label: &'static str,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: Inner<'a>,
+}
+
+#[derive(Serialize)]
+struct Inner<'a> {
+    message: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    param: Option<&'a str>,
+    code: Option<&'a str>,
+}
+
+impl ApiError {
+    fn new(status: u16, kind: &'static str, code: Option<&'static str>, label: &'static str, message: String) -> Self {
+        Self { status, kind, code, param: None, message, retry_after_ms: None, label }
+    }
+
+    fn with_param(mut self, param: impl Into<String>) -> Self {
+        self.param = Some(param.into());
+        self
+    }
+
+    pub fn with_retry_after_ms(mut self, ms: u64) -> Self {
+        self.retry_after_ms = Some(ms);
+        self
+    }
+
+    /// A 400 about one request field (`param` names it the way OpenAI does, e.g. `messages[2].role`).
+    pub fn invalid_param(param: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::new(400, "invalid_request_error", None, "invalid_request", message.into()).with_param(param)
+    }
+
+    /// A 400 about the request as a whole (e.g. the body is not JSON).
+    pub fn invalid_request(message: impl Into<String>) -> Self {
+        Self::new(400, "invalid_request_error", None, "invalid_request", message.into())
+    }
+
+    pub fn invalid_api_key(message: &str) -> Self {
+        Self::new(401, "invalid_request_error", Some("invalid_api_key"), "invalid_api_key", message.to_owned())
+    }
+
+    pub fn not_found(path: &str) -> Self {
+        let shown: String = path.chars().take(200).collect();
+        Self::new(404, "invalid_request_error", Some("unknown_url"), "not_found", format!("Unknown request URL: {shown}."))
+    }
+
+    pub fn method_not_allowed(method: &str, allowed: &str) -> Self {
+        Self::new(
+            405,
+            "invalid_request_error",
+            Some("method_not_allowed"),
+            "method_not_allowed",
+            format!("Method {method} is not allowed here; use {allowed}."),
+        )
+    }
+
+    pub fn payload_too_large(limit_bytes: usize) -> Self {
+        Self::new(
+            413,
+            "invalid_request_error",
+            Some("request_too_large"),
+            "request_too_large",
+            format!("Request body exceeds the gateway's limit of {limit_bytes} bytes."),
+        )
+    }
+
+    /// The upstream answered with an error before the first byte of a successful response.
+    /// Its status is kept (except 401: the provider rejected *our* credentials, which is not the client's fault).
+    pub fn upstream(status: u16, upstream_message: &str) -> Self {
+        let message = format!("Upstream provider error: {}", truncate(upstream_message, 500));
+        match status {
+            401 => Self::new(
+                502,
+                "server_error",
+                Some("upstream_auth_failed"),
+                "upstream_auth",
+                "The upstream provider rejected the gateway's credentials.".to_owned(),
+            ),
+            400 | 413 | 422 => Self::new(status, "invalid_request_error", None, "upstream_invalid_request", message),
+            402 => Self::new(402, "insufficient_quota", Some("upstream_payment_required"), "upstream_payment", message),
+            403 => Self::new(403, "invalid_request_error", Some("upstream_forbidden"), "upstream_forbidden", message),
+            404 => Self::new(404, "invalid_request_error", Some("model_not_found"), "upstream_not_found", message),
+            408 => Self::new(408, "server_error", Some("upstream_timeout"), "upstream_timeout", message),
+            429 => Self::new(429, "requests", Some("rate_limit_exceeded"), "upstream_rate_limited", message),
+            500..=599 => Self::new(status, "server_error", Some("upstream_error"), "upstream_error", message),
+            _ if (400..500).contains(&status) => {
+                Self::new(status, "invalid_request_error", None, "upstream_client_error", message)
+            }
+            _ => Self::new(502, "server_error", Some("upstream_error"), "upstream_error", message),
+        }
+    }
+
+    /// The upstream answered 2xx but with something that is not a valid completion.
+    pub fn upstream_malformed() -> Self {
+        Self::new(
+            502,
+            "server_error",
+            Some("upstream_malformed_response"),
+            "upstream_malformed",
+            "The upstream provider returned a malformed response.".to_owned(),
+        )
+    }
+
+    /// A stream the upstream closed before `[DONE]`, or whose connection broke mid-answer.
+    pub fn upstream_cut_off() -> Self {
+        Self::new(
+            502,
+            "server_error",
+            Some("upstream_cut_off"),
+            "upstream_cut_off",
+            "The upstream provider closed the stream before the answer was complete.".to_owned(),
+        )
+    }
+
+    pub fn upstream_unreachable() -> Self {
+        Self::new(
+            502,
+            "server_error",
+            Some("upstream_unreachable"),
+            "upstream_unreachable",
+            "The upstream provider could not be reached.".to_owned(),
+        )
+    }
+
+    pub fn upstream_timeout(seconds: u64) -> Self {
+        Self::new(
+            504,
+            "server_error",
+            Some("upstream_timeout"),
+            "upstream_timeout",
+            format!("The upstream provider did not answer within {seconds} s."),
+        )
+    }
+
+    /// Something inside the gateway failed; `label` says what, the details go to the log only.
+    pub fn internal(label: &'static str) -> Self {
+        Self::new(
+            500,
+            "server_error",
+            Some("internal_error"),
+            label,
+            "The gateway failed to process the request. Retry, and report the x-request-id if it persists.".to_owned(),
+        )
+    }
+
+    /// A dependency the gateway needs for this request (D1, the limiter) is unavailable.
+    pub fn unavailable(label: &'static str, what: &str) -> Self {
+        Self::new(503, "server_error", Some("service_unavailable"), label, format!("{what} is temporarily unavailable."))
+    }
+
+    /// The OpenAI error body: `{"error":{"message","type","param","code"}}`.
+    pub fn body_json(&self) -> String {
+        let body = Body {
+            error: Inner {
+                message: &self.message,
+                kind: self.kind,
+                param: self.param.as_deref(),
+                code: self.code,
+            },
+        };
+        // Serializing a struct of strings cannot fail; fall back to a fixed body rather than panic.
+        serde_json::to_string(&body).unwrap_or_else(|_| {
+            r#"{"error":{"message":"internal error","type":"server_error","param":null,"code":null}}"#.to_owned()
+        })
+    }
+
+    /// The same error as one SSE event, for failures after a stream has started (SDKs raise on `error`).
+    pub fn sse_event(&self) -> String {
+        format!("data: {}\n\n", self.body_json())
+    }
+
+    /// Whole seconds for `Retry-After` (rounded up, as the header cannot express fractions).
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        self.retry_after_ms.map(|ms| ms.div_ceil(1000))
+    }
+}
+
+fn truncate(s: &str, max_chars: usize) -> &str {
+    match s.char_indices().nth(max_chars) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn parse(e: &ApiError) -> Value {
+        serde_json::from_str(&e.body_json()).unwrap_or(Value::Null)
+    }
+
+    #[test]
+    fn body_has_the_openai_shape_with_nullable_param_and_code() {
+        let v = parse(&ApiError::invalid_request("bad"));
+        let err = &v["error"];
+        assert_eq!(err["message"], "bad");
+        assert_eq!(err["type"], "invalid_request_error");
+        assert!(err["param"].is_null());
+        assert!(err["code"].is_null());
+        assert_eq!(err.as_object().map(|o| o.len()), Some(4));
+    }
+
+    #[test]
+    fn param_is_rendered() {
+        let e = ApiError::invalid_param("messages[0].role", "bad role");
+        assert_eq!(e.status, 400);
+        assert_eq!(parse(&e)["error"]["param"], "messages[0].role");
+    }
+
+    #[test]
+    fn invalid_key_is_401_with_code() {
+        let e = ApiError::invalid_api_key("nope");
+        assert_eq!(e.status, 401);
+        assert_eq!(parse(&e)["error"]["code"], "invalid_api_key");
+    }
+
+    #[test]
+    fn upstream_statuses_are_kept_except_401() {
+        for s in [400, 402, 403, 404, 408, 429, 500, 502, 503] {
+            assert_eq!(ApiError::upstream(s, "x").status, s, "status {s}");
+        }
+        let e = ApiError::upstream(401, "bad key sk-or-secret");
+        assert_eq!(e.status, 502);
+        assert!(!e.message.contains("sk-or"), "upstream auth text must not leak");
+        assert_eq!(ApiError::upstream(429, "slow down").code, Some("rate_limit_exceeded"));
+        assert_eq!(ApiError::upstream(302, "odd").status, 502);
+    }
+
+    #[test]
+    fn upstream_message_is_truncated_on_a_char_boundary() {
+        let long = "é".repeat(2000);
+        let e = ApiError::upstream(400, &long);
+        assert!(e.message.chars().count() < 600);
+    }
+
+    #[test]
+    fn retry_after_rounds_up() {
+        let e = ApiError::upstream(429, "x").with_retry_after_ms(1001);
+        assert_eq!(e.retry_after_secs(), Some(2));
+        assert_eq!(ApiError::upstream(429, "x").with_retry_after_ms(1000).retry_after_secs(), Some(1));
+    }
+
+    #[test]
+    fn sse_event_is_a_data_line_with_the_error_object() {
+        let ev = ApiError::upstream_unreachable().sse_event();
+        assert!(ev.starts_with("data: {\"error\":"));
+        assert!(ev.ends_with("\n\n"));
+    }
+
+    #[test]
+    fn not_found_path_is_bounded() {
+        let e = ApiError::not_found(&"a".repeat(5000));
+        assert!(e.message.len() < 300);
+        assert_eq!(e.status, 404);
+    }
+}

@@ -1,0 +1,75 @@
+//! The one structured log line per request, readable in `wrangler tail --format json`.
+//! It names the key by its public id and never carries a key, a prompt or an answer.
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RequestLog {
+    pub request_id: String,
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+    pub latency_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub served_model: Option<String>,
+    pub streamed: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_status: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttft_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub completion_tokens: Option<u64>,
+    /// Low-cardinality error label (see `ApiError::label`), when the request failed or a stream broke.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<&'static str>,
+    /// How a stream ended: `done`, `upstream_error`, `cut_off`, `malformed`, `client_abort`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream_end: Option<&'static str>,
+}
+
+impl RequestLog {
+    pub fn to_line(&self) -> String {
+        #[derive(Serialize)]
+        struct Line<'a> {
+            level: &'a str,
+            event: &'a str,
+            #[serde(flatten)]
+            log: &'a RequestLog,
+        }
+        let level = if self.status >= 500 { "error" } else if self.status >= 400 { "warn" } else { "info" };
+        serde_json::to_string(&Line { level, event: "request", log: self }).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    #[test]
+    fn line_is_json_with_level_by_status_and_no_empty_fields() {
+        let log = RequestLog {
+            request_id: "req_1".into(),
+            method: "POST".into(),
+            path: "/v1/chat/completions".into(),
+            status: 502,
+            latency_ms: 12,
+            key_id: Some("k1".into()),
+            streamed: true,
+            error: Some("upstream_unreachable"),
+            ..Default::default()
+        };
+        let v: Value = serde_json::from_str(&log.to_line()).expect("json");
+        assert_eq!(v["level"], "error");
+        assert_eq!(v["event"], "request");
+        assert_eq!(v["key_id"], "k1");
+        assert_eq!(v["streamed"], true);
+        assert!(v.get("model").is_none());
+    }
+}

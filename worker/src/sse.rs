@@ -1,0 +1,453 @@
+//! Reading an OpenRouter SSE stream as it passes through, without holding it.
+//!
+//! [`SseScanner`] is fed the upstream's byte chunks in order. For each chunk it says what the client gets —
+//! usually the very same chunk (so the relay forwards the original buffer without copying it back out of wasm),
+//! sometimes a rewrite — and it keeps a [`StreamSummary`] of what billing needs: the usage chunk, the serving
+//! model, the finish reason, when the first token arrived, and how the stream ended.
+//!
+//! Rewrites happen only when the client must not see what the upstream sent:
+//! - OpenRouter always sends a usage-only chunk (`choices: []`); without `stream_options.include_usage` a client
+//!   may index `choices[0]`, so that event is dropped.
+//! - An event whose data is not JSON would make the SDKs raise a parse error; it becomes an OpenAI error event
+//!   and the stream ends (the answer is no longer trustworthy).
+//! - A stream that ends without `[DONE]` or an error event gets an error event, so a truncated answer is never
+//!   mistaken for a complete one.
+//!
+//! Events that straddle chunks are held back until complete, so dropping one never tears another.
+
+use serde_json::Value;
+
+use crate::error::ApiError;
+use crate::usage::Usage;
+
+/// An incomplete event larger than this is treated as a broken stream rather than buffered forever.
+const MAX_PENDING_BYTES: usize = 1 << 20;
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StreamSummary {
+    pub usage: Option<Usage>,
+    pub served_model: Option<String>,
+    pub finish_reason: Option<String>,
+    /// Characters of generated text seen (content and reasoning), for estimating usage of a cut-off stream.
+    pub completion_chars: usize,
+    pub first_token_seen: bool,
+    pub done: bool,
+    /// The upstream's own mid-stream error message, passed on to the client as sent.
+    pub upstream_error: Option<String>,
+    /// Set when the gateway ended the stream itself.
+    pub gateway_stop: Option<GatewayStop>,
+}
+
+/// Why the gateway, not the upstream, ended a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GatewayStop {
+    /// The upstream sent data that is not a JSON event.
+    Malformed,
+    /// The upstream closed or broke before `[DONE]`.
+    CutOff,
+}
+
+impl GatewayStop {
+    fn error(self) -> ApiError {
+        match self {
+            GatewayStop::Malformed => ApiError::upstream_malformed(),
+            GatewayStop::CutOff => ApiError::upstream_cut_off(),
+        }
+    }
+}
+
+impl StreamSummary {
+    /// The stream reached its natural end (`[DONE]` or the upstream's own error event).
+    pub fn ended_by_upstream(&self) -> bool {
+        self.done || self.upstream_error.is_some()
+    }
+}
+
+/// What the client receives for one upstream chunk.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// Forward the chunk exactly as received.
+    Same,
+    /// Forward these bytes instead (possibly empty: nothing to send yet).
+    Rewritten(Vec<u8>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    pub output: Output,
+    /// This chunk carried the first generated token (time-to-first-token is measured here).
+    pub first_token: bool,
+    /// The gateway ended the stream: send `output`, then close the client stream and cancel the upstream.
+    pub stop: bool,
+}
+
+#[derive(Debug)]
+pub struct SseScanner {
+    include_usage: bool,
+    pending: Vec<u8>,
+    stopped: bool,
+    summary: StreamSummary,
+}
+
+enum Verdict {
+    Keep,
+    Drop,
+    Malformed,
+}
+
+impl SseScanner {
+    pub fn new(include_usage: bool) -> Self {
+        Self { include_usage, pending: Vec::new(), stopped: false, summary: StreamSummary::default() }
+    }
+
+    pub fn summary(&self) -> &StreamSummary {
+        &self.summary
+    }
+
+    pub fn into_summary(self) -> StreamSummary {
+        self.summary
+    }
+
+    pub fn push(&mut self, chunk: &[u8]) -> Step {
+        if self.stopped {
+            return Step { output: Output::Rewritten(Vec::new()), first_token: false, stop: true };
+        }
+        let had_pending = !self.pending.is_empty();
+        self.pending.extend_from_slice(chunk);
+        let first_token_before = self.summary.first_token_seen;
+
+        let mut out = Vec::new();
+        let mut changed = had_pending;
+        let mut consumed = 0;
+        let mut failed = false;
+        while let Some(len) = next_event_len(&self.pending[consumed..]) {
+            let event = &self.pending[consumed..consumed + len];
+            consumed += len;
+            match classify(event, self.include_usage, &mut self.summary) {
+                Verdict::Keep => out.extend_from_slice(event),
+                Verdict::Drop => changed = true,
+                Verdict::Malformed => {
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        let first_token = !first_token_before && self.summary.first_token_seen;
+
+        if failed {
+            out.extend_from_slice(self.fail(GatewayStop::Malformed).as_bytes());
+            return Step { output: Output::Rewritten(out), first_token, stop: true };
+        }
+        self.pending.drain(..consumed);
+        if self.pending.len() > MAX_PENDING_BYTES {
+            out.extend_from_slice(self.fail(GatewayStop::Malformed).as_bytes());
+            return Step { output: Output::Rewritten(out), first_token, stop: true };
+        }
+        let output = if changed || !self.pending.is_empty() { Output::Rewritten(out) } else { Output::Same };
+        Step { output, first_token, stop: false }
+    }
+
+    /// The upstream body ended (or broke: `interrupted`). Returns bytes still owed to the client, if any.
+    pub fn finish(&mut self, interrupted: bool) -> Option<Vec<u8>> {
+        if self.stopped {
+            return None;
+        }
+        // A trailing event without its blank line is still complete data when the upstream closed cleanly.
+        let mut out = Vec::new();
+        if !interrupted && !self.pending.is_empty() {
+            let mut tail = std::mem::take(&mut self.pending);
+            tail.extend_from_slice(b"\n\n");
+            out = match self.push(&tail).output {
+                Output::Same => tail,
+                Output::Rewritten(bytes) => bytes,
+            };
+            if self.stopped {
+                return Some(out);
+            }
+        }
+        if !self.summary.ended_by_upstream() {
+            out.extend_from_slice(self.fail(GatewayStop::CutOff).as_bytes());
+        }
+        (!out.is_empty()).then_some(out)
+    }
+
+    /// Ends the stream on the gateway's side: the client's last event is this error.
+    fn fail(&mut self, stop: GatewayStop) -> String {
+        self.stopped = true;
+        self.pending.clear();
+        self.summary.gateway_stop = Some(stop);
+        stop.error().sse_event()
+    }
+}
+
+/// Length of the first complete event in `buf` (up to and including its blank line), if there is one.
+fn next_event_len(buf: &[u8]) -> Option<usize> {
+    let mut line_start = 0;
+    for (i, &b) in buf.iter().enumerate() {
+        if b == b'\n' {
+            let line = &buf[line_start..i];
+            if line.is_empty() || line == b"\r" {
+                return Some(i + 1);
+            }
+            line_start = i + 1;
+        }
+    }
+    None
+}
+
+/// Decides what happens to one complete event and records what it says.
+fn classify(event: &[u8], include_usage: bool, summary: &mut StreamSummary) -> Verdict {
+    let Some(data) = event_data(event) else { return Verdict::Keep }; // comments and keep-alives
+    if data.as_slice() == b"[DONE]" {
+        summary.done = true;
+        return Verdict::Keep;
+    }
+    let Ok(Value::Object(chunk)) = serde_json::from_slice::<Value>(&data) else {
+        return Verdict::Malformed;
+    };
+    if let Some(error) = chunk.get("error").filter(|e| !e.is_null()) {
+        let message = error.get("message").and_then(Value::as_str).unwrap_or("upstream error");
+        summary.upstream_error = Some(message.to_owned());
+        summary.finish_reason = Some("error".to_owned());
+        return Verdict::Keep;
+    }
+    if let Some(model) = chunk.get("model").and_then(Value::as_str) {
+        if summary.served_model.as_deref() != Some(model) {
+            summary.served_model = Some(model.to_owned());
+        }
+    }
+    if let Some(usage) = chunk.get("usage").and_then(Usage::from_json) {
+        summary.usage = Some(usage);
+    }
+    let choices = chunk.get("choices").and_then(Value::as_array);
+    match choices {
+        Some(choices) if !choices.is_empty() => {
+            for choice in choices {
+                record_choice(choice, summary);
+            }
+            Verdict::Keep
+        }
+        // The usage-only chunk (empty or absent `choices`): for clients that asked for it only.
+        _ if chunk.contains_key("usage") && !include_usage => Verdict::Drop,
+        _ => Verdict::Keep,
+    }
+}
+
+fn record_choice(choice: &Value, summary: &mut StreamSummary) {
+    if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
+        summary.finish_reason = Some(reason.to_owned());
+    }
+    let Some(delta) = choice.get("delta") else { return };
+    let text_chars: usize = ["content", "reasoning"]
+        .iter()
+        .filter_map(|field| delta.get(*field).and_then(Value::as_str))
+        .map(|s| s.chars().count())
+        .sum();
+    let has_tool_calls = delta.get("tool_calls").is_some_and(|t| !t.is_null());
+    summary.completion_chars += text_chars;
+    if text_chars > 0 || has_tool_calls {
+        summary.first_token_seen = true;
+    }
+}
+
+/// The event's `data` (multiple `data:` lines joined by `\n`), or `None` for an event without data.
+fn event_data(event: &[u8]) -> Option<Vec<u8>> {
+    let mut data: Option<Vec<u8>> = None;
+    for line in event.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(rest) = line.strip_prefix(b"data:") else { continue };
+        let rest = rest.strip_prefix(b" ").unwrap_or(rest);
+        match data.as_mut() {
+            Some(d) => {
+                d.push(b'\n');
+                d.extend_from_slice(rest);
+            }
+            None => data = Some(rest.to_vec()),
+        }
+    }
+    data
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn content(text: &str) -> String {
+        let chunk = json!({"id": "gen-1", "object": "chat.completion.chunk", "model": "m/served",
+            "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": null}]});
+        format!("data: {chunk}\n\n")
+    }
+
+    fn finish(reason: &str) -> String {
+        let chunk = json!({"id": "gen-1", "model": "m/served",
+            "choices": [{"index": 0, "delta": {}, "finish_reason": reason}]});
+        format!("data: {chunk}\n\n")
+    }
+
+    fn usage_chunk() -> String {
+        let chunk = json!({"id": "gen-1", "model": "m/served", "choices": [], "usage": {
+            "prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15, "cost": 0.0042,
+            "prompt_tokens_details": {"cached_tokens": 4}, "completion_tokens_details": {"reasoning_tokens": 0}}});
+        format!("data: {chunk}\n\n")
+    }
+
+    const DONE: &str = "data: [DONE]\n\n";
+
+    /// Feeds the chunks and returns what the client would receive, plus the summary.
+    fn run(include_usage: bool, chunks: &[&[u8]]) -> (Vec<u8>, StreamSummary) {
+        let mut scanner = SseScanner::new(include_usage);
+        let mut client = Vec::new();
+        for chunk in chunks {
+            let step = scanner.push(chunk);
+            match step.output {
+                Output::Same => client.extend_from_slice(chunk),
+                Output::Rewritten(bytes) => client.extend_from_slice(&bytes),
+            }
+            if step.stop {
+                return (client, scanner.into_summary());
+            }
+        }
+        if let Some(tail) = scanner.finish(false) {
+            client.extend_from_slice(&tail);
+        }
+        (client, scanner.into_summary())
+    }
+
+    fn full_stream() -> String {
+        [": OPENROUTER PROCESSING\n\n".to_owned(), content("Hel"), content("lo"), finish("stop"), usage_chunk(), DONE.to_owned()]
+            .concat()
+    }
+
+    #[test]
+    fn whole_events_pass_unchanged_and_usage_is_recorded() {
+        let mut scanner = SseScanner::new(true);
+        for piece in [content("Hi"), finish("stop"), usage_chunk(), DONE.to_owned()] {
+            assert_eq!(scanner.push(piece.as_bytes()).output, Output::Same);
+        }
+        assert_eq!(scanner.finish(false), None);
+        let s = scanner.into_summary();
+        let usage = s.usage.expect("usage");
+        assert_eq!((usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens), (12, 3, 4));
+        assert_eq!(usage.cost, Some(0.0042));
+        assert_eq!(s.served_model.as_deref(), Some("m/served"));
+        assert_eq!(s.finish_reason.as_deref(), Some("stop"));
+        assert!(s.done && s.first_token_seen);
+        assert_eq!(s.completion_chars, 2);
+    }
+
+    #[test]
+    fn usage_only_chunk_is_dropped_unless_the_client_asked_for_it() {
+        let stream = full_stream();
+        let (without, summary) = run(false, &[stream.as_bytes()]);
+        let expected = stream.replace(&usage_chunk(), "");
+        assert_eq!(String::from_utf8_lossy(&without), expected);
+        assert!(summary.usage.is_some(), "usage is still seen by the gateway");
+        let (with, _) = run(true, &[stream.as_bytes()]);
+        assert_eq!(with, stream.as_bytes());
+    }
+
+    #[test]
+    fn any_split_of_the_stream_gives_the_same_client_bytes_and_summary() {
+        let stream = full_stream();
+        let bytes = stream.as_bytes();
+        let (reference, reference_summary) = run(false, &[bytes]);
+        for split in 1..bytes.len() {
+            let (a, b) = bytes.split_at(split);
+            let (client, summary) = run(false, &[a, b]);
+            assert_eq!(client, reference, "split at {split}");
+            assert_eq!(summary, reference_summary, "split at {split}");
+        }
+        let one_byte_chunks: Vec<&[u8]> = bytes.chunks(1).collect();
+        assert_eq!(run(false, &one_byte_chunks).0, reference);
+    }
+
+    #[test]
+    fn crlf_line_endings_and_multiline_data_are_understood() {
+        let stream = "data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}],\r\ndata: \"model\":\"m\"}\r\n\r\ndata: [DONE]\r\n\r\n";
+        let (client, summary) = run(false, &[stream.as_bytes()]);
+        assert_eq!(client, stream.as_bytes());
+        assert!(summary.done);
+        assert_eq!(summary.served_model.as_deref(), Some("m"));
+    }
+
+    #[test]
+    fn first_token_is_reported_once_on_the_chunk_that_carries_it() {
+        let mut scanner = SseScanner::new(false);
+        let role_only = "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n";
+        assert!(!scanner.push(b": OPENROUTER PROCESSING\n\n").first_token);
+        assert!(!scanner.push(role_only.as_bytes()).first_token);
+        assert!(scanner.push(content("a").as_bytes()).first_token);
+        assert!(!scanner.push(content("b").as_bytes()).first_token);
+    }
+
+    #[test]
+    fn tool_call_deltas_count_as_first_token() {
+        let mut scanner = SseScanner::new(false);
+        let tool = "data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"name\":\"f\"}}]}}]}\n\n";
+        assert!(scanner.push(tool.as_bytes()).first_token);
+    }
+
+    #[test]
+    fn malformed_data_becomes_an_error_event_and_stops_the_stream() {
+        let stream = format!("{}data: {{not json\n\n{}", content("ok"), content("never"));
+        let (client, summary) = run(false, &[stream.as_bytes()]);
+        let text = String::from_utf8_lossy(&client);
+        assert!(text.starts_with(&content("ok")));
+        assert!(!text.contains("never"));
+        let last = text.trim_end().rsplit("\n\n").next().unwrap_or_default();
+        let payload: Value = serde_json::from_str(last.trim_start_matches("data: ")).expect("error event is JSON");
+        assert_eq!(payload["error"]["code"], "upstream_malformed_response");
+        assert_eq!(summary.gateway_stop, Some(GatewayStop::Malformed));
+    }
+
+    #[test]
+    fn upstream_error_event_passes_through_and_is_recorded() {
+        let err = "data: {\"id\":\"gen-1\",\"error\":{\"code\":\"server_error\",\"message\":\"Provider disconnected\"},\"choices\":[{\"index\":0,\"delta\":{\"content\":\"\"},\"finish_reason\":\"error\"}]}\n\n";
+        let stream = format!("{}{err}", content("partial"));
+        let (client, summary) = run(false, &[stream.as_bytes()]);
+        assert_eq!(client, stream.as_bytes(), "no gateway error is appended after the upstream's own");
+        assert_eq!(summary.upstream_error.as_deref(), Some("Provider disconnected"));
+        assert_eq!(summary.finish_reason.as_deref(), Some("error"));
+        assert!(summary.ended_by_upstream());
+    }
+
+    #[test]
+    fn a_stream_cut_off_before_done_ends_with_an_error_event() {
+        let (client, summary) = run(false, &[content("half").as_bytes()]);
+        let text = String::from_utf8_lossy(&client);
+        assert!(text.starts_with(&content("half")));
+        assert!(text.contains("\"error\""));
+        assert_eq!(summary.gateway_stop, Some(GatewayStop::CutOff));
+
+        let mut scanner = SseScanner::new(false);
+        let partial = content("torn");
+        let step = scanner.push(&partial.as_bytes()[..10]);
+        assert_eq!(step.output, Output::Rewritten(Vec::new()));
+        let tail = scanner.finish(true).expect("error event owed");
+        assert!(String::from_utf8_lossy(&tail).contains("closed the stream"));
+    }
+
+    #[test]
+    fn a_final_event_without_its_blank_line_is_still_delivered() {
+        let stream = format!("{}{}data: [DONE]", content("a"), finish("stop"));
+        let (client, summary) = run(true, &[stream.as_bytes()]);
+        assert!(summary.done);
+        assert!(String::from_utf8_lossy(&client).ends_with("data: [DONE]\n\n"));
+    }
+
+    #[test]
+    fn endless_event_without_newlines_is_bounded() {
+        let mut scanner = SseScanner::new(false);
+        let blob = vec![b'a'; 64 * 1024];
+        let mut stopped = false;
+        for _ in 0..40 {
+            if scanner.push(&blob).stop {
+                stopped = true;
+                break;
+            }
+        }
+        assert!(stopped);
+        assert!(scanner.push(b"data: [DONE]\n\n").stop, "nothing more is forwarded after a stop");
+    }
+}

@@ -1,0 +1,62 @@
+//! Token usage as OpenRouter reports it (in a completion body or the final stream chunk), read leniently:
+//! a missing or oddly typed field is a zero, never a failed request.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// Prompt tokens served from the provider's cache (already included in `prompt_tokens`).
+    pub cached_tokens: u64,
+    /// Reasoning tokens (already included in `completion_tokens`).
+    pub reasoning_tokens: u64,
+    /// OpenRouter's charge for the request, in USD credits; `None` when the upstream did not say.
+    pub cost: Option<f64>,
+}
+
+impl Usage {
+    /// Reads an OpenAI/OpenRouter `usage` object.
+    pub fn from_json(usage: &Value) -> Option<Usage> {
+        let usage = usage.as_object()?;
+        let count = |v: Option<&Value>| v.and_then(Value::as_f64).filter(|n| n.is_finite() && *n >= 0.0).map_or(0, |n| n as u64);
+        let nested = |outer: &str, inner: &str| count(usage.get(outer).and_then(|o| o.get(inner)));
+        Some(Usage {
+            prompt_tokens: count(usage.get("prompt_tokens")),
+            completion_tokens: count(usage.get("completion_tokens")),
+            cached_tokens: nested("prompt_tokens_details", "cached_tokens"),
+            reasoning_tokens: nested("completion_tokens_details", "reasoning_tokens"),
+            cost: usage.get("cost").and_then(Value::as_f64).filter(|c| c.is_finite() && *c >= 0.0),
+        })
+    }
+
+    pub fn total_tokens(&self) -> u64 {
+        self.prompt_tokens + self.completion_tokens
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn reads_openrouter_usage_with_details_and_cost() {
+        let u = Usage::from_json(&json!({
+            "prompt_tokens": 194, "completion_tokens": 2, "total_tokens": 196,
+            "prompt_tokens_details": {"cached_tokens": 10, "cache_write_tokens": 100},
+            "completion_tokens_details": {"reasoning_tokens": 1}, "cost": 0.95, "is_byok": false
+        }))
+        .expect("usage");
+        assert_eq!(u, Usage { prompt_tokens: 194, completion_tokens: 2, cached_tokens: 10, reasoning_tokens: 1, cost: Some(0.95) });
+        assert_eq!(u.total_tokens(), 196);
+    }
+
+    #[test]
+    fn odd_fields_become_zero_or_none() {
+        let u = Usage::from_json(&json!({"prompt_tokens": "7", "completion_tokens": -1, "cost": null})).expect("usage");
+        assert_eq!(u, Usage::default());
+        assert!(Usage::from_json(&json!(null)).is_none());
+    }
+}

@@ -1,0 +1,340 @@
+//! Validation of a chat-completions body, and the one rewrite the gateway makes to it.
+//!
+//! Only what the gateway depends on is checked (messages and roles, sampling and token bounds, the model).
+//! Everything else — tools, `response_format`, multimodal content, OpenRouter's `models`/`provider`, fields the
+//! gateway has never heard of — passes through untouched. The rewrite fills in `model` and the effective
+//! `max_tokens`, so the upstream can never generate more than the limiter reserved.
+
+use serde_json::{Map, Value};
+
+use crate::config::Config;
+use crate::error::ApiError;
+
+const VALID_ROLES: [&str; 5] = ["system", "user", "assistant", "tool", "developer"];
+const MAX_MODEL_NAME_CHARS: usize = 256;
+
+/// A validated request, ready to forward.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatRequest {
+    /// The body to send upstream (the client's, with `model` and `max_tokens` filled in).
+    pub body: Map<String, Value>,
+    /// The model asked for (explicit, first of `models`, or the default); for logs, billing and limits.
+    pub model: String,
+    pub stream: bool,
+    /// Whether the client asked for the final usage chunk (`stream_options.include_usage`).
+    pub include_usage: bool,
+    /// Upper bound on output tokens, as forwarded upstream.
+    pub max_tokens: u32,
+    /// Characters of message content, for the prompt-token estimate.
+    pub prompt_chars: usize,
+}
+
+pub fn validate_chat(raw: &[u8], config: &Config) -> Result<ChatRequest, ApiError> {
+    let value: Value = serde_json::from_slice(raw).map_err(|e| {
+        ApiError::invalid_request(format!(
+            "We could not parse the JSON body of your request ({e}). The body must be a JSON object."
+        ))
+    })?;
+    let Value::Object(mut body) = value else {
+        return Err(ApiError::invalid_request("The request body must be a JSON object."));
+    };
+
+    let prompt_chars = check_messages(body.get("messages"))?;
+    check_temperature(body.get("temperature"))?;
+    let stream = optional_bool(&body, "stream")?.unwrap_or(false);
+    let include_usage = check_stream_options(body.get("stream_options"))?;
+
+    let max_tokens = optional_token_count(&body, "max_tokens", config.max_tokens_limit)?;
+    let max_completion_tokens = optional_token_count(&body, "max_completion_tokens", config.max_tokens_limit)?;
+    let effective_max_tokens = match (max_tokens, max_completion_tokens) {
+        (Some(a), Some(b)) => a.min(b),
+        (Some(a), None) | (None, Some(a)) => a,
+        (None, None) => config.max_tokens_default,
+    };
+    body.insert("max_tokens".to_owned(), Value::from(effective_max_tokens));
+    if max_completion_tokens.is_some() {
+        body.insert("max_completion_tokens".to_owned(), Value::from(effective_max_tokens));
+    }
+
+    let model = match body.get("model") {
+        None | Some(Value::Null) => match first_fallback_model(&body) {
+            // OpenRouter routes by `models` alone; injecting a default would change which model is tried first.
+            Some(first) => first,
+            None => {
+                body.insert("model".to_owned(), Value::from(config.default_model.clone()));
+                config.default_model.clone()
+            }
+        },
+        Some(Value::String(m)) if !m.trim().is_empty() && m.chars().count() <= MAX_MODEL_NAME_CHARS => m.clone(),
+        Some(Value::String(_)) => {
+            return Err(ApiError::invalid_param(
+                "model",
+                format!("'model' must be a non-empty model id of at most {MAX_MODEL_NAME_CHARS} characters."),
+            ))
+        }
+        Some(_) => return Err(ApiError::invalid_param("model", "'model' must be a string.")),
+    };
+
+    Ok(ChatRequest { body, model, stream, include_usage, max_tokens: effective_max_tokens, prompt_chars })
+}
+
+/// Checks the messages array; returns the number of characters of content (strings and text parts).
+fn check_messages(messages: Option<&Value>) -> Result<usize, ApiError> {
+    let messages = match messages {
+        None | Some(Value::Null) => {
+            return Err(ApiError::invalid_param("messages", "Missing required parameter: 'messages'."))
+        }
+        Some(Value::Array(list)) if list.is_empty() => {
+            return Err(ApiError::invalid_param("messages", "'messages' must contain at least one message."))
+        }
+        Some(Value::Array(list)) => list,
+        Some(_) => return Err(ApiError::invalid_param("messages", "'messages' must be an array.")),
+    };
+    let mut chars = 0;
+    for (i, message) in messages.iter().enumerate() {
+        let Value::Object(message) = message else {
+            return Err(ApiError::invalid_param(format!("messages[{i}]"), format!("messages[{i}] must be an object.")));
+        };
+        match message.get("role") {
+            Some(Value::String(role)) if VALID_ROLES.contains(&role.as_str()) => {}
+            Some(Value::String(role)) => {
+                let shown: String = role.chars().take(40).collect();
+                return Err(ApiError::invalid_param(
+                    format!("messages[{i}].role"),
+                    format!("Invalid value '{shown}' for messages[{i}].role; expected one of {}.", VALID_ROLES.join(", ")),
+                ));
+            }
+            None | Some(Value::Null) => {
+                return Err(ApiError::invalid_param(
+                    format!("messages[{i}].role"),
+                    format!("Missing required parameter: messages[{i}].role."),
+                ))
+            }
+            Some(_) => {
+                return Err(ApiError::invalid_param(
+                    format!("messages[{i}].role"),
+                    format!("messages[{i}].role must be a string."),
+                ))
+            }
+        }
+        chars += content_chars(message.get("content"));
+    }
+    Ok(chars)
+}
+
+fn content_chars(content: Option<&Value>) -> usize {
+    match content {
+        Some(Value::String(s)) => s.chars().count(),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .map(|t| t.chars().count())
+            .sum(),
+        _ => 0,
+    }
+}
+
+fn check_temperature(value: Option<&Value>) -> Result<(), ApiError> {
+    match value {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::Number(n)) => match n.as_f64() {
+            Some(t) if (0.0..=2.0).contains(&t) => Ok(()),
+            _ => Err(ApiError::invalid_param("temperature", format!("'temperature' must be between 0 and 2, got {n}."))),
+        },
+        Some(_) => Err(ApiError::invalid_param("temperature", "'temperature' must be a number between 0 and 2.")),
+    }
+}
+
+fn optional_bool(body: &Map<String, Value>, field: &str) -> Result<Option<bool>, ApiError> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(_) => Err(ApiError::invalid_param(field, format!("'{field}' must be a boolean."))),
+    }
+}
+
+fn check_stream_options(value: Option<&Value>) -> Result<bool, ApiError> {
+    match value {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Object(options)) => match options.get("include_usage") {
+            None | Some(Value::Null) => Ok(false),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(_) => Err(ApiError::invalid_param(
+                "stream_options.include_usage",
+                "'stream_options.include_usage' must be a boolean.",
+            )),
+        },
+        Some(_) => Err(ApiError::invalid_param("stream_options", "'stream_options' must be an object.")),
+    }
+}
+
+fn optional_token_count(body: &Map<String, Value>, field: &str, ceiling: u32) -> Result<Option<u32>, ApiError> {
+    let value = match body.get(field) {
+        None | Some(Value::Null) => return Ok(None),
+        Some(v) => v,
+    };
+    match value.as_u64() {
+        Some(n) if n >= 1 && n <= u64::from(ceiling) => Ok(u32::try_from(n).ok()),
+        Some(0) => Err(ApiError::invalid_param(field, format!("'{field}' must be at least 1."))),
+        Some(n) => Err(ApiError::invalid_param(
+            field,
+            format!("'{field}' is {n}, above this gateway's limit of {ceiling} tokens."),
+        )),
+        None => Err(ApiError::invalid_param(field, format!("'{field}' must be a positive integer."))),
+    }
+}
+
+fn first_fallback_model(body: &Map<String, Value>) -> Option<String> {
+    body.get("models")?.as_array()?.first()?.as_str().map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn config() -> Config {
+        Config::from_lookup(|name| match name {
+            "MAX_TOKENS_DEFAULT" => Some("1000".into()),
+            "MAX_TOKENS_LIMIT" => Some("8000".into()),
+            "DEFAULT_MODEL" => Some("default/model".into()),
+            _ => None,
+        })
+        .expect("test config")
+    }
+
+    fn check(body: Value) -> Result<ChatRequest, ApiError> {
+        validate_chat(body.to_string().as_bytes(), &config())
+    }
+
+    fn param_of(body: Value) -> Option<String> {
+        check(body).err().and_then(|e| {
+            assert_eq!(e.status, 400);
+            e.param
+        })
+    }
+
+    fn hello() -> Value {
+        json!([{"role": "user", "content": "hello"}])
+    }
+
+    #[test]
+    fn minimal_request_gets_default_model_and_max_tokens() {
+        let r = check(json!({"messages": hello()})).expect("valid");
+        assert_eq!(r.model, "default/model");
+        assert_eq!(r.body["model"], "default/model");
+        assert_eq!(r.max_tokens, 1000);
+        assert_eq!(r.body["max_tokens"], 1000);
+        assert!(!r.stream);
+        assert!(!r.include_usage);
+        assert_eq!(r.prompt_chars, 5);
+    }
+
+    #[test]
+    fn unknown_and_openrouter_fields_pass_through_unchanged() {
+        let body = json!({
+            "model": "m/x", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}],
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+            "tool_choice": "auto", "response_format": {"type": "json_object"},
+            "provider": {"order": ["a", "b"], "allow_fallbacks": false}, "route": "fallback",
+            "stream_options": {"include_usage": true}, "stream": true, "x_custom": {"nested": [1, 2.5, null]},
+            "seed": 7, "top_p": 0.9, "user": "u1"
+        });
+        let r = check(body.clone()).expect("valid");
+        for (k, v) in body.as_object().expect("object") {
+            assert_eq!(&r.body[k], v, "field {k} changed");
+        }
+        assert!(r.stream && r.include_usage);
+        assert_eq!(r.prompt_chars, 2);
+    }
+
+    #[test]
+    fn models_fallback_list_is_respected_without_injecting_a_default() {
+        let r = check(json!({"messages": hello(), "models": ["a/one", "b/two"]})).expect("valid");
+        assert_eq!(r.model, "a/one");
+        assert!(!r.body.contains_key("model"));
+    }
+
+    #[test]
+    fn messages_are_required_non_empty_objects_with_valid_roles() {
+        assert_eq!(param_of(json!({})).as_deref(), Some("messages"));
+        assert_eq!(param_of(json!({"messages": []})).as_deref(), Some("messages"));
+        assert_eq!(param_of(json!({"messages": "hi"})).as_deref(), Some("messages"));
+        assert_eq!(param_of(json!({"messages": [1]})).as_deref(), Some("messages[0]"));
+        assert_eq!(
+            param_of(json!({"messages": [{"role": "user", "content": "a"}, {"content": "b"}]})).as_deref(),
+            Some("messages[1].role")
+        );
+        assert_eq!(param_of(json!({"messages": [{"role": "wizard"}]})).as_deref(), Some("messages[0].role"));
+        assert_eq!(param_of(json!({"messages": [{"role": 3}]})).as_deref(), Some("messages[0].role"));
+        for role in VALID_ROLES {
+            assert!(check(json!({"messages": [{"role": role, "content": "x"}]})).is_ok(), "{role}");
+        }
+    }
+
+    #[test]
+    fn temperature_must_be_a_number_in_range() {
+        assert!(check(json!({"messages": hello(), "temperature": 0})).is_ok());
+        assert!(check(json!({"messages": hello(), "temperature": 2.0})).is_ok());
+        assert!(check(json!({"messages": hello(), "temperature": null})).is_ok());
+        assert_eq!(param_of(json!({"messages": hello(), "temperature": 2.01})).as_deref(), Some("temperature"));
+        assert_eq!(param_of(json!({"messages": hello(), "temperature": -0.1})).as_deref(), Some("temperature"));
+        assert_eq!(param_of(json!({"messages": hello(), "temperature": "hot"})).as_deref(), Some("temperature"));
+    }
+
+    #[test]
+    fn token_bounds_are_positive_and_below_the_ceiling() {
+        for field in ["max_tokens", "max_completion_tokens"] {
+            assert_eq!(param_of(json!({"messages": hello(), field: 0})).as_deref(), Some(field));
+            assert_eq!(param_of(json!({"messages": hello(), field: -5})).as_deref(), Some(field));
+            assert_eq!(param_of(json!({"messages": hello(), field: 1.5})).as_deref(), Some(field));
+            assert_eq!(param_of(json!({"messages": hello(), field: 8001})).as_deref(), Some(field));
+            assert_eq!(param_of(json!({"messages": hello(), field: "10"})).as_deref(), Some(field));
+            assert_eq!(check(json!({"messages": hello(), field: 8000})).expect("valid").max_tokens, 8000);
+        }
+    }
+
+    #[test]
+    fn the_smaller_of_both_token_fields_is_forwarded_in_both() {
+        let r = check(json!({"messages": hello(), "max_tokens": 300, "max_completion_tokens": 200})).expect("valid");
+        assert_eq!(r.max_tokens, 200);
+        assert_eq!(r.body["max_tokens"], 200);
+        assert_eq!(r.body["max_completion_tokens"], 200);
+        let r = check(json!({"messages": hello(), "max_completion_tokens": 50})).expect("valid");
+        assert_eq!(r.body["max_tokens"], 50);
+    }
+
+    #[test]
+    fn model_must_be_a_sane_string() {
+        assert_eq!(param_of(json!({"messages": hello(), "model": 5})).as_deref(), Some("model"));
+        assert_eq!(param_of(json!({"messages": hello(), "model": ""})).as_deref(), Some("model"));
+        assert_eq!(param_of(json!({"messages": hello(), "model": "x".repeat(300)})).as_deref(), Some("model"));
+        assert_eq!(check(json!({"messages": hello(), "model": null})).expect("valid").model, "default/model");
+    }
+
+    #[test]
+    fn stream_flags_are_typed() {
+        assert_eq!(param_of(json!({"messages": hello(), "stream": "yes"})).as_deref(), Some("stream"));
+        assert_eq!(param_of(json!({"messages": hello(), "stream_options": true})).as_deref(), Some("stream_options"));
+        assert_eq!(
+            param_of(json!({"messages": hello(), "stream_options": {"include_usage": 1}})).as_deref(),
+            Some("stream_options.include_usage")
+        );
+    }
+
+    #[test]
+    fn non_json_and_non_object_bodies_are_rejected_without_param() {
+        for raw in [&b"not json"[..], b"[1,2]", b"", b"{\"messages\": [", b"\xff\xfe"] {
+            let e = validate_chat(raw, &config()).expect_err("must fail");
+            assert_eq!(e.status, 400);
+            assert_eq!(e.param, None);
+        }
+    }
+
+    #[test]
+    fn deeply_nested_json_is_an_error_not_a_crash() {
+        let raw = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert_eq!(validate_chat(raw.as_bytes(), &config()).err().map(|e| e.status), Some(400));
+    }
+}
