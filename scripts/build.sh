@@ -12,5 +12,4 @@ fi
 export PATH="$ROOT/.tools/bin:$PATH"
 export WASM_BINDGEN_BIN="$ROOT/.tools/bin/wasm-bindgen"
 export ESBUILD_BIN="$ROOT/node_modules/.bin/esbuild"
-export WASM_OPT_BIN="$ROOT/node_modules/.bin/wasm-opt"
 worker-build --release worker >&2

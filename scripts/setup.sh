@@ -2,7 +2,7 @@
 # Brings a fresh machine to the point where the gateway builds and runs, idempotently and quickly when done:
 #   1. the wasm32 target (rustup; Debian's rustc-web packages as a fallback when rustup cannot fetch it)
 #   2. worker-build and the wasm-bindgen CLI, pinned, installed into .tools/ (never downloaded from GitHub)
-#   3. npm packages from the lockfile (wrangler, miniflare, esbuild, binaryen)
+#   3. npm packages from the lockfile (wrangler, miniflare, esbuild)
 #   4. the Worker build (scripts/build.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."

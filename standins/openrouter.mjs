@@ -11,6 +11,8 @@
 //   delay_ms     pause before each content delta (default 0; 25 without `standin`)
 //   status, retry_after   HTTP status (default 429) and Retry-After for `error`
 //   after_chunks good deltas before a mid-stream failure (default 2)
+//   pause_after, pause_ms  after this many deltas, pause this long once (proves a client sees
+//                the first events while the upstream is still generating)
 // Control endpoints live under /__standin/ (requests log, stats).
 //
 //   node standins/openrouter.mjs [--port N] [--host H] [--verbose] [--exit-with-stdin]
@@ -277,6 +279,8 @@ function planCompletion(body, id) {
     status: Number.isInteger(opts.status) && opts.status >= 400 && opts.status <= 599 ? opts.status : 429,
     retryAfter: opts.retry_after,
     afterChunks: intOption(opts.after_chunks, 2),
+    pauseAfter: intOption(opts.pause_after, -1),
+    pauseMs: intOption(opts.pause_ms, 0),
     texts: pieceTexts(pieces),
     finishReason,
     usage: usageFor(Math.max(1, Math.ceil(promptChars(messages) / 4)), emitted),
@@ -356,6 +360,7 @@ async function sendStream(res, plan) {
     }
     if (i === plan.texts.length) break;
     if (plan.delayMs > 0) await sleep(plan.delayMs);
+    if (i === plan.pauseAfter && plan.pauseMs > 0) await sleep(plan.pauseMs);
     if (res.destroyed || !(await writeFrame(res, frames.content(plan.texts[i], i === 0)))) return;
   }
   res.write(frames.finish(plan.texts.length === 0));

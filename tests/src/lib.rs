@@ -1,1 +1,367 @@
+//! Test harness: starts the real gateway (wrangler dev, local mode: workerd with local D1/KV/DO/Queues) against
+//! the repository's OpenRouter stand-in, on free ports, with its own state directory, and cleans up after itself.
+//!
+//! Every child process is started behind a small shell watchdog that holds a pipe from the test process: when the
+//! test binary exits — normally, by panic, or killed — the pipe closes and the watchdog kills the child's whole
+//! process group (wrangler and its workerd included). Nothing outlives a test run.
 
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+pub use serde_json::json;
+
+/// The repository root (tests/ is one level below it).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+fn wrangler_bin() -> PathBuf {
+    repo_root().join("node_modules/.bin/wrangler")
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+/// Random lowercase hex (from the OS), for keys and markers that must not collide between runs.
+pub fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    let mut file = std::fs::File::open("/dev/urandom").expect("/dev/urandom");
+    std::io::Read::read_exact(&mut file, &mut buf).expect("random bytes");
+    hex::encode(buf)
+}
+
+pub fn sha256_hex(s: &str) -> String {
+    hex::encode(Sha256::digest(s.as_bytes()))
+}
+
+/// A child process that dies with the test binary (see the module docs).
+pub struct Supervised {
+    child: Child,
+    _lifeline: ChildStdin,
+}
+
+impl Supervised {
+    /// Runs `program args` in its own process group under the watchdog, output appended to `log`.
+    pub fn spawn(program: &Path, args: &[String], log: &Path, envs: &[(&str, &str)]) -> Supervised {
+        let script = r#"log=$1; shift; "$@" </dev/null >>"$log" 2>&1 & child=$!; cat >/dev/null; kill -TERM 0"#;
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(script)
+            .arg("sh")
+            .arg(log)
+            .arg(program)
+            .args(args)
+            .current_dir(repo_root())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0);
+        for (k, v) in envs {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        let lifeline = child.stdin.take().expect("piped stdin");
+        Supervised { child, _lifeline: lifeline }
+    }
+
+    /// Kills the whole process group now and waits for the watchdog.
+    pub fn kill(&mut self) {
+        let pgid = self.child.id() as i32;
+        // SAFETY: kill(2) on our own child's process group; no memory is involved.
+        unsafe {
+            libc::kill(-pgid, libc::SIGKILL);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// The OpenRouter stand-in (standins/openrouter.mjs), one per gateway so recorded requests are this gateway's.
+pub struct Standin {
+    pub base_url: String,
+    child: Child,
+}
+
+impl Standin {
+    pub fn start(script: &str) -> Standin {
+        let mut child = Command::new("node")
+            .arg(repo_root().join("standins").join(script))
+            .args(["--port", "0", "--exit-with-stdin"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start stand-in (node)");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("stand-in prints its address");
+        let announced: Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("stand-in said: {line}"));
+        let base_url = announced["listening"].as_str().expect("listening url").to_owned();
+        Standin { base_url, child }
+    }
+
+    /// The stand-in's origin (its control endpoints live under `/__standin/`).
+    pub fn origin(&self) -> String {
+        self.base_url.trim_end_matches("/api/v1").to_owned()
+    }
+
+    /// Every request the stand-in received, in order.
+    pub async fn requests(&self) -> Vec<Value> {
+        let url = format!("{}/__standin/requests", self.origin());
+        let body: Value = reqwest::get(url).await.expect("stand-in reachable").json().await.expect("json");
+        body["requests"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Chat-completion requests whose body carries `marker` anywhere (tests share a stand-in).
+    pub async fn chat_requests_with(&self, marker: &str) -> Vec<Value> {
+        self.requests()
+            .await
+            .into_iter()
+            .filter(|r| r["path"] == "/api/v1/chat/completions" && r["raw_body"].as_str().is_some_and(|b| b.contains(marker)))
+            .collect()
+    }
+
+    pub async fn stats(&self) -> Value {
+        let url = format!("{}/__standin/stats", self.origin());
+        reqwest::get(url).await.expect("stand-in reachable").json().await.expect("json")
+    }
+}
+
+impl Drop for Standin {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A key the harness created in the gateway's D1 before start.
+#[derive(Clone, Debug)]
+pub struct TestKey {
+    pub id: String,
+    pub user_id: String,
+    pub secret: String,
+}
+
+#[derive(Default, Clone)]
+pub struct GatewayOptions {
+    /// `--var NAME:VALUE` overrides on top of wrangler.toml's [vars].
+    pub vars: Vec<(String, String)>,
+    /// Key names to create (each gets its own id, user and secret).
+    pub keys: Vec<String>,
+}
+
+impl GatewayOptions {
+    pub fn var(mut self, name: &str, value: impl ToString) -> Self {
+        self.vars.push((name.to_owned(), value.to_string()));
+        self
+    }
+
+    pub fn keys(mut self, names: &[&str]) -> Self {
+        self.keys.extend(names.iter().map(|n| n.to_string()));
+        self
+    }
+}
+
+static INSTANCE: AtomicUsize = AtomicUsize::new(0);
+
+/// One running gateway.
+pub struct Gateway {
+    pub base: String,
+    pub upstream: Standin,
+    pub state_dir: PathBuf,
+    pub log_path: PathBuf,
+    keys: HashMap<String, TestKey>,
+    port: u16,
+    options: GatewayOptions,
+    process: Mutex<Supervised>,
+}
+
+impl Gateway {
+    pub fn start(options: GatewayOptions) -> Gateway {
+        let root = repo_root();
+        assert!(
+            root.join("worker/build/index.js").exists(),
+            "the Worker is not built: run `npm test` (or `npm run build`) first"
+        );
+        let upstream = Standin::start("openrouter.mjs");
+        let n = INSTANCE.fetch_add(1, Ordering::SeqCst);
+        let state_dir = std::env::temp_dir().join(format!("gateway-test-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&state_dir);
+        std::fs::create_dir_all(&state_dir).expect("state dir");
+        let log_path = state_dir.join("wrangler.log");
+
+        let keys = create_keys(&options.keys);
+        prepare_database(&state_dir, &keys);
+
+        let port = free_port();
+        let process = Mutex::new(spawn_wrangler(&state_dir, &log_path, port, &upstream, &options));
+        let gateway = Gateway { base: format!("http://127.0.0.1:{port}"), upstream, state_dir, log_path, keys, port, options, process };
+        gateway.wait_ready();
+        gateway
+    }
+
+    /// Stops the runtime (SIGKILL, as a crash would) and starts it again on the same port and state.
+    pub fn restart(&self) {
+        let mut process = self.process.lock().expect("process lock");
+        process.kill();
+        *process = spawn_wrangler(&self.state_dir, &self.log_path, self.port, &self.upstream, &self.options);
+        drop(process);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let url = format!("{}/health", self.base);
+        while Instant::now() < deadline {
+            if let Ok(out) = Command::new("curl").args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &url]).output() {
+                if out.stdout == b"200" {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("gateway did not become ready; log:\n{}", self.logs());
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn key(&self, name: &str) -> &TestKey {
+        self.keys.get(name).unwrap_or_else(|| panic!("no test key named {name}"))
+    }
+
+    /// Everything the runtime has logged so far (wrangler's output, including the Worker's console lines).
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The Worker's structured request log lines (JSON objects with `"event":"request"`).
+    pub fn request_logs(&self) -> Vec<Value> {
+        self.logs()
+            .lines()
+            .filter_map(|line| line.find('{').map(|i| &line[i..]))
+            .filter_map(|json| serde_json::from_str::<Value>(json).ok())
+            .filter(|v| v["event"] == "request")
+            .collect()
+    }
+
+    /// Runs SQL against the gateway's local D1 (another process, like an operator would) and returns the rows.
+    pub fn d1(&self, sql: &str) -> Vec<Value> {
+        let out = Command::new(wrangler_bin())
+            .args(["d1", "execute", "DB", "--local", "--json", "--persist-to"])
+            .arg(&self.state_dir)
+            .args(["--command", sql])
+            .current_dir(repo_root())
+            .env("WRANGLER_SEND_METRICS", "false")
+            .output()
+            .expect("wrangler d1 execute");
+        assert!(out.status.success(), "d1 failed: {}", String::from_utf8_lossy(&out.stderr));
+        let parsed: Value = serde_json::from_slice(&out.stdout).expect("d1 json output");
+        parsed[0]["results"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+fn create_keys(names: &[String]) -> HashMap<String, TestKey> {
+    names
+        .iter()
+        .map(|name| {
+            let id = format!("{name}{}", random_hex(4));
+            let secret = format!("sk-gw-{id}-{}", random_hex(24));
+            (name.clone(), TestKey { id, user_id: format!("user-{name}"), secret })
+        })
+        .collect()
+}
+
+fn wrangler(state_dir: &Path, args: &[&str]) {
+    let out = Command::new(wrangler_bin())
+        .args(args)
+        .arg("--persist-to")
+        .arg(state_dir)
+        .current_dir(repo_root())
+        .env("WRANGLER_SEND_METRICS", "false")
+        .output()
+        .expect("run wrangler");
+    assert!(
+        out.status.success(),
+        "wrangler {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Applies the real migrations (as a deploy does), then inserts the test keys (hashes only).
+fn prepare_database(state_dir: &Path, keys: &HashMap<String, TestKey>) {
+    wrangler(state_dir, &["d1", "migrations", "apply", "DB", "--local"]);
+    if keys.is_empty() {
+        return;
+    }
+    let rows: Vec<String> = keys
+        .values()
+        .map(|k| format!("('{}', '{}', '{}')", k.id, sha256_hex(&k.secret), k.user_id))
+        .collect();
+    let sql = format!("INSERT INTO api_keys (id, key_hash, user_id) VALUES {};", rows.join(", "));
+    wrangler(state_dir, &["d1", "execute", "DB", "--local", "--command", &sql]);
+}
+
+fn spawn_wrangler(state_dir: &Path, log: &Path, port: u16, upstream: &Standin, options: &GatewayOptions) -> Supervised {
+    let mut args: Vec<String> = ["dev", "--local", "--ip", "127.0.0.1", "--show-interactive-dev-session=false"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend(["--port".into(), port.to_string(), "--inspector-port".into(), free_port().to_string()]);
+    args.extend(["--persist-to".into(), state_dir.display().to_string()]);
+    let mut vars = vec![
+        ("OPENROUTER_BASE_URL".to_owned(), upstream.base_url.clone()),
+        ("OPENROUTER_API_KEY".to_owned(), PROVIDER_KEY.to_owned()),
+    ];
+    vars.extend(options.vars.iter().cloned());
+    for (name, value) in vars {
+        args.extend(["--var".into(), format!("{name}:{value}")]);
+    }
+    Supervised::spawn(&wrangler_bin(), &args, log, &[("WRANGLER_SEND_METRICS", "false"), ("NO_COLOR", "1")])
+}
+
+/// The provider key the tests give the gateway; it must never appear in a response or a log line.
+pub const PROVIDER_KEY: &str = "sk-or-v1-test-provider-secret-6f1d2c";
+
+/// An HTTP client for tests (no connection reuse surprises: a fresh pool per client).
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("http client")
+}
+
+/// Reads an SSE response to its end and returns the `data:` payloads in order (`[DONE]` included).
+pub async fn sse_events(response: reqwest::Response) -> Vec<String> {
+    let text = response.text().await.expect("stream body");
+    parse_sse(&text)
+}
+
+pub fn parse_sse(text: &str) -> Vec<String> {
+    text.split("\n\n")
+        .filter_map(|event| {
+            let data: Vec<&str> = event.lines().filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:"))).collect();
+            (!data.is_empty()).then(|| data.join("\n"))
+        })
+        .collect()
+}
+
+/// Asserts the OpenAI error shape and returns the `error` object.
+pub fn assert_openai_error(body: &Value) -> &Value {
+    let error = &body["error"];
+    assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()), "error.message missing in {body}");
+    assert!(error["type"].is_string(), "error.type missing in {body}");
+    assert!(error.get("param").is_some(), "error.param missing in {body}");
+    assert!(error.get("code").is_some(), "error.code missing in {body}");
+    error
+}

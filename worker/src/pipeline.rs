@@ -55,6 +55,7 @@ pub async fn handle(req: Request, env: Env, ctx: Context) -> Response {
         None => respond::new_request_id(random_bytes()),
     };
     let origin = header(&req, "origin");
+    let preflight_headers = header(&req, "access-control-request-headers");
     let mut log = RequestLog { request_id, method, path, ..Default::default() };
 
     let config = bindings::config(&env);
@@ -68,7 +69,9 @@ pub async fn handle(req: Request, env: Env, ctx: Context) -> Response {
     });
 
     let cors_headers = match (&config, log.method.as_str()) {
-        (Ok(config), "OPTIONS") => cors::preflight_headers(origin.as_deref(), None, &config.allowed_origins),
+        (Ok(config), "OPTIONS") => {
+            cors::preflight_headers(origin.as_deref(), preflight_headers.as_deref(), &config.allowed_origins)
+        }
         (Ok(config), _) => cors::response_headers(origin.as_deref(), &config.allowed_origins),
         (Err(_), _) => Vec::new(),
     };
@@ -95,7 +98,8 @@ async fn dispatch(req: Request, env: &Env, config: &Config, started_ms: u64, log
         Route::ChatCompletions => chat_completions(req, env, config, started_ms, log).await,
         Route::Models => list_models(&req, env, config, log).await,
         Route::Health => Ok(Reply::now(json_response(200, r#"{"status":"ok"}"#.to_owned()))),
-        Route::Preflight => Ok(Reply::now(preflight(&req, config))),
+        // The CORS headers that make a preflight are added by `decorate`, like every response's.
+        Route::Preflight => Ok(Reply::now(ResponseBuilder::new().with_status(204).empty())),
         Route::MethodNotAllowed { allowed } => {
             let mut response = error_response(&ApiError::method_not_allowed(&log.method, allowed));
             set_headers(response.headers_mut(), &[("allow", allowed.to_owned())]);
@@ -228,14 +232,6 @@ async fn read_body(req: &mut Request, limit: usize) -> Result<Vec<u8>, ApiError>
         body.extend_from_slice(&chunk);
     }
     Ok(body)
-}
-
-fn preflight(req: &Request, config: &Config) -> Response {
-    let headers = Headers::new();
-    let requested = header(req, "access-control-request-headers");
-    let origin = header(req, "origin");
-    set_headers(&headers, &cors::preflight_headers(origin.as_deref(), requested.as_deref(), &config.allowed_origins));
-    ResponseBuilder::new().with_status(204).with_headers(headers).empty()
 }
 
 fn record_usage(log: &mut RequestLog, usage: &Usage) {

@@ -10,6 +10,7 @@
 //! for it, nor malformed data, and a cut-off stream must end with an error event — all of which need a hand in the
 //! client's path. The pump is that hand, and it sees the final usage chunk on its way through.
 
+use futures_util::future::{select, Either};
 use js_sys::{Reflect, Uint8Array};
 use wasm_bindgen::{JsCast, JsValue};
 use wasm_bindgen_futures::JsFuture;
@@ -84,8 +85,17 @@ impl Relay {
         let mut ttft_ms = None;
         let mut bytes_in = 0;
         let mut bytes_rewritten = 0;
+        // Settles (rejects) as soon as the client cancels its side, even while we wait for the upstream.
+        let mut client_gone = JsFuture::from(writer.closed());
         let end = loop {
-            let chunk = match read_chunk(&reader, idle_timeout_secs).await {
+            let read = match select(std::pin::pin!(read_chunk(&reader, idle_timeout_secs)), &mut client_gone).await {
+                Either::Left((read, _)) => read,
+                Either::Right(_) => {
+                    cancel(&reader);
+                    break StreamEnd::ClientAbort;
+                }
+            };
+            let chunk = match read {
                 Ok(Some(chunk)) => chunk,
                 Ok(None) => break finish(&mut scanner, &writer, false, &mut bytes_rewritten).await,
                 Err(()) => {

@@ -1,0 +1,241 @@
+//! Everything around the chat path: health, routing errors, body limits, timeouts, key revocation, the model
+//! list cache, CORS and the headers every response carries.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use gateway_tests::*;
+use serde_json::Value;
+
+const ORIGIN: &str = "https://app.example.com";
+
+fn gateway() -> &'static Gateway {
+    static GATEWAY: OnceLock<Gateway> = OnceLock::new();
+    GATEWAY.get_or_init(|| {
+        Gateway::start(
+            GatewayOptions::default()
+                .keys(&["carol", "dave"])
+                .var("UPSTREAM_TIMEOUT_SECONDS", 2)
+                .var("AUTH_CACHE_TTL_SECONDS", 2)
+                .var("CACHE_TTL_SECONDS", 3)
+                .var("MAX_REQUEST_BYTES", 65536)
+                .var("ALLOWED_ORIGINS", format!("http://localhost:3000,{ORIGIN}")),
+        )
+    })
+}
+
+fn carol() -> &'static str {
+    &gateway().key("carol").secret
+}
+
+fn chat_body() -> Value {
+    json!({"messages": [{"role": "user", "content": "hi"}], "standin": {}})
+}
+
+async fn models(key: &str) -> reqwest::Response {
+    client().get(gateway().url("/v1/models")).bearer_auth(key).send().await.expect("reachable")
+}
+
+async fn models_fetches() -> u64 {
+    gateway().upstream.stats().await["models"].as_u64().unwrap_or(0)
+}
+
+#[tokio::test]
+async fn health_needs_no_key() {
+    let response = client().get(gateway().url("/health")).send().await.expect("reachable");
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["status"], "ok");
+}
+
+#[tokio::test]
+async fn unknown_paths_and_wrong_methods_are_openai_errors() {
+    let response = client().get(gateway().url("/v1/engines")).send().await.expect("reachable");
+    assert_eq!(response.status(), 404);
+    assert_openai_error(&response.json().await.expect("json"));
+
+    let response = client().get(gateway().url("/v1/chat/completions")).bearer_auth(carol()).send().await.expect("reachable");
+    assert_eq!(response.status(), 405);
+    assert_eq!(response.headers()["allow"], "POST");
+    assert_openai_error(&response.json().await.expect("json"));
+
+    let response = client().delete(gateway().url("/v1/models")).send().await.expect("reachable");
+    assert_eq!(response.status(), 405);
+    assert_eq!(response.headers()["allow"], "GET");
+}
+
+#[tokio::test]
+async fn oversized_bodies_are_refused_with_413_declared_or_not() {
+    let mut body = chat_body();
+    body["padding"] = json!("x".repeat(70_000));
+    let response = client().post(gateway().url("/v1/chat/completions")).bearer_auth(carol()).json(&body).send().await.expect("reachable");
+    assert_eq!(response.status(), 413);
+    assert_eq!(assert_openai_error(&response.json().await.expect("json"))["code"], "request_too_large");
+
+    // Chunked upload without Content-Length: the limit is enforced while reading.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = (0..10).map(|_| Ok(vec![b' '; 8192])).collect();
+    let stream = futures_util::stream::iter(chunks);
+    let response = client()
+        .post(gateway().url("/v1/chat/completions"))
+        .bearer_auth(carol())
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .expect("reachable");
+    assert_eq!(response.status(), 413);
+}
+
+#[tokio::test]
+async fn an_upstream_that_never_answers_is_a_504() {
+    let mut body = chat_body();
+    body["standin"] = json!({"scenario": "hang"});
+    let response = client().post(gateway().url("/v1/chat/completions")).bearer_auth(carol()).json(&body).send().await.expect("reachable");
+    assert_eq!(response.status(), 504);
+    assert_eq!(assert_openai_error(&response.json().await.expect("json"))["code"], "upstream_timeout");
+}
+
+#[tokio::test]
+async fn an_unreachable_upstream_is_a_502() {
+    // A second gateway whose upstream address refuses connections.
+    let closed_port = free_port();
+    let gw = Gateway::start(
+        GatewayOptions::default().keys(&["erin"]).var("OPENROUTER_BASE_URL", format!("http://127.0.0.1:{closed_port}/api/v1")),
+    );
+    let response = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&gw.key("erin").secret)
+        .json(&chat_body())
+        .send()
+        .await
+        .expect("reachable");
+    assert_eq!(response.status(), 502);
+    assert_eq!(assert_openai_error(&response.json().await.expect("json"))["code"], "upstream_unreachable");
+}
+
+#[tokio::test]
+async fn a_revoked_key_stops_working_within_the_auth_cache_ttl() {
+    let dave = gateway().key("dave").clone();
+    let ok = client().post(gateway().url("/v1/chat/completions")).bearer_auth(&dave.secret).json(&chat_body()).send().await.expect("reachable");
+    assert_eq!(ok.status(), 200, "the key works (and is now cached)");
+
+    gateway().d1(&format!("UPDATE api_keys SET active = 0 WHERE id = '{}'", dave.id));
+    let revoked_at = tokio::time::Instant::now();
+    loop {
+        let response =
+            client().post(gateway().url("/v1/chat/completions")).bearer_auth(&dave.secret).json(&chat_body()).send().await.expect("reachable");
+        if response.status() == 401 {
+            break;
+        }
+        assert_eq!(response.status(), 200);
+        // AUTH_CACHE_TTL_SECONDS is 2; allow generous slack for a busy machine.
+        assert!(revoked_at.elapsed() < Duration::from_secs(10), "revoked key still accepted after the cache TTL");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn model_list_is_openai_shaped_and_cached() {
+    let first = models(carol()).await;
+    assert_eq!(first.status(), 200);
+    let body: Value = first.json().await.expect("json");
+    assert_eq!(body["object"], "list");
+    let data = body["data"].as_array().expect("data");
+    assert!(!data.is_empty());
+    for model in data {
+        assert_eq!(model["object"], "model");
+        assert!(model["id"].is_string() && model["owned_by"].is_string() && model["created"].is_i64());
+    }
+    let fetched = models_fetches().await;
+    for _ in 0..5 {
+        assert_eq!(models(carol()).await.status(), 200);
+    }
+    assert_eq!(models_fetches().await, fetched, "served from the cache within CACHE_TTL_SECONDS");
+
+    // After the TTL (3 s) the next request refreshes the cache.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!(models(carol()).await.status(), 200);
+    assert_eq!(models_fetches().await, fetched + 1);
+
+    let anonymous = client().get(gateway().url("/v1/models")).send().await.expect("reachable");
+    assert_eq!(anonymous.status(), 401);
+}
+
+#[tokio::test]
+async fn cors_allows_listed_origins_only() {
+    let allowed = client()
+        .post(gateway().url("/v1/chat/completions"))
+        .bearer_auth(carol())
+        .header("origin", ORIGIN)
+        .json(&chat_body())
+        .send()
+        .await
+        .expect("reachable");
+    assert_eq!(allowed.headers()["access-control-allow-origin"], ORIGIN);
+    let exposed = allowed.headers()["access-control-expose-headers"].to_str().unwrap_or("");
+    assert!(exposed.contains("x-request-id"));
+
+    let denied = client()
+        .post(gateway().url("/v1/chat/completions"))
+        .bearer_auth(carol())
+        .header("origin", "https://evil.example.com")
+        .json(&chat_body())
+        .send()
+        .await
+        .expect("reachable");
+    assert_eq!(denied.status(), 200, "CORS is the browser's business; the request itself is fine");
+    assert!(denied.headers().keys().all(|h| !h.as_str().starts_with("access-control-")));
+
+    let preflight = client()
+        .request(reqwest::Method::OPTIONS, gateway().url("/v1/chat/completions"))
+        .header("origin", ORIGIN)
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", "authorization, content-type, x-stainless-os")
+        .send()
+        .await
+        .expect("reachable");
+    assert_eq!(preflight.status(), 204);
+    let headers = preflight.headers();
+    assert_eq!(headers["access-control-allow-origin"], ORIGIN);
+    assert!(headers["access-control-allow-methods"].to_str().unwrap_or("").contains("POST"));
+    assert!(headers["access-control-allow-headers"].to_str().unwrap_or("").contains("x-stainless-os"));
+
+    let denied_preflight = client()
+        .request(reqwest::Method::OPTIONS, gateway().url("/v1/chat/completions"))
+        .header("origin", "https://evil.example.com")
+        .header("access-control-request-method", "POST")
+        .send()
+        .await
+        .expect("reachable");
+    assert!(denied_preflight.headers().keys().all(|h| !h.as_str().starts_with("access-control-")));
+}
+
+#[tokio::test]
+async fn every_response_carries_security_headers_and_a_request_id() {
+    let c = client();
+    let responses = vec![
+        c.get(gateway().url("/health")).send().await,
+        c.get(gateway().url("/nope")).send().await,
+        c.get(gateway().url("/v1/models")).send().await,
+        c.post(gateway().url("/v1/chat/completions")).bearer_auth(carol()).json(&chat_body()).send().await,
+        c.post(gateway().url("/v1/chat/completions")).bearer_auth(carol()).json(&json!({})).send().await,
+        c.request(reqwest::Method::OPTIONS, gateway().url("/v1/models")).header("origin", ORIGIN).send().await,
+    ];
+    let mut ids = std::collections::HashSet::new();
+    for response in responses {
+        let response = response.expect("reachable");
+        let h = response.headers();
+        assert_eq!(h["x-content-type-options"], "nosniff");
+        assert_eq!(h["referrer-policy"], "no-referrer");
+        assert!(h["strict-transport-security"].to_str().unwrap_or("").contains("max-age="));
+        assert!(h["content-security-policy"].to_str().unwrap_or("").contains("default-src 'none'"));
+        let id = h["x-request-id"].to_str().unwrap_or("").to_owned();
+        assert!(id.starts_with("req_"), "{id}");
+        assert!(ids.insert(id), "request ids are unique");
+    }
+
+    let echoed = c.get(gateway().url("/health")).header("x-request-id", "client-id-42").send().await.expect("reachable");
+    assert_eq!(echoed.headers()["x-request-id"], "client-id-42");
+    let replaced = c.get(gateway().url("/health")).header("x-request-id", "bad id; with spaces").send().await.expect("reachable");
+    assert!(replaced.headers()["x-request-id"].to_str().unwrap_or("").starts_with("req_"));
+}
