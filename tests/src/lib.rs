@@ -153,12 +153,18 @@ pub struct TestKey {
     pub secret: String,
 }
 
+/// A key to create before start: its name, and `api_keys` columns to set (e.g. `("rpm", "3")`).
+#[derive(Clone, Debug)]
+pub struct KeySpec {
+    pub name: String,
+    pub columns: Vec<(String, String)>,
+}
+
 #[derive(Default, Clone)]
 pub struct GatewayOptions {
     /// `--var NAME:VALUE` overrides on top of wrangler.toml's [vars].
     pub vars: Vec<(String, String)>,
-    /// Key names to create (each gets its own id, user and secret).
-    pub keys: Vec<String>,
+    pub keys: Vec<KeySpec>,
 }
 
 impl GatewayOptions {
@@ -167,8 +173,16 @@ impl GatewayOptions {
         self
     }
 
+    /// Keys with no limits of their own.
     pub fn keys(mut self, names: &[&str]) -> Self {
-        self.keys.extend(names.iter().map(|n| n.to_string()));
+        self.keys.extend(names.iter().map(|n| KeySpec { name: n.to_string(), columns: Vec::new() }));
+        self
+    }
+
+    /// A key with some `api_keys` columns set, e.g. `&[("rpm", "3"), ("budget_period", "'day'")]` (SQL literals).
+    pub fn key_with(mut self, name: &str, columns: &[(&str, &str)]) -> Self {
+        let columns = columns.iter().map(|(c, v)| (c.to_string(), v.to_string())).collect();
+        self.keys.push(KeySpec { name: name.to_owned(), columns });
         self
     }
 }
@@ -201,8 +215,9 @@ impl Gateway {
         std::fs::create_dir_all(&state_dir).expect("state dir");
         let log_path = state_dir.join("wrangler.log");
 
-        let keys = create_keys(&options.keys);
-        prepare_database(&state_dir, &keys);
+        let specs = create_keys(&options.keys);
+        prepare_database(&state_dir, &specs);
+        let keys = specs.into_iter().map(|(name, (key, _))| (name, key)).collect();
 
         let port = free_port();
         let process = Mutex::new(spawn_wrangler(&state_dir, &log_path, port, &upstream, &options));
@@ -273,13 +288,14 @@ impl Gateway {
     }
 }
 
-fn create_keys(names: &[String]) -> HashMap<String, TestKey> {
-    names
+fn create_keys(specs: &[KeySpec]) -> HashMap<String, (TestKey, Vec<(String, String)>)> {
+    specs
         .iter()
-        .map(|name| {
-            let id = format!("{name}{}", random_hex(4));
+        .map(|spec| {
+            let id = format!("{}{}", spec.name, random_hex(4));
             let secret = format!("sk-gw-{id}-{}", random_hex(24));
-            (name.clone(), TestKey { id, user_id: format!("user-{name}"), secret })
+            let key = TestKey { id, user_id: format!("user-{}", spec.name), secret };
+            (spec.name.clone(), (key, spec.columns.clone()))
         })
         .collect()
 }
@@ -302,17 +318,24 @@ fn wrangler(state_dir: &Path, args: &[&str]) {
 }
 
 /// Applies the real migrations (as a deploy does), then inserts the test keys (hashes only).
-fn prepare_database(state_dir: &Path, keys: &HashMap<String, TestKey>) {
+fn prepare_database(state_dir: &Path, keys: &HashMap<String, (TestKey, Vec<(String, String)>)>) {
     wrangler(state_dir, &["d1", "migrations", "apply", "DB", "--local"]);
     if keys.is_empty() {
         return;
     }
-    let rows: Vec<String> = keys
+    let statements: Vec<String> = keys
         .values()
-        .map(|k| format!("('{}', '{}', '{}')", k.id, sha256_hex(&k.secret), k.user_id))
+        .map(|(k, columns)| {
+            let mut names = vec!["id".to_owned(), "key_hash".to_owned(), "user_id".to_owned()];
+            let mut values = vec![format!("'{}'", k.id), format!("'{}'", sha256_hex(&k.secret)), format!("'{}'", k.user_id)];
+            for (column, value) in columns {
+                names.push(column.clone());
+                values.push(value.clone());
+            }
+            format!("INSERT INTO api_keys ({}) VALUES ({});", names.join(", "), values.join(", "))
+        })
         .collect();
-    let sql = format!("INSERT INTO api_keys (id, key_hash, user_id) VALUES {};", rows.join(", "));
-    wrangler(state_dir, &["d1", "execute", "DB", "--local", "--command", &sql]);
+    wrangler(state_dir, &["d1", "execute", "DB", "--local", "--command", &statements.join(" ")]);
 }
 
 fn spawn_wrangler(state_dir: &Path, log: &Path, port: u16, upstream: &Standin, options: &GatewayOptions) -> Supervised {

@@ -14,6 +14,7 @@ fn gateway() -> &'static Gateway {
     GATEWAY.get_or_init(|| {
         Gateway::start(
             GatewayOptions::default()
+                .var("RATE_LIMIT_PER_MINUTE", 100_000)
                 .keys(&["carol", "dave"])
                 .var("UPSTREAM_TIMEOUT_SECONDS", 2)
                 .var("AUTH_CACHE_TTL_SECONDS", 2)
@@ -100,7 +101,7 @@ async fn an_unreachable_upstream_is_a_502() {
     // A second gateway whose upstream address refuses connections.
     let closed_port = free_port();
     let gw = Gateway::start(
-        GatewayOptions::default().keys(&["erin"]).var("OPENROUTER_BASE_URL", format!("http://127.0.0.1:{closed_port}/api/v1")),
+        GatewayOptions::default().var("RATE_LIMIT_PER_MINUTE", 100_000).keys(&["erin"]).var("OPENROUTER_BASE_URL", format!("http://127.0.0.1:{closed_port}/api/v1")),
     );
     let response = client()
         .post(gw.url("/v1/chat/completions"))

@@ -9,7 +9,7 @@ use serde_json::Value;
 
 fn gateway() -> &'static Gateway {
     static GATEWAY: OnceLock<Gateway> = OnceLock::new();
-    GATEWAY.get_or_init(|| Gateway::start(GatewayOptions::default().keys(&["alice", "bob", "revoked"])))
+    GATEWAY.get_or_init(|| Gateway::start(GatewayOptions::default().var("RATE_LIMIT_PER_MINUTE", 100_000).keys(&["alice", "bob", "revoked"])))
 }
 
 fn revoked_key() -> &'static TestKey {

@@ -13,12 +13,20 @@ use crate::error::ApiError;
 
 const MAX_KEY_LEN: usize = 256;
 
-/// What the gateway knows about an active key (one row of `api_keys`).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+/// What the gateway knows about an active key (one row of `api_keys`); limits left `None` fall back to the
+/// gateway's defaults (requests) or to no limit (the rest).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub struct KeyRecord {
     /// The key's public id: safe to log and show.
     pub id: String,
     pub user_id: String,
+    pub rpm: Option<u32>,
+    pub tpm: Option<u64>,
+    /// Token budget per `budget_period` (the seed's column name).
+    pub usage_limit: Option<u64>,
+    pub budget_period: Option<String>,
+    pub usd_limit: Option<f64>,
+    pub max_concurrency: Option<u32>,
 }
 
 /// The key from `Authorization: Bearer <key>`.
@@ -103,7 +111,7 @@ mod tests {
     use super::*;
 
     fn record(id: &str) -> KeyRecord {
-        KeyRecord { id: id.to_owned(), user_id: "u".to_owned() }
+        KeyRecord { id: id.to_owned(), user_id: "u".to_owned(), ..KeyRecord::default() }
     }
 
     #[test]

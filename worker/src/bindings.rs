@@ -80,7 +80,10 @@ pub async fn find_active_key(env: &Env, config: &Config, hash: &str) -> Result<O
 
 async fn query_active_key(env: &Env, hash: &str) -> Result<Option<KeyRecord>, Error> {
     env.d1(DB)?
-        .prepare("SELECT id, user_id FROM api_keys WHERE key_hash = ?1 AND active = 1")
+        .prepare(
+            "SELECT id, user_id, rpm, tpm, usage_limit, budget_period, usd_limit, max_concurrency \
+             FROM api_keys WHERE key_hash = ?1 AND active = 1",
+        )
         .bind(&[JsValue::from_str(hash)])?
         .first::<KeyRecord>(None)
         .await
@@ -116,4 +119,25 @@ pub async fn store_models(env: &Env, models: &CachedModels, ttl_secs: u64) {
 pub fn log_error(label: &str, detail: &str) {
     let line = serde_json::json!({"level": "error", "event": label, "detail": detail});
     worker::console_error!("{line}");
+}
+
+pub const KEY_LIMITER: &str = "KEY_LIMITER";
+
+/// Sends one message to the key's Durable Object (`idFromName(key id)`) and decodes its answer.
+pub async fn limiter_call<M: serde::Serialize, A: serde::de::DeserializeOwned>(
+    env: &Env,
+    key_id: &str,
+    path: &str,
+    message: &M,
+) -> Result<A, Error> {
+    let stub = env.durable_object(KEY_LIMITER)?.id_from_name(key_id)?.get_stub()?;
+    let body = serde_json::to_string(message)?;
+    let mut init = worker::RequestInit::new();
+    init.with_method(worker::Method::Post).with_body(Some(JsValue::from_str(&body)));
+    let request = worker::Request::new_with_init(&format!("https://key-limiter{path}"), &init)?;
+    let mut response = stub.fetch_with_request(request).await?;
+    if response.status_code() != 200 {
+        return Err(Error::RustError(format!("limiter answered {} on {path}", response.status_code())));
+    }
+    response.json::<A>().await
 }

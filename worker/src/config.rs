@@ -23,6 +23,12 @@ pub struct Config {
     pub title: String,
     pub allowed_origins: AllowedOrigins,
     pub rate_limit_per_minute: u32,
+    /// Length of the sliding windows (60 in production; shorter only to test the window sliding).
+    pub rate_limit_window_secs: u64,
+    /// How long an admitted request may stay unsettled before the limiter charges its reservation.
+    pub reservation_lease_secs: u64,
+    /// Admit requests when the limiter cannot be reached (default: refuse them with a 503).
+    pub limiter_fail_open: bool,
     pub models_cache_ttl_secs: u64,
     pub auth_cache_ttl_secs: u64,
     pub auth_cache_max_entries: usize,
@@ -133,7 +139,10 @@ impl Config {
             referer: get("OPENROUTER_REFERER").unwrap_or_default(),
             title: get("OPENROUTER_TITLE").unwrap_or_else(|| "OpenRouter Gateway".to_owned()),
             allowed_origins: parse_origins(get("ALLOWED_ORIGINS"))?,
-            rate_limit_per_minute: parse_num("RATE_LIMIT_PER_MINUTE", get("RATE_LIMIT_PER_MINUTE"), 60, 1, 1_000_000)?,
+            rate_limit_per_minute: parse_num("RATE_LIMIT_PER_MINUTE", get("RATE_LIMIT_PER_MINUTE"), 60, 1, 100_000_000)?,
+            rate_limit_window_secs: parse_num("RATE_LIMIT_WINDOW_SECONDS", get("RATE_LIMIT_WINDOW_SECONDS"), 60, 1, 3600)?,
+            reservation_lease_secs: parse_num("RESERVATION_LEASE_SECONDS", get("RESERVATION_LEASE_SECONDS"), 900, 1, 86_400)?,
+            limiter_fail_open: parse_bool("LIMITER_FAIL_OPEN", get("LIMITER_FAIL_OPEN"), false)?,
             models_cache_ttl_secs: parse_num("CACHE_TTL_SECONDS", get("CACHE_TTL_SECONDS"), 300, 0, 86_400 * 30)?,
             auth_cache_ttl_secs: parse_num("AUTH_CACHE_TTL_SECONDS", get("AUTH_CACHE_TTL_SECONDS"), 10, 0, 3600)?,
             auth_cache_max_entries: parse_num("AUTH_CACHE_MAX_ENTRIES", get("AUTH_CACHE_MAX_ENTRIES"), 10_000, 0, 1_000_000)?,

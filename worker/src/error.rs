@@ -17,6 +17,8 @@ pub struct ApiError {
     pub retry_after_ms: Option<u64>,
     /// Stable, low-cardinality name for logs and metrics.
     pub label: &'static str,
+    /// Rendered as `x-should-retry`, which the OpenAI SDKs obey before their own retry rules.
+    pub should_retry: Option<bool>,
 }
 
 #[derive(Serialize)]
@@ -35,7 +37,7 @@ struct Inner<'a> {
 
 impl ApiError {
     fn new(status: u16, kind: &'static str, code: Option<&'static str>, label: &'static str, message: String) -> Self {
-        Self { status, kind, code, param: None, message, retry_after_ms: None, label }
+        Self { status, kind, code, param: None, message, retry_after_ms: None, label, should_retry: None }
     }
 
     fn with_param(mut self, param: impl Into<String>) -> Self {
@@ -85,6 +87,18 @@ impl ApiError {
             "request_too_large",
             format!("Request body exceeds the gateway's limit of {limit_bytes} bytes."),
         )
+    }
+
+    /// The key's requests or tokens per window are used up; `kind` is `requests` or `tokens`, as OpenAI's.
+    pub fn rate_limited(kind: &'static str, message: String) -> Self {
+        Self::new(429, kind, Some("rate_limit_exceeded"), "rate_limited", message)
+    }
+
+    /// The key's spending budget is used up: retrying soon cannot help, so the SDKs are told not to.
+    pub fn quota_exhausted(message: String) -> Self {
+        let mut error = Self::new(429, "insufficient_quota", Some("insufficient_quota"), "quota_exhausted", message);
+        error.should_retry = Some(false);
+        error
     }
 
     /// The upstream answered with an error before the first byte of a successful response.

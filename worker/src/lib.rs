@@ -5,6 +5,7 @@
 //! that touches the runtime's bindings.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+pub mod admit;
 pub mod auth;
 pub mod bindings;
 pub mod config;

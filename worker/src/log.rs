@@ -28,6 +28,11 @@ pub struct RequestLog {
     /// Low-cardinality error label (see `ApiError::label`), when the request failed or a stream broke.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<&'static str>,
+    /// Bytes of a stream copied into wasm to be read, and bytes wasm produced for the client (rewrites only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wasm_bytes_in: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wasm_bytes_out: Option<usize>,
     /// How a stream ended: `done`, `upstream_error`, `cut_off`, `malformed`, `client_abort`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stream_end: Option<&'static str>,

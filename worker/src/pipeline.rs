@@ -1,17 +1,21 @@
 //! The request path, as a straight line of named stages:
 //!
 //! ```text
-//! route → authenticate → read body → validate → forward → reply (JSON, or a relayed stream)
-//!       → decorate (security headers, CORS, request id) → log (after the stream ends, for streams)
+//! route → authenticate → read body → validate → admit (key's Durable Object) → forward
+//!       → reply (JSON, or a relayed stream) → decorate (security, CORS, rate-limit headers, request id)
+//!       → finish, after the response is handed over: relay the stream, settle the reservation, log
 //! ```
 //!
 //! Each stage either passes the request on or returns an [`ApiError`]; `handle` renders errors in one place, so
-//! every failure is an OpenAI-shaped error and the log line is always written.
+//! every failure is an OpenAI-shaped error. The per-request [`Exchange`] collects what the stages learn; `finish`
+//! always runs, so every admitted request is settled and every request is logged exactly once.
 
 use futures_util::StreamExt;
+use key_limiter::protocol::{AdmitRequest, AdmitResponse, Amount, SettleRequest, SettleResponse};
 use serde_json::Value;
 use worker::{Context, Env, Headers, Request, Response, ResponseBuilder};
 
+use crate::admit;
 use crate::auth::{self, KeyRecord};
 use crate::bindings::{self, log_error, now_ms, random_bytes};
 use crate::config::Config;
@@ -26,6 +30,25 @@ use crate::routes::{route, Route};
 use crate::sse::SseScanner;
 use crate::usage::Usage;
 use crate::validate::{validate_chat, ChatRequest};
+
+/// What one request has learned so far; read by `finish` for settling and the log line.
+struct Exchange {
+    started_ms: u64,
+    log: RequestLog,
+    key: Option<KeyRecord>,
+    /// The limiter reservation to settle, if the request was admitted.
+    admission: Option<Admission>,
+    /// Headers describing the key's windows (from the limiter's exact state).
+    rate_headers: Vec<(&'static str, String)>,
+    usage: Option<Usage>,
+    /// Whether the upstream produced an answer whose work must be paid for even without a usage report.
+    generated: bool,
+    completion_chars: usize,
+}
+
+struct Admission {
+    prompt_estimate: u64,
+}
 
 /// A response, and the stream still to relay once it has been handed to the runtime.
 struct Reply {
@@ -42,7 +65,6 @@ impl Reply {
 struct StreamJob {
     relay: Relay,
     scanner: SseScanner,
-    started_ms: u64,
     idle_timeout_secs: u64,
 }
 
@@ -56,89 +78,114 @@ pub async fn handle(req: Request, env: Env, ctx: Context) -> Response {
     };
     let origin = header(&req, "origin");
     let preflight_headers = header(&req, "access-control-request-headers");
-    let mut log = RequestLog { request_id, method, path, ..Default::default() };
-
-    let config = bindings::config(&env);
-    let reply = match &config {
-        Ok(config) => dispatch(req, &env, config, started_ms, &mut log).await,
-        Err(e) => Err(e.clone()),
+    let mut exchange = Exchange {
+        started_ms,
+        log: RequestLog { request_id, method, path, ..Default::default() },
+        key: None,
+        admission: None,
+        rate_headers: Vec::new(),
+        usage: None,
+        generated: false,
+        completion_chars: 0,
     };
+
+    let config = match bindings::config(&env) {
+        Ok(config) => config,
+        Err(e) => {
+            exchange.log.error = Some(e.label);
+            let response = decorate(error_response(&e), &exchange, &[]);
+            exchange.log.status = response.status_code();
+            exchange.log.latency_ms = now_ms().saturating_sub(started_ms);
+            worker::console_log!("{}", exchange.log.to_line());
+            return response;
+        }
+    };
+    let reply = dispatch(req, &env, &config, &mut exchange).await;
     let Reply { response, stream } = reply.unwrap_or_else(|e| {
-        log.error = Some(e.label);
+        exchange.log.error = Some(e.label);
         Reply::now(error_response(&e))
     });
 
-    let cors_headers = match (&config, log.method.as_str()) {
-        (Ok(config), "OPTIONS") => {
-            cors::preflight_headers(origin.as_deref(), preflight_headers.as_deref(), &config.allowed_origins)
-        }
-        (Ok(config), _) => cors::response_headers(origin.as_deref(), &config.allowed_origins),
-        (Err(_), _) => Vec::new(),
+    let cors_headers = if exchange.log.method == "OPTIONS" {
+        cors::preflight_headers(origin.as_deref(), preflight_headers.as_deref(), &config.allowed_origins)
+    } else {
+        cors::response_headers(origin.as_deref(), &config.allowed_origins)
     };
-    let response = decorate(response, &log.request_id, &cors_headers);
-    log.status = response.status_code();
-
-    match stream {
-        None => {
-            log.latency_ms = now_ms().saturating_sub(started_ms);
-            worker::console_log!("{}", log.to_line());
-        }
-        Some(job) => ctx.wait_until(async move {
-            let outcome = job.relay.run(job.scanner, job.started_ms, job.idle_timeout_secs).await;
-            record_stream(&mut log, &outcome);
-            log.latency_ms = now_ms().saturating_sub(started_ms);
-            worker::console_log!("{}", log.to_line());
-        }),
-    }
+    let response = decorate(response, &exchange, &cors_headers);
+    exchange.log.status = response.status_code();
+    ctx.wait_until(finish(env, exchange, stream));
     response
 }
 
-async fn dispatch(req: Request, env: &Env, config: &Config, started_ms: u64, log: &mut RequestLog) -> Result<Reply, ApiError> {
-    match route(&log.method, &log.path) {
-        Route::ChatCompletions => chat_completions(req, env, config, started_ms, log).await,
-        Route::Models => list_models(&req, env, config, log).await,
+async fn dispatch(req: Request, env: &Env, config: &Config, exchange: &mut Exchange) -> Result<Reply, ApiError> {
+    match route(&exchange.log.method, &exchange.log.path) {
+        Route::ChatCompletions => chat_completions(req, env, config, exchange).await,
+        Route::Models => list_models(&req, env, config, exchange).await,
         Route::Health => Ok(Reply::now(json_response(200, r#"{"status":"ok"}"#.to_owned()))),
         // The CORS headers that make a preflight are added by `decorate`, like every response's.
         Route::Preflight => Ok(Reply::now(ResponseBuilder::new().with_status(204).empty())),
         Route::MethodNotAllowed { allowed } => {
-            let mut response = error_response(&ApiError::method_not_allowed(&log.method, allowed));
+            let mut response = error_response(&ApiError::method_not_allowed(&exchange.log.method, allowed));
             set_headers(response.headers_mut(), &[("allow", allowed.to_owned())]);
             Ok(Reply::now(response))
         }
-        Route::NotFound => Err(ApiError::not_found(&log.path)),
+        Route::NotFound => Err(ApiError::not_found(&exchange.log.path)),
     }
 }
 
-async fn chat_completions(
-    mut req: Request,
-    env: &Env,
-    config: &Config,
-    started_ms: u64,
-    log: &mut RequestLog,
-) -> Result<Reply, ApiError> {
-    let key = authenticate(&req, env, config).await?;
-    log.key_id = Some(key.id);
+async fn chat_completions(mut req: Request, env: &Env, config: &Config, exchange: &mut Exchange) -> Result<Reply, ApiError> {
+    let key = authenticate(&req, env, config, exchange).await?;
     let raw = read_body(&mut req, config.max_request_bytes).await?;
     let chat = validate_chat(&raw, config)?;
-    log.model = Some(chat.model.clone());
-    log.streamed = chat.stream;
+    exchange.log.model = Some(chat.model.clone());
+    exchange.log.streamed = chat.stream;
+    admit(env, config, &key, &chat, exchange).await?;
 
     let body = serde_json::to_string(&chat.body).map_err(|_| ApiError::internal("body_serialize_failed"))?;
     let mut upstream = forward::post_chat(config, &body).await?;
     let status = upstream.status_code();
-    log.upstream_status = Some(status);
+    exchange.log.upstream_status = Some(status);
     if !(200..300).contains(&status) {
         return Err(forward::upstream_error(&mut upstream).await);
     }
+    exchange.generated = true;
     if chat.stream {
-        stream_reply(&upstream, &chat, config, started_ms)
+        stream_reply(&upstream, &chat, config)
     } else {
-        completion_reply(&mut upstream, config, log).await
+        completion_reply(&mut upstream, config, exchange).await
+    }
+}
+
+/// Asks the key's Durable Object to reserve the request's worst case against every limit.
+async fn admit(env: &Env, config: &Config, key: &KeyRecord, chat: &ChatRequest, exchange: &mut Exchange) -> Result<(), ApiError> {
+    let limits = admit::limits_for(key, config);
+    let prompt_estimate = admit::estimate_prompt_tokens(chat);
+    let reserve = Amount { tokens: prompt_estimate + u64::from(chat.max_tokens), usd: 0.0 };
+    let message = AdmitRequest { request_id: exchange.log.request_id.clone(), limits: limits.clone(), reserve };
+    let answer = bindings::limiter_call::<_, AdmitResponse>(env, &key.id, "/admit", &message).await;
+    match answer {
+        Ok(AdmitResponse::Admitted { state }) => {
+            exchange.rate_headers = admit::rate_limit_headers(&state, limits.window_ms);
+            exchange.admission = Some(Admission { prompt_estimate });
+            Ok(())
+        }
+        Ok(AdmitResponse::Denied { reason, retry_after_ms, state }) => {
+            exchange.rate_headers = admit::rate_limit_headers(&state, limits.window_ms);
+            Err(admit::denial_error(reason, retry_after_ms, &limits, reserve))
+        }
+        Err(e) => {
+            log_error("limiter_unreachable", &e.to_string());
+            if config.limiter_fail_open {
+                Ok(())
+            } else {
+                Err(ApiError::unavailable("limiter_unavailable", "The rate limiter"))
+            }
+        }
     }
 }
 
 /// Non-streamed: read the whole answer, learn its usage, hand the same bytes to the client.
-async fn completion_reply(upstream: &mut Response, config: &Config, log: &mut RequestLog) -> Result<Reply, ApiError> {
+async fn completion_reply(upstream: &mut Response, config: &Config, exchange: &mut Exchange) -> Result<Reply, ApiError> {
     let bytes = forward::read_body(upstream, config.upstream_timeout_secs).await?;
     let parsed: Value = serde_json::from_slice(&bytes).map_err(|_| ApiError::upstream_malformed())?;
     if let Some(error) = forward::error_in_body(&parsed) {
@@ -147,18 +194,20 @@ async fn completion_reply(upstream: &mut Response, config: &Config, log: &mut Re
     if !parsed.is_object() {
         return Err(ApiError::upstream_malformed());
     }
-    log.served_model = parsed.get("model").and_then(Value::as_str).map(str::to_owned);
-    if let Some(usage) = parsed.get("usage").and_then(Usage::from_json) {
-        record_usage(log, &usage);
-    }
+    exchange.log.served_model = parsed.get("model").and_then(Value::as_str).map(str::to_owned);
+    exchange.usage = parsed.get("usage").and_then(Usage::from_json);
+    exchange.completion_chars = parsed
+        .pointer("/choices/0/message/content")
+        .and_then(Value::as_str)
+        .map_or(0, |c| c.chars().count());
     let headers = Headers::new();
     set_headers(&headers, &[("content-type", "application/json".to_owned())]);
     copy_generation_id(upstream, &headers);
     Ok(Reply::now(ResponseBuilder::new().with_status(200).with_headers(headers).fixed(bytes)))
 }
 
-/// Streamed: answer at once with the client side of a relay; the relay itself runs after the response is sent.
-fn stream_reply(upstream: &Response, chat: &ChatRequest, config: &Config, started_ms: u64) -> Result<Reply, ApiError> {
+/// Streamed: answer at once with the client side of a relay; the relay itself runs in `finish`.
+fn stream_reply(upstream: &Response, chat: &ChatRequest, config: &Config) -> Result<Reply, ApiError> {
     let worker::ResponseBody::Stream(body) = upstream.body() else {
         return Err(ApiError::upstream_malformed());
     };
@@ -173,18 +222,42 @@ fn stream_reply(upstream: &Response, chat: &ChatRequest, config: &Config, starte
     );
     copy_generation_id(upstream, &headers);
     let response = ResponseBuilder::new().with_status(200).with_headers(headers).stream(relay.client_body.clone());
-    let job = StreamJob {
-        relay,
-        scanner: SseScanner::new(chat.include_usage),
-        started_ms,
-        idle_timeout_secs: config.upstream_timeout_secs,
-    };
+    let job = StreamJob { relay, scanner: SseScanner::new(chat.include_usage), idle_timeout_secs: config.upstream_timeout_secs };
     Ok(Reply { response, stream: Some(job) })
 }
 
-async fn list_models(req: &Request, env: &Env, config: &Config, log: &mut RequestLog) -> Result<Reply, ApiError> {
-    let key = authenticate(req, env, config).await?;
-    log.key_id = Some(key.id);
+/// After the response is handed over: relay the stream (if any), settle the reservation, write the log line.
+async fn finish(env: Env, mut exchange: Exchange, stream: Option<StreamJob>) {
+    if let Some(job) = stream {
+        let outcome = job.relay.run(job.scanner, exchange.started_ms, job.idle_timeout_secs).await;
+        record_stream(&mut exchange, &outcome);
+    }
+    if let Some(usage) = &exchange.usage {
+        exchange.log.prompt_tokens = Some(usage.prompt_tokens);
+        exchange.log.completion_tokens = Some(usage.completion_tokens);
+    }
+    settle(&env, &exchange).await;
+    exchange.log.latency_ms = now_ms().saturating_sub(exchange.started_ms);
+    worker::console_log!("{}", exchange.log.to_line());
+}
+
+/// Replaces the reservation with what was used: the reported usage, or an estimate of what was generated when
+/// the stream was cut before its usage chunk.
+async fn settle(env: &Env, exchange: &Exchange) {
+    let (Some(admission), Some(key)) = (&exchange.admission, &exchange.key) else { return };
+    let estimate = exchange
+        .generated
+        .then(|| admission.prompt_estimate + admit::estimate_completion_tokens(exchange.completion_chars));
+    let actual = admit::actual_amount(exchange.usage.as_ref(), estimate);
+    let message = SettleRequest { request_id: exchange.log.request_id.clone(), actual };
+    if let Err(e) = bindings::limiter_call::<_, SettleResponse>(env, &key.id, "/settle", &message).await {
+        // The reservation's lease will charge it as reserved: the key is over-charged, never under-charged.
+        log_error("limiter_settle_failed", &e.to_string());
+    }
+}
+
+async fn list_models(req: &Request, env: &Env, config: &Config, exchange: &mut Exchange) -> Result<Reply, ApiError> {
+    authenticate(req, env, config, exchange).await?;
     let ttl = config.models_cache_ttl_secs;
     let cached = if ttl > 0 { bindings::cached_models(env).await } else { None };
     let now = now_ms();
@@ -209,11 +282,14 @@ async fn list_models(req: &Request, env: &Env, config: &Config, log: &mut Reques
     }
 }
 
-async fn authenticate(req: &Request, env: &Env, config: &Config) -> Result<KeyRecord, ApiError> {
+async fn authenticate(req: &Request, env: &Env, config: &Config, exchange: &mut Exchange) -> Result<KeyRecord, ApiError> {
     let authorization = header(req, "authorization");
     let key = auth::bearer_key(authorization.as_deref())?;
     let hash = auth::key_hash(key);
-    bindings::find_active_key(env, config, &hash).await?.ok_or_else(auth::invalid_key)
+    let record = bindings::find_active_key(env, config, &hash).await?.ok_or_else(auth::invalid_key)?;
+    exchange.log.key_id = Some(record.id.clone());
+    exchange.key = Some(record.clone());
+    Ok(record)
 }
 
 /// Reads the body, refusing early (by `Content-Length`) or as soon as it grows past the limit.
@@ -234,29 +310,30 @@ async fn read_body(req: &mut Request, limit: usize) -> Result<Vec<u8>, ApiError>
     Ok(body)
 }
 
-fn record_usage(log: &mut RequestLog, usage: &Usage) {
-    log.prompt_tokens = Some(usage.prompt_tokens);
-    log.completion_tokens = Some(usage.completion_tokens);
-}
-
-fn record_stream(log: &mut RequestLog, outcome: &RelayOutcome) {
+fn record_stream(exchange: &mut Exchange, outcome: &RelayOutcome) {
     let summary = &outcome.summary;
+    let log = &mut exchange.log;
     log.served_model = summary.served_model.clone();
     log.ttft_ms = outcome.ttft_ms;
     log.stream_end = Some(outcome.end.label());
-    if let Some(usage) = &summary.usage {
-        record_usage(log, usage);
-    }
+    log.wasm_bytes_in = Some(outcome.bytes_in);
+    log.wasm_bytes_out = Some(outcome.bytes_rewritten);
     if outcome.end != StreamEnd::Done {
         log.error = Some(outcome.end.label());
     }
+    exchange.usage = summary.usage;
+    exchange.completion_chars = summary.completion_chars;
 }
 
 fn error_response(error: &ApiError) -> Response {
     let mut response = json_response(error.status, error.body_json());
+    let headers = response.headers_mut();
     if let Some(ms) = error.retry_after_ms {
         let secs = error.retry_after_secs().unwrap_or_default();
-        set_headers(response.headers_mut(), &[("retry-after", secs.to_string()), ("retry-after-ms", ms.to_string())]);
+        set_headers(headers, &[("retry-after", secs.to_string()), ("retry-after-ms", ms.to_string())]);
+    }
+    if let Some(should_retry) = error.should_retry {
+        set_headers(headers, &[("x-should-retry", should_retry.to_string())]);
     }
     response
 }
@@ -267,8 +344,8 @@ fn json_response(status: u16, body: String) -> Response {
     ResponseBuilder::new().with_status(status).with_headers(headers).fixed(body.into_bytes())
 }
 
-/// Adds what every response carries: security headers, CORS, the request id, and no caching.
-fn decorate(mut response: Response, request_id: &str, cors_headers: &cors::HeaderList) -> Response {
+/// Adds what every response carries: security headers, CORS, rate-limit state, the request id, and no caching.
+fn decorate(mut response: Response, exchange: &Exchange, cors_headers: &[(&'static str, String)]) -> Response {
     let headers = response.headers_mut();
     for (name, value) in SECURITY_HEADERS {
         let _ = headers.set(name, value);
@@ -276,8 +353,9 @@ fn decorate(mut response: Response, request_id: &str, cors_headers: &cors::Heade
     if !headers.has("cache-control").unwrap_or(false) {
         let _ = headers.set("cache-control", "no-store");
     }
-    let _ = headers.set("x-request-id", request_id);
+    let _ = headers.set("x-request-id", &exchange.log.request_id);
     set_headers(headers, cors_headers);
+    set_headers(headers, &exchange.rate_headers);
     response
 }
 

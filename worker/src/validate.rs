@@ -27,6 +27,7 @@ pub struct ChatRequest {
     pub max_tokens: u32,
     /// Characters of message content, for the prompt-token estimate.
     pub prompt_chars: usize,
+    pub message_count: usize,
 }
 
 pub fn validate_chat(raw: &[u8], config: &Config) -> Result<ChatRequest, ApiError> {
@@ -39,7 +40,7 @@ pub fn validate_chat(raw: &[u8], config: &Config) -> Result<ChatRequest, ApiErro
         return Err(ApiError::invalid_request("The request body must be a JSON object."));
     };
 
-    let prompt_chars = check_messages(body.get("messages"))?;
+    let (message_count, prompt_chars) = check_messages(body.get("messages"))?;
     check_temperature(body.get("temperature"))?;
     let stream = optional_bool(&body, "stream")?.unwrap_or(false);
     let include_usage = check_stream_options(body.get("stream_options"))?;
@@ -75,11 +76,11 @@ pub fn validate_chat(raw: &[u8], config: &Config) -> Result<ChatRequest, ApiErro
         Some(_) => return Err(ApiError::invalid_param("model", "'model' must be a string.")),
     };
 
-    Ok(ChatRequest { body, model, stream, include_usage, max_tokens: effective_max_tokens, prompt_chars })
+    Ok(ChatRequest { body, model, stream, include_usage, max_tokens: effective_max_tokens, prompt_chars, message_count })
 }
 
-/// Checks the messages array; returns the number of characters of content (strings and text parts).
-fn check_messages(messages: Option<&Value>) -> Result<usize, ApiError> {
+/// Checks the messages array; returns how many messages and characters of content (strings and text parts).
+fn check_messages(messages: Option<&Value>) -> Result<(usize, usize), ApiError> {
     let messages = match messages {
         None | Some(Value::Null) => {
             return Err(ApiError::invalid_param("messages", "Missing required parameter: 'messages'."))
@@ -119,7 +120,7 @@ fn check_messages(messages: Option<&Value>) -> Result<usize, ApiError> {
         }
         chars += content_chars(message.get("content"));
     }
-    Ok(chars)
+    Ok((messages.len(), chars))
 }
 
 fn content_chars(content: Option<&Value>) -> usize {

@@ -1,0 +1,175 @@
+// Processes the bench starts, and what /proc says about them (who owns a listening socket, CPU time, memory).
+
+import { spawn } from 'node:child_process';
+import { appendFileSync, readdirSync, readFileSync, readlinkSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:net';
+
+const CLOCK_TICKS_PER_S = 100;
+
+/**
+ * Kills every registered pid if this Node process dies without cleaning up (even by SIGKILL): a detached `sh`
+ * holds a pipe from us, and the pipe's EOF is its signal. Detached, so a Ctrl-C to our process group does not
+ * kill it before it has done its job.
+ */
+export class Watchdog {
+  constructor(pidFile) {
+    this.pidFile = pidFile;
+    writeFileSync(pidFile, '');
+    this.child = spawn(
+      'sh',
+      ['-c', 'cat >/dev/null; for p in $(cat "$1"); do kill -KILL "$p" 2>/dev/null; done', 'sh', pidFile],
+      { stdio: ['pipe', 'ignore', 'ignore'], detached: true },
+    );
+    this.child.unref();
+  }
+
+  track(pid) {
+    if (pid) appendFileSync(this.pidFile, `${pid}\n`);
+  }
+
+  /** Normal shutdown: the processes are already gone, so nothing is left to kill (and no pid can be reused). */
+  release() {
+    writeFileSync(this.pidFile, '');
+    this.child.stdin.end();
+  }
+}
+
+export function freePort() {
+  return new Promise((resolve, reject) => {
+    const server = createServer();
+    server.unref();
+    server.on('error', reject);
+    server.listen(0, '127.0.0.1', () => {
+      const { port } = server.address();
+      server.close(() => resolve(port));
+    });
+  });
+}
+
+function listeningInodes(port) {
+  const inodes = new Set();
+  for (const table of ['/proc/net/tcp', '/proc/net/tcp6']) {
+    let text;
+    try {
+      text = readFileSync(table, 'utf8');
+    } catch {
+      continue;
+    }
+    for (const line of text.split('\n').slice(1)) {
+      const f = line.trim().split(/\s+/);
+      if (f.length < 10) continue;
+      const localPort = parseInt(f[1].split(':')[1], 16);
+      if (localPort === port && f[3] === '0A') inodes.add(f[9]);
+    }
+  }
+  return inodes;
+}
+
+/** The processes holding the socket that listens on `port` (scans /proc/<pid>/fd). */
+export function listenerPids(port) {
+  const inodes = listeningInodes(port);
+  const owners = [];
+  if (inodes.size === 0) return owners;
+  for (const pid of readdirSync('/proc').filter((p) => /^\d+$/.test(p))) {
+    let fds;
+    try {
+      fds = readdirSync(`/proc/${pid}/fd`);
+    } catch {
+      continue;
+    }
+    for (const fd of fds) {
+      let target;
+      try {
+        target = readlinkSync(`/proc/${pid}/fd/${fd}`);
+      } catch {
+        continue;
+      }
+      const m = /^socket:\[(\d+)\]$/.exec(target);
+      if (m && inodes.has(m[1])) {
+        owners.push(Number(pid));
+        break;
+      }
+    }
+  }
+  return owners;
+}
+
+export function processInfo(pid) {
+  const read = (f) => {
+    try {
+      return readFileSync(`/proc/${pid}/${f}`, 'utf8');
+    } catch {
+      return null;
+    }
+  };
+  let exe = null;
+  try {
+    exe = readlinkSync(`/proc/${pid}/exe`);
+  } catch {}
+  const status = read('status') ?? '';
+  const ppid = Number(/^PPid:\s+(\d+)/m.exec(status)?.[1] ?? 0);
+  return { pid, comm: read('comm')?.trim() ?? null, exe, ppid, cmdline: (read('cmdline') ?? '').split('\0').filter(Boolean) };
+}
+
+/** user + system CPU seconds of a process (all its threads). */
+export function cpuSeconds(pid) {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return (Number(f[11]) + Number(f[12])) / CLOCK_TICKS_PER_S;
+  } catch {
+    return null;
+  }
+}
+
+/** VmRSS and VmHWM in bytes. */
+export function memory(pid) {
+  try {
+    const status = readFileSync(`/proc/${pid}/status`, 'utf8');
+    const kb = (name) => Number(new RegExp(`^${name}:\\s+(\\d+) kB`, 'm').exec(status)?.[1] ?? NaN) * 1024;
+    return { rss: kb('VmRSS'), hwm: kb('VmHWM') };
+  } catch {
+    return { rss: NaN, hwm: NaN };
+  }
+}
+
+/** Samples a process's VmRSS every `intervalMs`; `stop()` returns the peak seen and the sample count. */
+export function sampleRss(pid, intervalMs = 100) {
+  let peak = memory(pid).rss;
+  let samples = 1;
+  const timer = setInterval(() => {
+    const { rss } = memory(pid);
+    if (rss > peak) peak = rss;
+    samples++;
+  }, intervalMs);
+  return {
+    stop() {
+      clearInterval(timer);
+      const { rss, hwm } = memory(pid);
+      return { peak_rss: Math.max(peak, rss), end_rss: rss, hwm, samples: samples + 1 };
+    },
+  };
+}
+
+/** CPU use of several processes over an interval, as a fraction of one core. */
+export function cpuMeter(pids) {
+  const start = performance.now();
+  const before = Object.fromEntries(Object.entries(pids).map(([k, pid]) => [k, cpuSeconds(pid)]));
+  return {
+    stop() {
+      const seconds = (performance.now() - start) / 1000;
+      return Object.fromEntries(
+        Object.entries(pids).map(([k, pid]) => {
+          const after = cpuSeconds(pid);
+          return [k, after === null || before[k] === null ? null : round((after - before[k]) / seconds, 2)];
+        }),
+      );
+    },
+  };
+}
+
+export function round(x, digits = 1) {
+  if (x === null || x === undefined || Number.isNaN(x)) return null;
+  const f = 10 ** digits;
+  return Math.round(x * f) / f;
+}

@@ -1,0 +1,702 @@
+//! The quota decisions of one API key, in plain Rust: exact sliding windows, reservations, budgets, leases.
+//!
+//! [`Quota`] holds the live state; every operation takes `now` and returns the [`Change`]s that the Durable Object
+//! must persist before answering, so the rules are unit- and property-tested natively and the object stays a thin
+//! shell. Definitions:
+//! - A request at time `t` is in the window if it was admitted in `(t − window, t]`.
+//! - Requests: admit iff fewer than `requests_per_window` admissions are in the window.
+//! - Tokens: admit iff the tokens of admissions in the window (reserved amounts until settled, then actual ones)
+//!   plus this reservation fit `tokens_per_window`.
+//! - Budget: admit iff the period's settled spend plus all outstanding reservations plus this one fit.
+//! - Concurrency: admit iff fewer than `max_concurrency` reservations are outstanding.
+//! - A reservation not settled within its lease is charged as reserved and released.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use crate::protocol::{Amount, DenyReason, Limits, Period, Snapshot, WindowState};
+
+/// One admission inside the sliding window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Admission {
+    pub request_id: String,
+    pub at_ms: u64,
+    /// Reserved tokens until the request settles, then the actual tokens.
+    pub tokens: u64,
+}
+
+/// An admitted request that has not settled yet.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reservation {
+    pub request_id: String,
+    pub reserved: Amount,
+    pub expires_at_ms: u64,
+}
+
+/// Settled spend in the current budget period.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BudgetSpend {
+    /// `2026-11-27`, `2026-11`, or `lifetime`.
+    pub period_key: String,
+    pub spent: Amount,
+}
+
+/// A row-level change the Durable Object writes to its storage.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    InsertAdmission(Admission),
+    SetAdmissionTokens { request_id: String, tokens: u64 },
+    /// Admissions at or before this time have left every window.
+    DeleteAdmissionsUpTo(u64),
+    InsertReservation(Reservation),
+    DeleteReservation(String),
+    SetBudget(BudgetSpend),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    Admitted(Snapshot),
+    Denied { reason: DenyReason, retry_after_ms: Option<u64>, state: Snapshot },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Quota {
+    /// Admissions in time order (only those that may still be in a window).
+    admissions: VecDeque<Admission>,
+    reservations: BTreeMap<String, Reservation>,
+    budget: BudgetSpend,
+}
+
+/// Retry hint when only the concurrency cap denies: in-flight requests usually finish within a second or two.
+const CONCURRENCY_RETRY_MS: u64 = 1000;
+
+impl Default for Quota {
+    fn default() -> Self {
+        Self::new(Vec::new(), Vec::new(), None)
+    }
+}
+
+impl Quota {
+    /// Rebuilds the state from storage rows (any order).
+    pub fn new(mut admissions: Vec<Admission>, reservations: Vec<Reservation>, budget: Option<BudgetSpend>) -> Self {
+        admissions.sort_by_key(|a| a.at_ms);
+        Quota {
+            admissions: admissions.into(),
+            reservations: reservations.into_iter().map(|r| (r.request_id.clone(), r)).collect(),
+            budget: budget.unwrap_or(BudgetSpend { period_key: String::new(), spent: Amount::default() }),
+        }
+    }
+
+    /// Decides one request; on admission the reservation is recorded.
+    pub fn admit(&mut self, now: u64, limits: &Limits, request_id: &str, reserve: Amount) -> (Decision, Vec<Change>) {
+        let mut changes = Vec::new();
+        // Time never runs backwards inside the window, even if the clock does.
+        let now = now.max(self.admissions.back().map_or(0, |a| a.at_ms));
+        self.prune(now, limits.window_ms, &mut changes);
+        self.roll_period(now, limits, &mut changes);
+
+        if let Some((reason, retry_after_ms)) = self.denial(now, limits, reserve) {
+            let state = self.snapshot(now, limits);
+            return (Decision::Denied { reason, retry_after_ms, state }, changes);
+        }
+
+        let admission = Admission { request_id: request_id.to_owned(), at_ms: now, tokens: reserve.tokens };
+        let reservation = Reservation {
+            request_id: request_id.to_owned(),
+            reserved: reserve,
+            expires_at_ms: now.saturating_add(limits.lease_ms),
+        };
+        self.admissions.push_back(admission.clone());
+        self.reservations.insert(request_id.to_owned(), reservation.clone());
+        changes.push(Change::InsertAdmission(admission));
+        changes.push(Change::InsertReservation(reservation));
+        (Decision::Admitted(self.snapshot(now, limits)), changes)
+    }
+
+    /// Replaces a reservation with what the request actually used. Unknown ids (settled twice, or already
+    /// charged by lease expiry) change nothing.
+    pub fn settle(&mut self, now: u64, limits: &Limits, request_id: &str, actual: Amount) -> (bool, Vec<Change>) {
+        let mut changes = Vec::new();
+        self.roll_period(now, limits, &mut changes);
+        let Some(reservation) = self.reservations.remove(request_id) else {
+            return (false, changes);
+        };
+        changes.push(Change::DeleteReservation(reservation.request_id));
+        if let Some(admission) = self.admissions.iter_mut().find(|a| a.request_id == request_id) {
+            admission.tokens = actual.tokens;
+            changes.push(Change::SetAdmissionTokens { request_id: request_id.to_owned(), tokens: actual.tokens });
+        }
+        self.charge(actual, &mut changes);
+        (true, changes)
+    }
+
+    /// Charges and releases every reservation whose lease has run out (the request's Worker never settled it).
+    pub fn expire_leases(&mut self, now: u64, limits: &Limits) -> Vec<Change> {
+        let mut changes = Vec::new();
+        self.roll_period(now, limits, &mut changes);
+        let expired: Vec<String> =
+            self.reservations.values().filter(|r| r.expires_at_ms <= now).map(|r| r.request_id.clone()).collect();
+        for request_id in expired {
+            if let Some(reservation) = self.reservations.remove(&request_id) {
+                self.charge(reservation.reserved, &mut changes);
+                changes.push(Change::DeleteReservation(request_id));
+            }
+        }
+        changes
+    }
+
+    pub fn next_lease_expiry(&self) -> Option<u64> {
+        self.reservations.values().map(|r| r.expires_at_ms).min()
+    }
+
+    /// Where every limit stands at `now` (no state change).
+    pub fn snapshot(&self, now: u64, limits: &Limits) -> Snapshot {
+        let in_window = self.in_window(now, limits.window_ms);
+        let newest_reset = |entries: &[&Admission]| {
+            entries.last().map_or(0, |a| (a.at_ms + limits.window_ms).saturating_sub(now))
+        };
+        let requests_used = in_window.len() as u64;
+        let requests = WindowState {
+            limit: u64::from(limits.requests_per_window),
+            remaining: u64::from(limits.requests_per_window).saturating_sub(requests_used),
+            reset_ms: newest_reset(&in_window),
+        };
+        let tokens = limits.tokens_per_window.map(|limit| {
+            let used: u64 = in_window.iter().map(|a| a.tokens).sum();
+            WindowState { limit, remaining: limit.saturating_sub(used), reset_ms: newest_reset(&in_window) }
+        });
+        let spent_this_period = if limits.budget.as_ref().is_some_and(|b| self.budget.period_key == period_key(now, b.period)) {
+            self.budget.spent
+        } else {
+            Amount::default()
+        };
+        Snapshot { requests, tokens, in_flight: self.reservations.len() as u64, budget_used: spent_this_period }
+    }
+
+    /// Rows the object keeps: admissions still in a window, outstanding reservations, one budget row.
+    pub fn stored_rows(&self) -> usize {
+        self.admissions.len() + self.reservations.len() + 1
+    }
+
+    /// Why this request cannot be admitted now — the first limit that denies it, in the order requests, tokens,
+    /// concurrency, budget — and how long until *every* limit would let it through (`None`: no reset is known).
+    /// Each window's usage only falls while nothing is admitted, so the earliest fitting time is the latest of the
+    /// per-limit times.
+    fn denial(&self, now: u64, limits: &Limits, reserve: Amount) -> Option<(DenyReason, Option<u64>)> {
+        let budget_tokens = limits.budget.as_ref().and_then(|b| b.tokens);
+        if limits.tokens_per_window.is_some_and(|tpm| reserve.tokens > tpm) {
+            return Some((DenyReason::TooLargeForTokensPerWindow, None));
+        }
+        if budget_tokens.is_some_and(|limit| reserve.tokens > limit) {
+            return Some((DenyReason::TooLargeForBudget, None));
+        }
+
+        let window = limits.window_ms;
+        let in_window = self.in_window(now, window);
+        let leaves_at = |a: &Admission| (a.at_ms + window).saturating_sub(now);
+        let mut reason = None;
+        let mut wait: Option<u64> = Some(0);
+        let mut block = |why: DenyReason, until: Option<u64>| {
+            reason.get_or_insert(why);
+            wait = wait.zip(until).map(|(a, b)| a.max(b));
+        };
+
+        let limit = limits.requests_per_window as usize;
+        if in_window.len() >= limit {
+            // The (len − limit + 1)-th oldest must leave before one more fits.
+            block(DenyReason::Requests, in_window.get(in_window.len() - limit).map(|a| leaves_at(a)));
+        }
+        if let Some(tpm) = limits.tokens_per_window {
+            let used: u64 = in_window.iter().map(|a| a.tokens).sum();
+            if used + reserve.tokens > tpm {
+                let mut remaining = used;
+                let until = in_window.iter().find_map(|a| {
+                    remaining -= a.tokens;
+                    (remaining + reserve.tokens <= tpm).then(|| leaves_at(a))
+                });
+                block(DenyReason::Tokens, until);
+            }
+        }
+        if limits.max_concurrency.is_some_and(|max| self.reservations.len() >= max as usize) {
+            block(DenyReason::Concurrency, Some(CONCURRENCY_RETRY_MS));
+        }
+        if let Some(budget) = &limits.budget {
+            let outstanding = self.outstanding();
+            let until_next_period = period_end(now, budget.period).map(|end| end.saturating_sub(now));
+            if budget_tokens.is_some_and(|limit| self.budget.spent.tokens + outstanding.tokens + reserve.tokens > limit) {
+                block(DenyReason::BudgetTokens, until_next_period);
+            }
+            if let Some(limit) = budget.usd {
+                let spent = self.budget.spent.usd + outstanding.usd;
+                // With no price known in advance (reserve 0) an exactly exhausted budget must still deny.
+                if spent + reserve.usd > limit || spent >= limit {
+                    block(DenyReason::BudgetUsd, until_next_period);
+                }
+            }
+        }
+        reason.map(|reason| (reason, wait))
+    }
+
+    fn in_window(&self, now: u64, window_ms: u64) -> Vec<&Admission> {
+        let start = now.checked_sub(window_ms);
+        self.admissions.iter().filter(|a| start.is_none_or(|start| a.at_ms > start)).collect()
+    }
+
+    fn outstanding(&self) -> Amount {
+        self.reservations.values().fold(Amount::default(), |sum, r| Amount {
+            tokens: sum.tokens + r.reserved.tokens,
+            usd: sum.usd + r.reserved.usd,
+        })
+    }
+
+    /// Forgets admissions that have left the window.
+    fn prune(&mut self, now: u64, window_ms: u64, changes: &mut Vec<Change>) {
+        let Some(cutoff) = now.checked_sub(window_ms) else { return };
+        let mut pruned = false;
+        while self.admissions.front().is_some_and(|a| a.at_ms <= cutoff) {
+            self.admissions.pop_front();
+            pruned = true;
+        }
+        if pruned {
+            changes.push(Change::DeleteAdmissionsUpTo(cutoff));
+        }
+    }
+
+    /// Starts a new budget period when the calendar has moved on.
+    fn roll_period(&mut self, now: u64, limits: &Limits, changes: &mut Vec<Change>) {
+        let key = period_key(now, limits.budget.as_ref().map_or(Period::Lifetime, |b| b.period));
+        if self.budget.period_key != key {
+            self.budget = BudgetSpend { period_key: key, spent: Amount::default() };
+            changes.push(Change::SetBudget(self.budget.clone()));
+        }
+    }
+
+    fn charge(&mut self, amount: Amount, changes: &mut Vec<Change>) {
+        self.budget.spent.tokens += amount.tokens;
+        self.budget.spent.usd += amount.usd;
+        changes.push(Change::SetBudget(self.budget.clone()));
+    }
+}
+
+const DAY_MS: u64 = 86_400_000;
+
+/// The budget period containing `now_ms` (UTC).
+pub fn period_key(now_ms: u64, period: Period) -> String {
+    let (year, month, day) = civil_from_days(now_ms / DAY_MS);
+    match period {
+        Period::Day => format!("{year:04}-{month:02}-{day:02}"),
+        Period::Month => format!("{year:04}-{month:02}"),
+        Period::Lifetime => "lifetime".to_owned(),
+    }
+}
+
+/// When the period containing `now_ms` ends (UTC), or `None` for a lifetime budget.
+pub fn period_end(now_ms: u64, period: Period) -> Option<u64> {
+    match period {
+        Period::Day => Some((now_ms / DAY_MS + 1) * DAY_MS),
+        Period::Month => {
+            let (year, month, _) = civil_from_days(now_ms / DAY_MS);
+            let (next_year, next_month) = if month == 12 { (year + 1, 1) } else { (year, month + 1) };
+            Some(days_from_civil(next_year, next_month, 1) * DAY_MS)
+        }
+        Period::Lifetime => None,
+    }
+}
+
+/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian (Howard Hinnant's algorithm).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    (year, month, day)
+}
+
+fn days_from_civil(year: u64, month: u64, day: u64) -> u64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year / 400;
+    let yoe = year - era * 400;
+    let mp = if month > 2 { month - 3 } else { month + 9 };
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Budget;
+
+    const W: u64 = 60_000;
+
+    fn limits(rpm: u32) -> Limits {
+        Limits { requests_per_window: rpm, tokens_per_window: None, window_ms: W, budget: None, max_concurrency: None, lease_ms: 600_000 }
+    }
+
+    fn tokens(n: u64) -> Amount {
+        Amount { tokens: n, usd: 0.0 }
+    }
+
+    fn admitted(d: &Decision) -> bool {
+        matches!(d, Decision::Admitted(_))
+    }
+
+    fn denied(d: &Decision) -> (DenyReason, Option<u64>) {
+        match d {
+            Decision::Denied { reason, retry_after_ms, .. } => (*reason, *retry_after_ms),
+            Decision::Admitted(_) => panic!("expected a denial"),
+        }
+    }
+
+    const T0: u64 = 1_800_000_000_000;
+
+    #[test]
+    fn admits_exactly_the_limit_then_resumes_when_the_oldest_leaves() {
+        let mut q = Quota::default();
+        let l = limits(3);
+        assert!(admitted(&q.admit(T0, &l, "a", tokens(0)).0));
+        assert!(admitted(&q.admit(T0 + 10_000, &l, "b", tokens(0)).0));
+        assert!(admitted(&q.admit(T0 + 20_000, &l, "c", tokens(0)).0));
+        let (reason, retry) = denied(&q.admit(T0 + 30_000, &l, "d", tokens(0)).0);
+        assert_eq!(reason, DenyReason::Requests);
+        assert_eq!(retry, Some(30_000), "a leaves the window at T0 + 60 s");
+        // One millisecond early: a is still in (t − 60 s, t].
+        assert!(!admitted(&q.admit(T0 + W - 1, &l, "e", tokens(0)).0));
+        assert!(admitted(&q.admit(T0 + W, &l, "f", tokens(0)).0));
+        assert!(!admitted(&q.admit(T0 + W, &l, "g", tokens(0)).0));
+    }
+
+    #[test]
+    fn snapshot_counts_remaining_and_reset() {
+        let mut q = Quota::default();
+        let l = limits(5);
+        q.admit(T0, &l, "a", tokens(0));
+        let (decision, _) = q.admit(T0 + 1_000, &l, "b", tokens(0));
+        let Decision::Admitted(state) = decision else { panic!("admitted") };
+        assert_eq!(state.requests, WindowState { limit: 5, remaining: 3, reset_ms: W });
+        assert_eq!(q.snapshot(T0 + 31_000, &l).requests.reset_ms, 30_000);
+        assert_eq!(q.snapshot(T0 + 61_000, &l).requests, WindowState { limit: 5, remaining: 5, reset_ms: 0 });
+    }
+
+    #[test]
+    fn token_window_counts_reservations_then_actuals() {
+        let mut q = Quota::default();
+        let l = Limits { tokens_per_window: Some(1_000), ..limits(100) };
+        assert!(admitted(&q.admit(T0, &l, "a", tokens(600)).0));
+        let (reason, retry) = denied(&q.admit(T0 + 5_000, &l, "b", tokens(500)).0);
+        assert_eq!((reason, retry), (DenyReason::Tokens, Some(55_000)));
+        // a used far less than it reserved: the refund frees room at once.
+        assert!(q.settle(T0 + 6_000, &l, "a", tokens(100)).0);
+        assert!(admitted(&q.admit(T0 + 6_000, &l, "b", tokens(500)).0));
+        assert_eq!(q.snapshot(T0 + 6_000, &l).tokens.map(|t| t.remaining), Some(400));
+    }
+
+    #[test]
+    fn a_reservation_larger_than_a_limit_can_never_fit() {
+        let mut q = Quota::default();
+        let l = Limits { tokens_per_window: Some(1_000), ..limits(100) };
+        assert_eq!(denied(&q.admit(T0, &l, "a", tokens(1_001)).0), (DenyReason::TooLargeForTokensPerWindow, None));
+        let l = Limits { budget: Some(Budget { period: Period::Lifetime, tokens: Some(50), usd: None }), ..limits(100) };
+        assert_eq!(denied(&q.admit(T0, &l, "a", tokens(51)).0), (DenyReason::TooLargeForBudget, None));
+    }
+
+    #[test]
+    fn concurrency_is_released_by_settle() {
+        let mut q = Quota::default();
+        let l = Limits { max_concurrency: Some(2), ..limits(100) };
+        assert!(admitted(&q.admit(T0, &l, "a", tokens(1)).0));
+        assert!(admitted(&q.admit(T0, &l, "b", tokens(1)).0));
+        assert_eq!(denied(&q.admit(T0, &l, "c", tokens(1)).0).0, DenyReason::Concurrency);
+        q.settle(T0 + 1, &l, "a", tokens(1));
+        assert!(admitted(&q.admit(T0 + 2, &l, "c", tokens(1)).0));
+    }
+
+    #[test]
+    fn budget_counts_settled_and_outstanding_and_resets_with_the_day() {
+        let mut q = Quota::default();
+        let l = Limits { budget: Some(Budget { period: Period::Day, tokens: Some(1_000), usd: None }), ..limits(1_000) };
+        let day_start = (T0 / DAY_MS) * DAY_MS;
+        let t = day_start + 1_000;
+        assert!(admitted(&q.admit(t, &l, "a", tokens(400)).0));
+        assert!(admitted(&q.admit(t, &l, "b", tokens(400)).0));
+        let (reason, retry) = denied(&q.admit(t, &l, "c", tokens(400)).0);
+        assert_eq!(reason, DenyReason::BudgetTokens);
+        assert_eq!(retry, Some(DAY_MS - 1_000), "until midnight UTC");
+        q.settle(t + 10, &l, "a", tokens(100));
+        assert!(admitted(&q.admit(t + 20, &l, "c", tokens(400)).0), "100 + 400 + 400 ≤ 1000");
+        assert_eq!(q.snapshot(t + 20, &l).budget_used.tokens, 100);
+        // Next day: spend starts over (outstanding b and c still count until they settle).
+        let next = day_start + DAY_MS + 5;
+        assert!(admitted(&q.admit(next, &l, "d", tokens(200)).0));
+        assert_eq!(q.snapshot(next, &l).budget_used.tokens, 0);
+    }
+
+    #[test]
+    fn usd_budget_denies_once_spent_even_without_a_price() {
+        let mut q = Quota::default();
+        let l = Limits { budget: Some(Budget { period: Period::Lifetime, tokens: None, usd: Some(1.0) }), ..limits(1_000) };
+        assert!(admitted(&q.admit(T0, &l, "a", Amount::default()).0));
+        q.settle(T0 + 1, &l, "a", Amount { tokens: 10, usd: 1.0 });
+        let (reason, retry) = denied(&q.admit(T0 + 2, &l, "b", Amount::default()).0);
+        assert_eq!((reason, retry), (DenyReason::BudgetUsd, None), "a lifetime budget never resets");
+    }
+
+    #[test]
+    fn unsettled_reservations_are_charged_as_reserved_when_the_lease_ends() {
+        let mut q = Quota::default();
+        let l = Limits {
+            lease_ms: 5_000,
+            max_concurrency: Some(1),
+            budget: Some(Budget { period: Period::Lifetime, tokens: Some(10_000), usd: None }),
+            ..limits(100)
+        };
+        q.admit(T0, &l, "a", tokens(300));
+        assert_eq!(q.next_lease_expiry(), Some(T0 + 5_000));
+        assert!(q.expire_leases(T0 + 4_999, &l).is_empty());
+        let changes = q.expire_leases(T0 + 5_000, &l);
+        assert!(changes.contains(&Change::DeleteReservation("a".into())));
+        assert_eq!(q.snapshot(T0 + 5_000, &l).budget_used.tokens, 300);
+        assert_eq!(q.snapshot(T0 + 5_000, &l).in_flight, 0);
+        assert!(!q.settle(T0 + 6_000, &l, "a", tokens(1)).0, "a late settle changes nothing");
+        assert_eq!(q.snapshot(T0 + 6_000, &l).budget_used.tokens, 300);
+        assert!(admitted(&q.admit(T0 + 6_000, &l, "b", tokens(1)).0), "the concurrency slot was released");
+    }
+
+    #[test]
+    fn settling_twice_charges_once() {
+        let mut q = Quota::default();
+        let l = Limits { budget: Some(Budget { period: Period::Lifetime, tokens: Some(1_000), usd: None }), ..limits(10) };
+        q.admit(T0, &l, "a", tokens(100));
+        assert!(q.settle(T0, &l, "a", tokens(50)).0);
+        assert!(!q.settle(T0, &l, "a", tokens(50)).0);
+        assert_eq!(q.snapshot(T0, &l).budget_used.tokens, 50);
+    }
+
+    #[test]
+    fn lowering_the_limit_below_the_current_count_waits_for_enough_to_leave() {
+        let mut q = Quota::default();
+        for (i, t) in [0u64, 1_000, 2_000, 3_000].iter().enumerate() {
+            q.admit(T0 + t, &limits(10), &format!("r{i}"), tokens(0));
+        }
+        let (reason, retry) = denied(&q.admit(T0 + 4_000, &limits(2), "x", tokens(0)).0);
+        assert_eq!(reason, DenyReason::Requests);
+        assert_eq!(retry, Some(W + 2_000 - 4_000), "r0, r1 and r2 must leave");
+    }
+
+    #[test]
+    fn storage_stays_bounded_by_the_limit() {
+        let mut q = Quota::default();
+        let l = limits(60);
+        let mut t = T0;
+        for i in 0..10_000 {
+            let (d, _) = q.admit(t, &l, &format!("r{i}"), tokens(1));
+            if admitted(&d) {
+                q.settle(t, &l, &format!("r{i}"), tokens(1));
+            }
+            t += 250;
+        }
+        assert!(q.stored_rows() <= 60 + 1, "{} rows", q.stored_rows());
+    }
+
+    #[test]
+    fn a_clock_step_backwards_does_not_reopen_the_window() {
+        let mut q = Quota::default();
+        let l = limits(1);
+        q.admit(T0, &l, "a", tokens(0));
+        assert!(!admitted(&q.admit(T0 - 30_000, &l, "b", tokens(0)).0));
+    }
+
+    #[test]
+    fn calendar_periods() {
+        // 2026-11-27T13:08:30Z
+        let t = 1_795_784_910_000;
+        assert_eq!(period_key(t, Period::Day), "2026-11-27");
+        assert_eq!(period_key(t, Period::Month), "2026-11");
+        assert_eq!(period_key(t, Period::Lifetime), "lifetime");
+        assert_eq!(period_end(t, Period::Month), Some(1_796_083_200_000), "2026-12-01T00:00:00Z");
+        assert_eq!(period_key(951_782_400_000, Period::Day), "2000-02-29");
+        assert_eq!(period_end(1_798_675_200_000, Period::Month), Some(1_798_761_600_000), "December → next January");
+    }
+}
+
+/// The implementation against a naive reference model: random arrivals, settles and lease expiries.
+#[cfg(test)]
+mod model_tests {
+    use std::collections::HashMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::protocol::Budget;
+
+    const T0: u64 = 1_800_000_000_000;
+
+    /// Keeps every admission forever and recomputes everything from scratch.
+    #[derive(Default)]
+    struct Model {
+        admissions: Vec<(u64, String, u64)>,
+        outstanding: HashMap<String, (Amount, u64)>,
+        spent: Amount,
+    }
+
+    impl Model {
+        fn in_window(&self, now: u64, w: u64) -> Vec<&(u64, String, u64)> {
+            self.admissions.iter().filter(|(at, _, _)| *at + w > now).collect()
+        }
+
+        fn admit(&mut self, now: u64, l: &Limits, id: &str, reserve: Amount) -> Option<DenyReason> {
+            if l.tokens_per_window.is_some_and(|tpm| reserve.tokens > tpm) {
+                return Some(DenyReason::TooLargeForTokensPerWindow);
+            }
+            if l.budget.as_ref().and_then(|b| b.tokens).is_some_and(|limit| reserve.tokens > limit) {
+                return Some(DenyReason::TooLargeForBudget);
+            }
+            let in_window = self.in_window(now, l.window_ms);
+            if in_window.len() >= l.requests_per_window as usize {
+                return Some(DenyReason::Requests);
+            }
+            if let Some(tpm) = l.tokens_per_window {
+                if in_window.iter().map(|a| a.2).sum::<u64>() + reserve.tokens > tpm {
+                    return Some(DenyReason::Tokens);
+                }
+            }
+            if l.max_concurrency.is_some_and(|m| self.outstanding.len() >= m as usize) {
+                return Some(DenyReason::Concurrency);
+            }
+            if let Some(limit) = l.budget.as_ref().and_then(|b| b.tokens) {
+                let outstanding: u64 = self.outstanding.values().map(|(a, _)| a.tokens).sum();
+                if self.spent.tokens + outstanding + reserve.tokens > limit {
+                    return Some(DenyReason::BudgetTokens);
+                }
+            }
+            self.admissions.push((now, id.to_owned(), reserve.tokens));
+            self.outstanding.insert(id.to_owned(), (reserve, now + l.lease_ms));
+            None
+        }
+
+        fn settle(&mut self, id: &str, actual: Amount) -> bool {
+            if self.outstanding.remove(id).is_none() {
+                return false;
+            }
+            if let Some(a) = self.admissions.iter_mut().find(|a| a.1 == id) {
+                a.2 = actual.tokens;
+            }
+            self.spent.tokens += actual.tokens;
+            true
+        }
+
+        fn expire(&mut self, now: u64) {
+            let expired: Vec<String> = self.outstanding.iter().filter(|(_, (_, e))| *e <= now).map(|(k, _)| k.clone()).collect();
+            for id in expired {
+                if let Some((reserved, _)) = self.outstanding.remove(&id) {
+                    self.spent.tokens += reserved.tokens;
+                }
+            }
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Admit { after_ms: u64, reserve: u64 },
+        /// Settle the n-th outstanding reservation (if any) with this fraction of its reservation.
+        Settle { nth: usize, percent: u64 },
+        Expire { after_ms: u64 },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            6 => (0u64..3_000, 0u64..400).prop_map(|(after_ms, reserve)| Op::Admit { after_ms, reserve }),
+            3 => (0usize..8, 0u64..=100).prop_map(|(nth, percent)| Op::Settle { nth, percent }),
+            1 => (0u64..20_000).prop_map(|after_ms| Op::Expire { after_ms }),
+        ]
+    }
+
+    fn limits_strategy() -> impl Strategy<Value = Limits> {
+        (1u32..8, proptest::option::of(100u64..1_500), proptest::option::of(1u32..5), proptest::option::of(500u64..5_000))
+            .prop_map(|(rpm, tpm, conc, budget)| Limits {
+                requests_per_window: rpm,
+                tokens_per_window: tpm,
+                window_ms: 10_000,
+                budget: budget.map(|tokens| Budget { period: Period::Lifetime, tokens: Some(tokens), usd: None }),
+                max_concurrency: conc,
+                lease_ms: 15_000,
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
+
+        #[test]
+        fn implementation_agrees_with_the_reference_model(l in limits_strategy(), ops in proptest::collection::vec(op(), 1..200)) {
+            let mut quota = Quota::default();
+            let mut model = Model::default();
+            let mut now = T0;
+            for (i, op) in ops.iter().enumerate() {
+                match op {
+                    Op::Admit { after_ms, reserve } => {
+                        now += after_ms;
+                        let id = format!("r{i}");
+                        let expected = model.admit(now, &l, &id, Amount { tokens: *reserve, usd: 0.0 });
+                        let (decision, _) = quota.admit(now, &l, &id, Amount { tokens: *reserve, usd: 0.0 });
+                        let got = match decision { Decision::Admitted(_) => None, Decision::Denied { reason, .. } => Some(reason) };
+                        prop_assert_eq!(got, expected, "op {} at {}", i, now);
+                    }
+                    Op::Settle { nth, percent } => {
+                        let mut ids: Vec<&String> = model.outstanding.keys().collect();
+                        ids.sort();
+                        if let Some(id) = ids.get(*nth).map(|s| s.to_string()) {
+                            let reserved = model.outstanding[&id].0.tokens;
+                            let actual = Amount { tokens: reserved * percent / 100, usd: 0.0 };
+                            prop_assert_eq!(quota.settle(now, &l, &id, actual).0, model.settle(&id, actual));
+                        }
+                    }
+                    Op::Expire { after_ms } => {
+                        now += after_ms;
+                        quota.expire_leases(now, &l);
+                        model.expire(now);
+                    }
+                }
+                // Invariants: never more admitted than allowed, in any window or budget.
+                let in_window = model.in_window(now, l.window_ms);
+                prop_assert!(in_window.len() <= l.requests_per_window as usize);
+                if let Some(tpm) = l.tokens_per_window {
+                    prop_assert!(in_window.iter().map(|a| a.2).sum::<u64>() <= tpm);
+                }
+                if let Some(limit) = l.budget.as_ref().and_then(|b| b.tokens) {
+                    let outstanding: u64 = model.outstanding.values().map(|(a, _)| a.tokens).sum();
+                    prop_assert!(model.spent.tokens + outstanding <= limit);
+                }
+                let snapshot = quota.snapshot(now, &l);
+                prop_assert_eq!(snapshot.requests.remaining, (l.requests_per_window as u64).saturating_sub(in_window.len() as u64));
+                prop_assert_eq!(snapshot.in_flight, model.outstanding.len() as u64);
+            }
+        }
+
+        #[test]
+        fn retry_after_is_exactly_when_the_request_would_fit(l in limits_strategy(), arrivals in proptest::collection::vec((0u64..2_000, 0u64..300), 1..60)) {
+            // Requests and tokens only (no budget, no concurrency): waiting retry_after_ms must be enough, and
+            // one millisecond less must not be.
+            let l = Limits { budget: None, max_concurrency: None, ..l };
+            let mut quota = Quota::default();
+            let mut now = T0;
+            for (i, (gap, reserve)) in arrivals.iter().enumerate() {
+                now += gap;
+                let reserve = Amount { tokens: *reserve, usd: 0.0 };
+                let (decision, _) = quota.admit(now, &l, &format!("r{i}"), reserve);
+                if let Decision::Denied { reason: DenyReason::Requests | DenyReason::Tokens, retry_after_ms: Some(retry), .. } = decision {
+                    prop_assert!(retry > 0);
+                    let mut early = quota.clone();
+                    let (too_early, _) = early.admit(now + retry - 1, &l, "probe", reserve);
+                    prop_assert!(!matches!(too_early, Decision::Admitted(_)), "admitted before retry-after");
+                    let mut on_time = quota.clone();
+                    let (decision, _) = on_time.admit(now + retry, &l, "probe", reserve);
+                    prop_assert!(matches!(decision, Decision::Admitted(_)), "denied at retry-after: {:?}", decision);
+                }
+            }
+        }
+    }
+}

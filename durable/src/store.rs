@@ -1,0 +1,161 @@
+//! The object's SQLite storage: schema, loading the state, and writing the [`Change`]s of each decision.
+//!
+//! `SqlStorage::exec` is synchronous, so a decision and its writes happen in one turn of the event loop with no
+//! `.await` between them: nothing else can interleave, and the runtime's output gate holds the response until the
+//! writes are durable.
+
+use serde::Deserialize;
+use worker::{Result, SqlStorage, SqlStorageValue};
+
+use crate::protocol::{Amount, Limits};
+use crate::quota::{Admission, BudgetSpend, Change, Quota, Reservation};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS admissions (request_id TEXT PRIMARY KEY, at_ms INTEGER NOT NULL, tokens INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS admissions_at ON admissions (at_ms);
+CREATE TABLE IF NOT EXISTS reservations (
+  request_id TEXT PRIMARY KEY, tokens INTEGER NOT NULL, usd REAL NOT NULL, expires_at_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS budget (id INTEGER PRIMARY KEY CHECK (id = 1), period_key TEXT NOT NULL,
+  tokens INTEGER NOT NULL, usd REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+";
+
+pub struct Store {
+    sql: SqlStorage,
+}
+
+#[derive(Deserialize)]
+struct AdmissionRow {
+    request_id: String,
+    at_ms: f64,
+    tokens: f64,
+}
+
+#[derive(Deserialize)]
+struct ReservationRow {
+    request_id: String,
+    tokens: f64,
+    usd: f64,
+    expires_at_ms: f64,
+}
+
+#[derive(Deserialize)]
+struct BudgetRow {
+    period_key: String,
+    tokens: f64,
+    usd: f64,
+}
+
+#[derive(Deserialize)]
+struct MetaRow {
+    value: String,
+}
+
+impl Store {
+    pub fn open(sql: SqlStorage) -> Result<Store> {
+        sql.exec(SCHEMA, None)?;
+        Ok(Store { sql })
+    }
+
+    pub fn load(&self) -> Result<Quota> {
+        let admissions = self
+            .sql
+            .exec("SELECT request_id, at_ms, tokens FROM admissions", None)?
+            .to_array::<AdmissionRow>()?
+            .into_iter()
+            .map(|r| Admission { request_id: r.request_id, at_ms: r.at_ms as u64, tokens: r.tokens as u64 })
+            .collect();
+        let reservations = self
+            .sql
+            .exec("SELECT request_id, tokens, usd, expires_at_ms FROM reservations", None)?
+            .to_array::<ReservationRow>()?
+            .into_iter()
+            .map(|r| Reservation {
+                request_id: r.request_id,
+                reserved: Amount { tokens: r.tokens as u64, usd: r.usd },
+                expires_at_ms: r.expires_at_ms as u64,
+            })
+            .collect();
+        let budget = self
+            .sql
+            .exec("SELECT period_key, tokens, usd FROM budget WHERE id = 1", None)?
+            .to_array::<BudgetRow>()?
+            .into_iter()
+            .next()
+            .map(|r| BudgetSpend { period_key: r.period_key, spent: Amount { tokens: r.tokens as u64, usd: r.usd } });
+        Ok(Quota::new(admissions, reservations, budget))
+    }
+
+    pub fn apply(&self, changes: &[Change]) -> Result<()> {
+        for change in changes {
+            match change {
+                Change::InsertAdmission(a) => self.exec(
+                    "INSERT OR REPLACE INTO admissions (request_id, at_ms, tokens) VALUES (?, ?, ?)",
+                    vec![a.request_id.as_str().into(), int(a.at_ms), int(a.tokens)],
+                )?,
+                Change::SetAdmissionTokens { request_id, tokens } => self.exec(
+                    "UPDATE admissions SET tokens = ? WHERE request_id = ?",
+                    vec![int(*tokens), request_id.as_str().into()],
+                )?,
+                Change::DeleteAdmissionsUpTo(at_ms) => {
+                    self.exec("DELETE FROM admissions WHERE at_ms <= ?", vec![int(*at_ms)])?
+                }
+                Change::InsertReservation(r) => self.exec(
+                    "INSERT OR REPLACE INTO reservations (request_id, tokens, usd, expires_at_ms) VALUES (?, ?, ?, ?)",
+                    vec![r.request_id.as_str().into(), int(r.reserved.tokens), r.reserved.usd.into(), int(r.expires_at_ms)],
+                )?,
+                Change::DeleteReservation(request_id) => {
+                    self.exec("DELETE FROM reservations WHERE request_id = ?", vec![request_id.as_str().into()])?
+                }
+                Change::SetBudget(b) => self.exec(
+                    "INSERT OR REPLACE INTO budget (id, period_key, tokens, usd) VALUES (1, ?, ?, ?)",
+                    vec![b.period_key.as_str().into(), int(b.spent.tokens), b.spent.usd.into()],
+                )?,
+            }
+        }
+        Ok(())
+    }
+
+    /// The limits last seen, which the lease alarm needs after a restart.
+    pub fn load_limits(&self) -> Result<Option<Limits>> {
+        let row = self
+            .sql
+            .exec("SELECT value FROM meta WHERE name = 'limits'", None)?
+            .to_array::<MetaRow>()?
+            .into_iter()
+            .next();
+        Ok(row.and_then(|r| serde_json::from_str(&r.value).ok()))
+    }
+
+    pub fn save_limits(&self, limits: &Limits) -> Result<()> {
+        let json = serde_json::to_string(limits)?;
+        self.exec("INSERT OR REPLACE INTO meta (name, value) VALUES ('limits', ?)", vec![json.into()])
+    }
+
+    /// Rows stored, for the steady-state storage figure.
+    pub fn row_count(&self) -> Result<u64> {
+        #[derive(Deserialize)]
+        struct Count {
+            n: f64,
+        }
+        let count = self
+            .sql
+            .exec(
+                "SELECT (SELECT COUNT(*) FROM admissions) + (SELECT COUNT(*) FROM reservations)
+                      + (SELECT COUNT(*) FROM budget) + (SELECT COUNT(*) FROM meta) AS n",
+                None,
+            )?
+            .to_array::<Count>()?;
+        Ok(count.first().map_or(0, |c| c.n as u64))
+    }
+
+    fn exec(&self, query: &str, bindings: Vec<SqlStorageValue>) -> Result<()> {
+        self.sql.exec(query, bindings)?;
+        Ok(())
+    }
+}
+
+/// SQLite integers are signed; our counts and timestamps always fit.
+fn int(n: u64) -> SqlStorageValue {
+    SqlStorageValue::from(i64::try_from(n).unwrap_or(i64::MAX))
+}
