@@ -47,7 +47,9 @@ CREATE TABLE IF NOT EXISTS usage_logs (
   error             TEXT,
   latency_ms        INTEGER NOT NULL DEFAULT 0,
   ttft_ms           INTEGER,
-  created_at        TEXT NOT NULL
+  created_at        TEXT NOT NULL,
+  -- Delivery to PostHog (NULL = pending or PostHog disabled), so a retried queue batch never re-sends.
+  posthog_state     TEXT CHECK (posthog_state IS NULL OR posthog_state IN ('sent', 'rejected'))
 );
 CREATE INDEX IF NOT EXISTS usage_logs_user_created ON usage_logs (user_id, created_at);
 CREATE INDEX IF NOT EXISTS usage_logs_key_created ON usage_logs (key_id, created_at);

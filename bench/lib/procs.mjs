@@ -151,19 +151,37 @@ export function sampleRss(pid, intervalMs = 100) {
   };
 }
 
-/** CPU use of several processes over an interval, as a fraction of one core. */
+/** Busy CPU seconds of the whole machine (all cores), from /proc/stat. */
+export function machineBusySeconds() {
+  try {
+    const f = readFileSync('/proc/stat', 'utf8').split('\n', 1)[0].trim().split(/\s+/).slice(1).map(Number);
+    const [user, nice, system, , , irq, softirq, steal] = f;
+    return (user + nice + system + irq + softirq + (steal || 0)) / CLOCK_TICKS_PER_S;
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * CPU use of several processes over an interval, as a fraction of one core, plus `machine`: the whole machine's
+ * busy cores over the same interval (so what other processes took can be told apart).
+ */
 export function cpuMeter(pids) {
   const start = performance.now();
+  const machineBefore = machineBusySeconds();
   const before = Object.fromEntries(Object.entries(pids).map(([k, pid]) => [k, cpuSeconds(pid)]));
   return {
     stop() {
       const seconds = (performance.now() - start) / 1000;
-      return Object.fromEntries(
+      const machineAfter = machineBusySeconds();
+      const used = Object.fromEntries(
         Object.entries(pids).map(([k, pid]) => {
           const after = cpuSeconds(pid);
           return [k, after === null || before[k] === null ? null : round((after - before[k]) / seconds, 2)];
         }),
       );
+      used.machine = machineAfter === null || machineBefore === null ? null : round((machineAfter - machineBefore) / seconds, 2);
+      return used;
     },
   };
 }

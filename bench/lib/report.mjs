@@ -1,6 +1,6 @@
 // results object → Markdown. Every figure printed here is also in latest.json under the same names.
 
-const TARGET_NAMES = { a: '(a) upstream', b: '(b) pass-through', g: '(g) gateway' };
+const TARGET_NAMES = { a: '(a) upstream', b: '(b) pass-through', g: '(g) gateway', m: "(g') gateway, in-memory storage" };
 
 const ms = (v) => (v === null || v === undefined ? '–' : v < 10 ? v.toFixed(2) : v < 100 ? v.toFixed(1) : v.toFixed(0));
 const signed = (v) => (v === null || v === undefined ? '–' : `${v >= 0 ? '+' : '−'}${ms(Math.abs(v))}`);
@@ -24,7 +24,7 @@ function errorsCell(run) {
 function cpuCell(run) {
   if (!run?.cpu) return '–';
   const c = run.cpu;
-  return `${cpu(c.server)} / ${run.target === 'a' ? '=' : cpu(c.upstream)} / ${cpu(c.client)} / ${cpu(c.runner)}`;
+  return `${cpu(c.server)} / ${run.target === 'a' ? '=' : cpu(c.upstream)} / ${cpu(c.client)} / ${cpu(c.runner)} / ${cpu(c.other)}`;
 }
 
 export function renderMarkdown(r) {
@@ -32,7 +32,10 @@ export function renderMarkdown(r) {
   const m = r.machine;
   out.push(`# Gateway benchmark — ${r.date}`);
   out.push('');
-  out.push(`- Machine: ${m.cpu_model}, ${m.nproc} CPUs (nproc), ${(m.memory_bytes / 2 ** 30).toFixed(1)} GiB RAM, Linux ${m.kernel}`);
+  out.push(
+    `- Machine: ${m.cpu_model}, ${m.nproc} CPUs (nproc), ${(m.memory_bytes / 2 ** 30).toFixed(1)} GiB RAM, Linux ${m.kernel}; ` +
+      `load average ${m.loadavg_at_start?.join(' ')} at start, ${m.loadavg_at_end?.join(' ') ?? '–'} at end`,
+  );
   const v = r.versions;
   out.push(
     `- Versions: workerd ${v.workerd} (miniflare ${v.miniflare}), Node ${v.node}, ${v.rustc}, worker crate ${v.worker_crate}, ` +
@@ -45,16 +48,17 @@ export function renderMarkdown(r) {
   );
   out.push(
     `- Targets: (a) the OpenRouter stand-in directly, (b) a pass-through Worker (bench/passthrough.mjs) in workerd, ` +
-      `(g) the gateway in workerd with its wrangler.toml bindings. Same workerd build for (b) and (g); one key for every gateway request.`,
+      `(g) the gateway in workerd with its wrangler.toml bindings, storage (D1, KV, Durable Objects) on disk as \`wrangler dev\` keeps it; ` +
+      `(g') the same gateway with Miniflare's in-memory storage. Same workerd build for all Workers; one API key for every gateway request.`,
   );
   out.push('');
 
   out.push(`## Non-streaming chat completion (${r.payloads.nonstream_response_bytes} B JSON response)`);
   out.push('');
-  out.push('| c | target | req/s | p50 | p90 | p99 | errors | CPU server / upstream / client / runner |');
+  out.push('| c | target | req/s | p50 | p90 | p99 | errors | CPU server / upstream / client / runner / other |');
   out.push('|---:|---|---:|---:|---:|---:|---|---|');
   for (const c of s.concurrency) {
-    for (const t of ['a', 'b', 'g']) {
+    for (const t of ['a', 'b', 'g', 'm']) {
       const run = r.nonstream[c]?.[t];
       if (!run) continue;
       const l = run.latency_ms ?? {};
@@ -62,24 +66,30 @@ export function renderMarkdown(r) {
     }
   }
   out.push('');
-  out.push('CPU columns are cores used during the row (1.00 = one core busy): the process serving the row, the stand-in behind it, the load generator, and the Node process running Miniflare and this script.');
+  out.push(
+    'CPU: cores used during the row (1.00 = one core busy) by the process serving the row, the stand-in behind it, ' +
+      'the load generator, the Node process running Miniflare and this script, and everything else on the machine.',
+  );
   out.push('');
   out.push('### Gateway overhead (non-streaming)');
   out.push('');
-  out.push('| c | added p50 vs (a) | added p99 vs (a) | added p50 vs (b) | added p99 vs (b) | req/s (g)/(b) | req/s (g)/(a) |');
-  out.push('|---:|---:|---:|---:|---:|---:|---:|');
+  out.push(
+    "| c | added p50 vs (a) | added p99 vs (a) | added p50 vs (b) | added p99 vs (b) | req/s (g)/(b) | req/s (g)/(a) | (g') added p50 / p99 vs (b) | req/s (g')/(b) |",
+  );
+  out.push('|---:|---:|---:|---:|---:|---:|---:|---:|---:|');
   for (const c of s.concurrency) {
     const o = r.overhead[c];
     if (!o) continue;
     out.push(
-      `| ${c} | ${signed(o.added_p50_vs_a)} | ${signed(o.added_p99_vs_a)} | ${signed(o.added_p50_vs_b)} | ${signed(o.added_p99_vs_b)} | ${ratio(o.rps_ratio_g_b)} | ${ratio(o.rps_ratio_g_a)} |`,
+      `| ${c} | ${signed(o.added_p50_vs_a)} | ${signed(o.added_p99_vs_a)} | ${signed(o.added_p50_vs_b)} | ${signed(o.added_p99_vs_b)} | ` +
+        `${ratio(o.rps_ratio_g_b)} | ${ratio(o.rps_ratio_g_a)} | ${signed(o.in_memory_added_p50_vs_b)} / ${signed(o.in_memory_added_p99_vs_b)} | ${ratio(o.in_memory_rps_ratio_b)} |`,
     );
   }
   out.push('');
 
   out.push(`## Streaming chat completion (${s.stream_chunks} chunks × ~${s.chunk_bytes} B + usage chunk, ${r.payloads.stream_response_bytes} B SSE)`);
   out.push('');
-  out.push('| c | target | streams/s | TTFB p50 | TTFB p99 | total p50 | total p99 | errors | CPU server / upstream / client / runner |');
+  out.push('| c | target | streams/s | TTFB p50 | TTFB p99 | total p50 | total p99 | errors | CPU server / upstream / client / runner / other |');
   out.push('|---:|---|---:|---:|---:|---:|---:|---|---|');
   for (const c of s.stream_concurrency) {
     for (const t of ['a', 'b', 'g']) {

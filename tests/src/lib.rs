@@ -87,17 +87,18 @@ impl Supervised {
     }
 }
 
-/// The OpenRouter stand-in (standins/openrouter.mjs), one per gateway so recorded requests are this gateway's.
+/// A stand-in for a paid service (standins/*.mjs), one per gateway so what it records is this gateway's.
 pub struct Standin {
     pub base_url: String,
     child: Child,
 }
 
 impl Standin {
-    pub fn start(script: &str) -> Standin {
+    pub fn start(script: &str, extra_args: &[&str]) -> Standin {
         let mut child = Command::new("node")
             .arg(repo_root().join("standins").join(script))
             .args(["--port", "0", "--exit-with-stdin"])
+            .args(extra_args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -136,6 +137,19 @@ impl Standin {
         let url = format!("{}/__standin/stats", self.origin());
         reqwest::get(url).await.expect("stand-in reachable").json().await.expect("json")
     }
+
+    /// PostHog stand-in: every accepted event (duplicates included) and the batch counters.
+    pub async fn posthog_events(&self) -> Value {
+        let url = format!("{}/__standin/events", self.base_url);
+        reqwest::get(url).await.expect("stand-in reachable").json().await.expect("json")
+    }
+
+    /// PostHog stand-in: changes the injected faults (`fail_rate`, `timeout_rate`, `stall_ms`, `status`, ...).
+    pub async fn set_faults(&self, faults: Value) {
+        let url = format!("{}/__standin/faults", self.base_url);
+        let response = reqwest::Client::new().post(url).json(&faults).send().await.expect("stand-in reachable");
+        assert!(response.status().is_success(), "faults rejected: {faults}");
+    }
 }
 
 impl Drop for Standin {
@@ -165,11 +179,18 @@ pub struct GatewayOptions {
     /// `--var NAME:VALUE` overrides on top of wrangler.toml's [vars].
     pub vars: Vec<(String, String)>,
     pub keys: Vec<KeySpec>,
+    /// Start the PostHog stand-in (with these extra CLI arguments) and point the gateway at it.
+    pub posthog: Option<Vec<String>>,
 }
 
 impl GatewayOptions {
     pub fn var(mut self, name: &str, value: impl ToString) -> Self {
         self.vars.push((name.to_owned(), value.to_string()));
+        self
+    }
+
+    pub fn posthog(mut self, args: &[&str]) -> Self {
+        self.posthog = Some(args.iter().map(|a| a.to_string()).collect());
         self
     }
 
@@ -193,6 +214,7 @@ static INSTANCE: AtomicUsize = AtomicUsize::new(0);
 pub struct Gateway {
     pub base: String,
     pub upstream: Standin,
+    pub posthog: Option<Standin>,
     pub state_dir: PathBuf,
     pub log_path: PathBuf,
     keys: HashMap<String, TestKey>,
@@ -208,7 +230,11 @@ impl Gateway {
             root.join("worker/build/index.js").exists(),
             "the Worker is not built: run `npm test` (or `npm run build`) first"
         );
-        let upstream = Standin::start("openrouter.mjs");
+        let upstream = Standin::start("openrouter.mjs", &[]);
+        let posthog = options.posthog.as_ref().map(|args| {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            Standin::start("posthog.mjs", &args)
+        });
         let n = INSTANCE.fetch_add(1, Ordering::SeqCst);
         let state_dir = std::env::temp_dir().join(format!("gateway-test-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&state_dir);
@@ -220,8 +246,13 @@ impl Gateway {
         let keys = specs.into_iter().map(|(name, (key, _))| (name, key)).collect();
 
         let port = free_port();
+        let mut options = options;
+        if let Some(posthog) = &posthog {
+            options = options.var("POSTHOG_API_KEY", POSTHOG_KEY).var("POSTHOG_HOST", &posthog.base_url);
+        }
         let process = Mutex::new(spawn_wrangler(&state_dir, &log_path, port, &upstream, &options));
-        let gateway = Gateway { base: format!("http://127.0.0.1:{port}"), upstream, state_dir, log_path, keys, port, options, process };
+        let base = format!("http://127.0.0.1:{port}");
+        let gateway = Gateway { base, upstream, posthog, state_dir, log_path, keys, port, options, process };
         gateway.wait_ready();
         gateway
     }
@@ -270,6 +301,16 @@ impl Gateway {
             .filter_map(|json| serde_json::from_str::<Value>(json).ok())
             .filter(|v| v["event"] == "request")
             .collect()
+    }
+
+    /// The local D1 database file (SQLite) behind the `DB` binding.
+    pub fn d1_file(&self) -> PathBuf {
+        let dir = self.state_dir.join("v3/d1/miniflare-D1DatabaseObject");
+        std::fs::read_dir(&dir)
+            .expect("local D1 directory")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|x| x == "sqlite"))
+            .expect("a D1 sqlite file")
     }
 
     /// Runs SQL against the gateway's local D1 (another process, like an operator would) and returns the rows.
@@ -355,6 +396,9 @@ fn spawn_wrangler(state_dir: &Path, log: &Path, port: u16, upstream: &Standin, o
     }
     Supervised::spawn(&wrangler_bin(), &args, log, &[("WRANGLER_SEND_METRICS", "false"), ("NO_COLOR", "1")])
 }
+
+/// The PostHog project key the tests give the gateway (when the PostHog stand-in runs).
+pub const POSTHOG_KEY: &str = "phc_test_project_key_3b9f";
 
 /// The provider key the tests give the gateway; it must never appear in a response or a log line.
 pub const PROVIDER_KEY: &str = "sk-or-v1-test-provider-secret-6f1d2c";

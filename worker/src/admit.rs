@@ -24,12 +24,13 @@ pub fn estimate_completion_tokens(completion_chars: usize) -> u64 {
 
 /// The limits for this key: its own where set, the gateway's defaults otherwise.
 pub fn limits_for(key: &KeyRecord, config: &Config) -> Limits {
-    let budget = (key.usage_limit.is_some() || key.usd_limit.is_some()).then(|| Budget {
-        period: match key.budget_period.as_deref() {
-            Some("day") => Period::Day,
-            Some("month") => Period::Month,
-            _ => Period::Lifetime,
-        },
+    let period = match key.budget_period.as_deref() {
+        Some("day") => Period::Day,
+        Some("month") => Period::Month,
+        _ => Period::Lifetime,
+    };
+    let budget = (key.usage_limit.is_some() || key.usd_limit.is_some()).then_some(Budget {
+        period,
         tokens: key.usage_limit,
         usd: key.usd_limit,
     });
@@ -43,13 +44,9 @@ pub fn limits_for(key: &KeyRecord, config: &Config) -> Limits {
     }
 }
 
-/// What to charge when the request is over: the reported usage, or — when none arrived — an estimate of the work
-/// the client received (nothing at all if the upstream never produced an answer).
-pub fn actual_amount(usage: Option<&Usage>, generated_estimate: Option<u64>) -> Amount {
-    match usage {
-        Some(u) => Amount { tokens: u.total_tokens(), usd: u.cost.unwrap_or(0.0) },
-        None => Amount { tokens: generated_estimate.unwrap_or(0), usd: 0.0 },
-    }
+/// What to charge the limiter when the request is over (reported, or estimated — see `usage_event::tokens_for`).
+pub fn actual_amount(usage: &Usage) -> Amount {
+    Amount { tokens: usage.total_tokens(), usd: usage.cost.unwrap_or(0.0) }
 }
 
 /// The client's error for a denial. `limits` names the numbers in the message.
@@ -238,10 +235,9 @@ mod tests {
     }
 
     #[test]
-    fn charges_reported_usage_or_the_estimate() {
+    fn charges_prompt_and_completion_tokens_and_cost() {
         let usage = Usage { prompt_tokens: 10, completion_tokens: 5, cost: Some(0.01), ..Usage::default() };
-        assert_eq!(actual_amount(Some(&usage), Some(99)), Amount { tokens: 15, usd: 0.01 });
-        assert_eq!(actual_amount(None, Some(42)), Amount { tokens: 42, usd: 0.0 });
-        assert_eq!(actual_amount(None, None), Amount::default());
+        assert_eq!(actual_amount(&usage), Amount { tokens: 15, usd: 0.01 });
+        assert_eq!(actual_amount(&Usage::default()), Amount::default());
     }
 }

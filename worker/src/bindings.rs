@@ -141,3 +141,40 @@ pub async fn limiter_call<M: serde::Serialize, A: serde::de::DeserializeOwned>(
     }
     response.json::<A>().await
 }
+
+/// Runs one D1 statement whose parameters are all strings.
+pub async fn d1_run(env: &Env, sql: &str, params: &[&str]) -> Result<(), Error> {
+    let bound: Vec<JsValue> = params.iter().map(|p| JsValue::from_str(p)).collect();
+    let result = env.d1(DB)?.prepare(sql).bind(&bound)?.run().await?;
+    match result.error() {
+        Some(error) => Err(Error::RustError(error)),
+        None => Ok(()),
+    }
+}
+
+/// Runs a D1 query and returns one string column of every row.
+pub async fn d1_column(env: &Env, sql: &str, params: &[&str], column: &str) -> Result<Vec<String>, Error> {
+    let bound: Vec<JsValue> = params.iter().map(|p| JsValue::from_str(p)).collect();
+    let rows = env.d1(DB)?.prepare(sql).bind(&bound)?.all().await?.results::<serde_json::Value>()?;
+    Ok(rows.iter().filter_map(|row| row.get(column)?.as_str().map(str::to_owned)).collect())
+}
+
+pub const USAGE_EVENTS: &str = "USAGE_EVENTS";
+
+/// Enqueues a usage event (as a JSON string). A failed send is retried a few times; the caller logs the event if
+/// it still fails, so nothing is lost silently.
+pub async fn enqueue_usage(env: &Env, event_json: &str) -> Result<(), Error> {
+    let queue = env.queue(USAGE_EVENTS)?;
+    let mut last_error = None;
+    for delay_ms in [0u64, 100, 500] {
+        if delay_ms > 0 {
+            worker::Delay::from(std::time::Duration::from_millis(delay_ms)).await;
+        }
+        let message = worker::RawMessageBuilder::new(JsValue::from_str(event_json)).build_with_content_type(worker::QueueContentType::Text);
+        match queue.send_raw(message).await {
+            Ok(()) => return Ok(()),
+            Err(e) => last_error = Some(e),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| Error::RustError("queue send failed".into())))
+}

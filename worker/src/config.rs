@@ -29,6 +29,8 @@ pub struct Config {
     pub reservation_lease_secs: u64,
     /// Admit requests when the limiter cannot be reached (default: refuse them with a 503).
     pub limiter_fail_open: bool,
+    /// When a client leaves mid-stream: cancel the upstream (stop paying) or drain it (bill its exact usage).
+    pub drain_on_client_abort: bool,
     pub models_cache_ttl_secs: u64,
     pub auth_cache_ttl_secs: u64,
     pub auth_cache_max_entries: usize,
@@ -143,6 +145,16 @@ impl Config {
             rate_limit_window_secs: parse_num("RATE_LIMIT_WINDOW_SECONDS", get("RATE_LIMIT_WINDOW_SECONDS"), 60, 1, 3600)?,
             reservation_lease_secs: parse_num("RESERVATION_LEASE_SECONDS", get("RESERVATION_LEASE_SECONDS"), 900, 1, 86_400)?,
             limiter_fail_open: parse_bool("LIMITER_FAIL_OPEN", get("LIMITER_FAIL_OPEN"), false)?,
+            drain_on_client_abort: match get("CLIENT_ABORT_POLICY").as_deref() {
+                None | Some("cancel") => false,
+                Some("drain") => true,
+                Some(other) => {
+                    return Err(ConfigError {
+                        variable: "CLIENT_ABORT_POLICY",
+                        problem: format!("'{other}' is neither 'cancel' nor 'drain'"),
+                    })
+                }
+            },
             models_cache_ttl_secs: parse_num("CACHE_TTL_SECONDS", get("CACHE_TTL_SECONDS"), 300, 0, 86_400 * 30)?,
             auth_cache_ttl_secs: parse_num("AUTH_CACHE_TTL_SECONDS", get("AUTH_CACHE_TTL_SECONDS"), 10, 0, 3600)?,
             auth_cache_max_entries: parse_num("AUTH_CACHE_MAX_ENTRIES", get("AUTH_CACHE_MAX_ENTRIES"), 10_000, 0, 1_000_000)?,

@@ -3,7 +3,8 @@
 //! ```text
 //! route → authenticate → read body → validate → admit (key's Durable Object) → forward
 //!       → reply (JSON, or a relayed stream) → decorate (security, CORS, rate-limit headers, request id)
-//!       → finish, after the response is handed over: relay the stream, settle the reservation, log
+//!       → finish, after the response is handed over: relay the stream, settle the reservation,
+//!         enqueue the usage event (→ D1 ledger + PostHog, see `consumer`), log
 //! ```
 //!
 //! Each stage either passes the request on or returns an [`ApiError`]; `handle` renders errors in one place, so
@@ -14,6 +15,8 @@ use futures_util::StreamExt;
 use key_limiter::protocol::{AdmitRequest, AdmitResponse, Amount, SettleRequest, SettleResponse};
 use serde_json::Value;
 use worker::{Context, Env, Headers, Request, Response, ResponseBuilder};
+
+use std::rc::Rc;
 
 use crate::admit;
 use crate::auth::{self, KeyRecord};
@@ -29,25 +32,36 @@ use crate::respond::{self, SECURITY_HEADERS};
 use crate::routes::{route, Route};
 use crate::sse::SseScanner;
 use crate::usage::Usage;
+use crate::usage_event::{self, UsageEvent, UsageSource};
 use crate::validate::{validate_chat, ChatRequest};
 
-/// What one request has learned so far; read by `finish` for settling and the log line.
+/// What one request has learned so far; read by `finish` for settling, billing and the log line.
 struct Exchange {
     started_ms: u64,
     log: RequestLog,
     key: Option<KeyRecord>,
-    /// The limiter reservation to settle, if the request was admitted.
-    admission: Option<Admission>,
+    /// Set once the request passed admission (or the limiter failed open): from here on it is billed.
+    chat: Option<ChatFacts>,
+    /// Whether the limiter holds a reservation for this request that must be settled.
+    reserved: bool,
     /// Headers describing the key's windows (from the limiter's exact state).
     rate_headers: Vec<(&'static str, String)>,
     usage: Option<Usage>,
     /// Whether the upstream produced an answer whose work must be paid for even without a usage report.
     generated: bool,
     completion_chars: usize,
+    finish_reason: Option<String>,
+    /// The answer's text, kept only with content capture on.
+    completion_text: Option<String>,
 }
 
-struct Admission {
+/// What billing needs to know about an admitted chat request.
+struct ChatFacts {
     prompt_estimate: u64,
+    max_tokens: u32,
+    temperature: Option<f64>,
+    /// The request's messages, kept only with content capture on.
+    captured_input: Option<Value>,
 }
 
 /// A response, and the stream still to relay once it has been handed to the runtime.
@@ -66,6 +80,7 @@ struct StreamJob {
     relay: Relay,
     scanner: SseScanner,
     idle_timeout_secs: u64,
+    drain_on_abort: bool,
 }
 
 pub async fn handle(req: Request, env: Env, ctx: Context) -> Response {
@@ -82,11 +97,14 @@ pub async fn handle(req: Request, env: Env, ctx: Context) -> Response {
         started_ms,
         log: RequestLog { request_id, method, path, ..Default::default() },
         key: None,
-        admission: None,
+        chat: None,
+        reserved: false,
         rate_headers: Vec::new(),
         usage: None,
         generated: false,
         completion_chars: 0,
+        finish_reason: None,
+        completion_text: None,
     };
 
     let config = match bindings::config(&env) {
@@ -113,7 +131,7 @@ pub async fn handle(req: Request, env: Env, ctx: Context) -> Response {
     };
     let response = decorate(response, &exchange, &cors_headers);
     exchange.log.status = response.status_code();
-    ctx.wait_until(finish(env, exchange, stream));
+    ctx.wait_until(finish(env, config, exchange, stream));
     response
 }
 
@@ -150,7 +168,7 @@ async fn chat_completions(mut req: Request, env: &Env, config: &Config, exchange
     }
     exchange.generated = true;
     if chat.stream {
-        stream_reply(&upstream, &chat, config)
+        stream_reply(&upstream, &chat, config, capture_content(config))
     } else {
         completion_reply(&mut upstream, config, exchange).await
     }
@@ -163,10 +181,10 @@ async fn admit(env: &Env, config: &Config, key: &KeyRecord, chat: &ChatRequest, 
     let reserve = Amount { tokens: prompt_estimate + u64::from(chat.max_tokens), usd: 0.0 };
     let message = AdmitRequest { request_id: exchange.log.request_id.clone(), limits: limits.clone(), reserve };
     let answer = bindings::limiter_call::<_, AdmitResponse>(env, &key.id, "/admit", &message).await;
-    match answer {
+    let admitted = match answer {
         Ok(AdmitResponse::Admitted { state }) => {
             exchange.rate_headers = admit::rate_limit_headers(&state, limits.window_ms);
-            exchange.admission = Some(Admission { prompt_estimate });
+            exchange.reserved = true;
             Ok(())
         }
         Ok(AdmitResponse::Denied { reason, retry_after_ms, state }) => {
@@ -181,7 +199,19 @@ async fn admit(env: &Env, config: &Config, key: &KeyRecord, chat: &ChatRequest, 
                 Err(ApiError::unavailable("limiter_unavailable", "The rate limiter"))
             }
         }
-    }
+    };
+    admitted?;
+    exchange.chat = Some(ChatFacts {
+        prompt_estimate,
+        max_tokens: chat.max_tokens,
+        temperature: chat.body.get("temperature").and_then(Value::as_f64),
+        captured_input: capture_content(config).then(|| chat.body.get("messages").cloned()).flatten(),
+    });
+    Ok(())
+}
+
+fn capture_content(config: &Config) -> bool {
+    config.posthog.as_ref().is_some_and(|p| p.capture_content)
 }
 
 /// Non-streamed: read the whole answer, learn its usage, hand the same bytes to the client.
@@ -196,10 +226,12 @@ async fn completion_reply(upstream: &mut Response, config: &Config, exchange: &m
     }
     exchange.log.served_model = parsed.get("model").and_then(Value::as_str).map(str::to_owned);
     exchange.usage = parsed.get("usage").and_then(Usage::from_json);
-    exchange.completion_chars = parsed
-        .pointer("/choices/0/message/content")
-        .and_then(Value::as_str)
-        .map_or(0, |c| c.chars().count());
+    let content = parsed.pointer("/choices/0/message/content").and_then(Value::as_str).unwrap_or_default();
+    exchange.completion_chars = content.chars().count();
+    exchange.finish_reason = parsed.pointer("/choices/0/finish_reason").and_then(Value::as_str).map(str::to_owned);
+    if capture_content(config) {
+        exchange.completion_text = Some(content.to_owned());
+    }
     let headers = Headers::new();
     set_headers(&headers, &[("content-type", "application/json".to_owned())]);
     copy_generation_id(upstream, &headers);
@@ -207,7 +239,7 @@ async fn completion_reply(upstream: &mut Response, config: &Config, exchange: &m
 }
 
 /// Streamed: answer at once with the client side of a relay; the relay itself runs in `finish`.
-fn stream_reply(upstream: &Response, chat: &ChatRequest, config: &Config) -> Result<Reply, ApiError> {
+fn stream_reply(upstream: &Response, chat: &ChatRequest, config: &Config, capture: bool) -> Result<Reply, ApiError> {
     let worker::ResponseBody::Stream(body) = upstream.body() else {
         return Err(ApiError::upstream_malformed());
     };
@@ -222,37 +254,92 @@ fn stream_reply(upstream: &Response, chat: &ChatRequest, config: &Config) -> Res
     );
     copy_generation_id(upstream, &headers);
     let response = ResponseBuilder::new().with_status(200).with_headers(headers).stream(relay.client_body.clone());
-    let job = StreamJob { relay, scanner: SseScanner::new(chat.include_usage), idle_timeout_secs: config.upstream_timeout_secs };
+    let job = StreamJob {
+        relay,
+        scanner: SseScanner::new(chat.include_usage, capture),
+        idle_timeout_secs: config.upstream_timeout_secs,
+        drain_on_abort: config.drain_on_client_abort,
+    };
     Ok(Reply { response, stream: Some(job) })
 }
 
-/// After the response is handed over: relay the stream (if any), settle the reservation, write the log line.
-async fn finish(env: Env, mut exchange: Exchange, stream: Option<StreamJob>) {
+/// After the response is handed over: relay the stream (if any), settle the reservation, enqueue the usage
+/// event, write the log line. Runs for every request, whatever happened to it.
+async fn finish(env: Env, config: Rc<Config>, mut exchange: Exchange, stream: Option<StreamJob>) {
     if let Some(job) = stream {
-        let outcome = job.relay.run(job.scanner, exchange.started_ms, job.idle_timeout_secs).await;
-        record_stream(&mut exchange, &outcome);
+        let outcome = job.relay.run(job.scanner, exchange.started_ms, job.idle_timeout_secs, job.drain_on_abort).await;
+        record_stream(&mut exchange, outcome);
     }
     if let Some(usage) = &exchange.usage {
         exchange.log.prompt_tokens = Some(usage.prompt_tokens);
         exchange.log.completion_tokens = Some(usage.completion_tokens);
     }
-    settle(&env, &exchange).await;
     exchange.log.latency_ms = now_ms().saturating_sub(exchange.started_ms);
+    if let (Some(key), Some(chat)) = (&exchange.key, &exchange.chat) {
+        // What was generated, when no usage report arrived (a cut stream); nothing if the upstream never answered.
+        let estimate = exchange
+            .generated
+            .then(|| (chat.prompt_estimate, admit::estimate_completion_tokens(exchange.completion_chars)));
+        let (usage, source) = usage_event::tokens_for(exchange.usage.as_ref(), estimate);
+        if exchange.reserved {
+            settle(&env, key, &exchange.log.request_id, admit::actual_amount(&usage)).await;
+        }
+        let event = usage_event(&exchange, key, chat, usage, source, &config);
+        enqueue(&env, &event).await;
+    }
     worker::console_log!("{}", exchange.log.to_line());
 }
 
-/// Replaces the reservation with what was used: the reported usage, or an estimate of what was generated when
-/// the stream was cut before its usage chunk.
-async fn settle(env: &Env, exchange: &Exchange) {
-    let (Some(admission), Some(key)) = (&exchange.admission, &exchange.key) else { return };
-    let estimate = exchange
-        .generated
-        .then(|| admission.prompt_estimate + admit::estimate_completion_tokens(exchange.completion_chars));
-    let actual = admit::actual_amount(exchange.usage.as_ref(), estimate);
-    let message = SettleRequest { request_id: exchange.log.request_id.clone(), actual };
+/// Replaces the reservation with what was used.
+async fn settle(env: &Env, key: &KeyRecord, request_id: &str, actual: Amount) {
+    let message = SettleRequest { request_id: request_id.to_owned(), actual };
     if let Err(e) = bindings::limiter_call::<_, SettleResponse>(env, &key.id, "/settle", &message).await {
         // The reservation's lease will charge it as reserved: the key is over-charged, never under-charged.
         log_error("limiter_settle_failed", &e.to_string());
+    }
+}
+
+fn usage_event(exchange: &Exchange, key: &KeyRecord, chat: &ChatFacts, usage: Usage, source: UsageSource, config: &Config) -> UsageEvent {
+    let content = match (&chat.captured_input, &exchange.completion_text) {
+        (Some(input), output) if capture_content(config) => {
+            Some(usage_event::capture(input, output.as_deref().unwrap_or_default()))
+        }
+        _ => None,
+    };
+    UsageEvent {
+        request_id: exchange.log.request_id.clone(),
+        key_id: key.id.clone(),
+        user_id: key.user_id.clone(),
+        model: exchange.log.model.clone().unwrap_or_default(),
+        served_model: exchange.log.served_model.clone(),
+        input_tokens: usage.prompt_tokens,
+        output_tokens: usage.completion_tokens,
+        cached_tokens: usage.cached_tokens,
+        reasoning_tokens: usage.reasoning_tokens,
+        cost_usd: usage.cost.unwrap_or(0.0),
+        usage_source: source,
+        latency_ms: exchange.log.latency_ms,
+        ttft_ms: exchange.log.ttft_ms,
+        status: exchange.log.status,
+        streamed: exchange.log.streamed,
+        finish_reason: exchange.finish_reason.clone(),
+        error: exchange.log.error.map(str::to_owned),
+        timestamp_ms: exchange.started_ms,
+        temperature: chat.temperature,
+        max_tokens: chat.max_tokens,
+        content,
+    }
+}
+
+/// Hands the event to the queue; if that keeps failing, the event is written to the log in full, so it can be
+/// recovered from `wrangler tail` rather than lost silently.
+async fn enqueue(env: &Env, event: &UsageEvent) {
+    let Ok(json) = serde_json::to_string(event) else { return };
+    if let Err(e) = bindings::enqueue_usage(env, &json).await {
+        let without_content = UsageEvent { content: None, ..event.clone() };
+        let line = serde_json::json!({"level": "error", "event": "usage_event_not_enqueued", "detail": e.to_string(),
+            "usage_event": without_content});
+        worker::console_error!("{line}");
     }
 }
 
@@ -310,10 +397,10 @@ async fn read_body(req: &mut Request, limit: usize) -> Result<Vec<u8>, ApiError>
     Ok(body)
 }
 
-fn record_stream(exchange: &mut Exchange, outcome: &RelayOutcome) {
-    let summary = &outcome.summary;
+fn record_stream(exchange: &mut Exchange, outcome: RelayOutcome) {
+    let summary = outcome.summary;
     let log = &mut exchange.log;
-    log.served_model = summary.served_model.clone();
+    log.served_model = summary.served_model;
     log.ttft_ms = outcome.ttft_ms;
     log.stream_end = Some(outcome.end.label());
     log.wasm_bytes_in = Some(outcome.bytes_in);
@@ -323,6 +410,8 @@ fn record_stream(exchange: &mut Exchange, outcome: &RelayOutcome) {
     }
     exchange.usage = summary.usage;
     exchange.completion_chars = summary.completion_chars;
+    exchange.finish_reason = summary.finish_reason;
+    exchange.completion_text = summary.completion_text;
 }
 
 fn error_response(error: &ApiError) -> Response {

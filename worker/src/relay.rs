@@ -80,20 +80,31 @@ impl Relay {
     }
 
     /// Runs the relay to the end of the stream. `idle_timeout_secs` bounds the wait for each upstream chunk.
-    pub async fn run(self, mut scanner: SseScanner, started_ms: u64, idle_timeout_secs: u64) -> RelayOutcome {
+    /// When the client leaves, the upstream is cancelled — or, with `drain_on_abort`, read to its end without
+    /// forwarding, so its usage report can still be billed exactly.
+    pub async fn run(self, mut scanner: SseScanner, started_ms: u64, idle_timeout_secs: u64, drain_on_abort: bool) -> RelayOutcome {
         let Relay { reader, writer, .. } = self;
         let mut ttft_ms = None;
         let mut bytes_in = 0;
         let mut bytes_rewritten = 0;
         // Settles (rejects) as soon as the client cancels its side, even while we wait for the upstream.
-        let mut client_gone = JsFuture::from(writer.closed());
+        let mut client_gone = Some(JsFuture::from(writer.closed()));
+        let mut abandoned = false;
         let end = loop {
-            let read = match select(std::pin::pin!(read_chunk(&reader, idle_timeout_secs)), &mut client_gone).await {
-                Either::Left((read, _)) => read,
-                Either::Right(_) => {
-                    cancel(&reader);
-                    break StreamEnd::ClientAbort;
-                }
+            let read = match client_gone.as_mut() {
+                Some(gone) => match select(std::pin::pin!(read_chunk(&reader, idle_timeout_secs)), gone).await {
+                    Either::Left((read, _)) => read,
+                    Either::Right(_) => {
+                        client_gone = None;
+                        abandoned = true;
+                        if !drain_on_abort {
+                            cancel(&reader);
+                            break StreamEnd::ClientAbort;
+                        }
+                        continue;
+                    }
+                },
+                None => read_chunk(&reader, idle_timeout_secs).await,
             };
             let chunk = match read {
                 Ok(Some(chunk)) => chunk,
@@ -109,17 +120,23 @@ impl Relay {
             if step.first_token {
                 ttft_ms = Some(now_ms().saturating_sub(started_ms));
             }
-            let written = match step.output {
-                Output::Same => write(&writer, &chunk).await,
-                Output::Rewritten(out) if out.is_empty() => true,
-                Output::Rewritten(out) => {
-                    bytes_rewritten += out.len();
-                    write(&writer, &Uint8Array::from(out.as_slice())).await
+            if !abandoned {
+                let written = match step.output {
+                    Output::Same => write(&writer, &chunk).await,
+                    Output::Rewritten(out) if out.is_empty() => true,
+                    Output::Rewritten(out) => {
+                        bytes_rewritten += out.len();
+                        write(&writer, &Uint8Array::from(out.as_slice())).await
+                    }
+                };
+                if !written {
+                    client_gone = None;
+                    abandoned = true;
+                    if !drain_on_abort {
+                        cancel(&reader);
+                        break StreamEnd::ClientAbort;
+                    }
                 }
-            };
-            if !written {
-                cancel(&reader);
-                break StreamEnd::ClientAbort;
             }
             if step.stop {
                 cancel(&reader);
@@ -128,6 +145,7 @@ impl Relay {
         };
         // Rejects when the client has gone; there is nobody left to tell.
         let _ = JsFuture::from(writer.close()).await;
+        let end = if abandoned { StreamEnd::ClientAbort } else { end };
         RelayOutcome { summary: scanner.into_summary(), end, ttft_ms, bytes_in, bytes_rewritten }
     }
 }

@@ -30,6 +30,8 @@ pub struct StreamSummary {
     pub finish_reason: Option<String>,
     /// Characters of generated text seen (content and reasoning), for estimating usage of a cut-off stream.
     pub completion_chars: usize,
+    /// The generated content, kept only when content capture is on.
+    pub completion_text: Option<String>,
     pub first_token_seen: bool,
     pub done: bool,
     /// The upstream's own mid-stream error message, passed on to the client as sent.
@@ -96,8 +98,10 @@ enum Verdict {
 }
 
 impl SseScanner {
-    pub fn new(include_usage: bool) -> Self {
-        Self { include_usage, pending: Vec::new(), stopped: false, summary: StreamSummary::default() }
+    /// `capture_text`: keep the generated content (for analytics with content capture on).
+    pub fn new(include_usage: bool, capture_text: bool) -> Self {
+        let summary = StreamSummary { completion_text: capture_text.then(String::new), ..StreamSummary::default() };
+        Self { include_usage, pending: Vec::new(), stopped: false, summary }
     }
 
     pub fn summary(&self) -> &StreamSummary {
@@ -238,6 +242,9 @@ fn record_choice(choice: &Value, summary: &mut StreamSummary) {
         summary.finish_reason = Some(reason.to_owned());
     }
     let Some(delta) = choice.get("delta") else { return };
+    if let (Some(text), Some(content)) = (summary.completion_text.as_mut(), delta.get("content").and_then(Value::as_str)) {
+        text.push_str(content);
+    }
     let text_chars: usize = ["content", "reasoning"]
         .iter()
         .filter_map(|field| delta.get(*field).and_then(Value::as_str))
@@ -296,7 +303,7 @@ mod tests {
 
     /// Feeds the chunks and returns what the client would receive, plus the summary.
     fn run(include_usage: bool, chunks: &[&[u8]]) -> (Vec<u8>, StreamSummary) {
-        let mut scanner = SseScanner::new(include_usage);
+        let mut scanner = SseScanner::new(include_usage, false);
         let mut client = Vec::new();
         for chunk in chunks {
             let step = scanner.push(chunk);
@@ -321,7 +328,7 @@ mod tests {
 
     #[test]
     fn whole_events_pass_unchanged_and_usage_is_recorded() {
-        let mut scanner = SseScanner::new(true);
+        let mut scanner = SseScanner::new(true, false);
         for piece in [content("Hi"), finish("stop"), usage_chunk(), DONE.to_owned()] {
             assert_eq!(scanner.push(piece.as_bytes()).output, Output::Same);
         }
@@ -373,7 +380,7 @@ mod tests {
 
     #[test]
     fn first_token_is_reported_once_on_the_chunk_that_carries_it() {
-        let mut scanner = SseScanner::new(false);
+        let mut scanner = SseScanner::new(false, false);
         let role_only = "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n";
         assert!(!scanner.push(b": OPENROUTER PROCESSING\n\n").first_token);
         assert!(!scanner.push(role_only.as_bytes()).first_token);
@@ -382,8 +389,20 @@ mod tests {
     }
 
     #[test]
+    fn content_is_kept_only_when_capturing() {
+        let mut capturing = SseScanner::new(false, true);
+        let mut plain = SseScanner::new(false, false);
+        for piece in [content("Hel"), content("lo"), finish("stop")] {
+            capturing.push(piece.as_bytes());
+            plain.push(piece.as_bytes());
+        }
+        assert_eq!(capturing.summary().completion_text.as_deref(), Some("Hello"));
+        assert_eq!(plain.summary().completion_text, None);
+    }
+
+    #[test]
     fn tool_call_deltas_count_as_first_token() {
-        let mut scanner = SseScanner::new(false);
+        let mut scanner = SseScanner::new(false, false);
         let tool = "data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"name\":\"f\"}}]}}]}\n\n";
         assert!(scanner.push(tool.as_bytes()).first_token);
     }
@@ -420,7 +439,7 @@ mod tests {
         assert!(text.contains("\"error\""));
         assert_eq!(summary.gateway_stop, Some(GatewayStop::CutOff));
 
-        let mut scanner = SseScanner::new(false);
+        let mut scanner = SseScanner::new(false, false);
         let partial = content("torn");
         let step = scanner.push(&partial.as_bytes()[..10]);
         assert_eq!(step.output, Output::Rewritten(Vec::new()));
@@ -438,7 +457,7 @@ mod tests {
 
     #[test]
     fn endless_event_without_newlines_is_bounded() {
-        let mut scanner = SseScanner::new(false);
+        let mut scanner = SseScanner::new(false, false);
         let blob = vec![b'a'; 64 * 1024];
         let mut stopped = false;
         for _ in 0..40 {

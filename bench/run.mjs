@@ -1,0 +1,668 @@
+#!/usr/bin/env node
+// `npm run bench`: the gateway against two baselines in one run, on this machine.
+//
+//   (a) the OpenRouter stand-in directly (standins/openrouter.mjs): the upstream's own ceiling;
+//   (b) a pass-through Worker (bench/passthrough.mjs) in workerd: the cost of any Worker in front of it;
+//   (g) the gateway (worker/build) in workerd with the bindings wrangler.toml declares.
+//
+// Both Workers run under Miniflare's Node API, so clients talk to workerd's own socket (no `wrangler dev` proxy).
+// The load comes from bench/load (Rust, closed loop, keep-alive). Prints a Markdown report and writes
+// bench/results/latest.{json,md}. See bench/README.md for the knobs and how to read each figure.
+
+import { spawn, spawnSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import { dirname, join, relative } from 'node:path';
+import { createInterface } from 'node:readline';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { fileURLToPath } from 'node:url';
+import { gzipSync } from 'node:zlib';
+
+import { GatewayLog } from './lib/gateway-log.mjs';
+import { cpuMeter, freePort, listenerPids, memory, processInfo, round, sampleRss, Watchdog } from './lib/procs.mjs';
+import { renderMarkdown } from './lib/report.mjs';
+import { applyMigrations } from './lib/sql.mjs';
+import { assertBindingsMatch, gatewayWorkerOptions, readWranglerToml } from './lib/worker-config.mjs';
+
+const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..');
+const BENCH = join(ROOT, 'bench');
+const LOAD_MANIFEST = join(BENCH, 'load', 'Cargo.toml');
+const LOAD_BIN = join(BENCH, 'load', 'target', 'release', 'bench-load');
+const BENCH_KEY = `sk-gw-bench-${createHash('sha256').update(String(process.pid) + Date.now()).digest('hex').slice(0, 32)}`;
+const TARGETS = ['a', 'b', 'g'];
+const TARGET_NAMES = { a: '(a) upstream', b: '(b) pass-through', g: '(g) gateway', m: "(g') gateway, in-memory storage" };
+
+function envNumber(name, fallback) {
+  const raw = process.env[name];
+  if (raw === undefined || raw === '') return fallback;
+  const n = Number(raw);
+  if (!Number.isFinite(n) || n < 0) throw new Error(`${name}=${raw} is not a non-negative number`);
+  return n;
+}
+function envList(name, fallback) {
+  const raw = process.env[name];
+  if (!raw) return fallback;
+  const list = raw.split(',').map((s) => Number(s.trim()));
+  if (list.some((n) => !Number.isInteger(n) || n < 1)) throw new Error(`${name}=${raw} is not a list of positive integers`);
+  return list;
+}
+
+const knobs = {
+  seconds: envNumber('BENCH_SECONDS', 10),
+  warmup: envNumber('BENCH_WARMUP_SECONDS', 2),
+  concurrency: envList('BENCH_CONCURRENCY', [1, 32, 256]),
+  streamConcurrency: envList('BENCH_STREAM_CONCURRENCY', [1, 32]),
+  streamChunks: envNumber('BENCH_STREAM_CHUNKS', 200),
+  chunkBytes: envNumber('BENCH_CHUNK_BYTES', 64),
+  longChunks: envNumber('BENCH_LONG_STREAM_CHUNKS', 20000),
+  // Small deltas (about two words each): the stand-in counts a word as a token and the gateway caps max_tokens
+  // (MAX_TOKENS_LIMIT), so a 20,000-chunk stream must stay under that many words to arrive whole.
+  memoryChunkBytes: envNumber('BENCH_MEMORY_CHUNK_BYTES', 12),
+  // So high that the limiter never denies: the figures are admissions, not 429s.
+  rateLimit: process.env.BENCH_RATE_LIMIT_PER_MINUTE || '100000000',
+  threads: envNumber('BENCH_LOAD_THREADS', 1),
+  // (g′): the same gateway with Miniflare's in-memory storage, to separate storage sync from compute.
+  inMemoryVariant: process.env.BENCH_IN_MEMORY_VARIANT !== '0',
+  outDir: process.env.BENCH_OUT_DIR || join(BENCH, 'results'),
+};
+
+const log = (msg) => process.stderr.write(`[bench] ${msg}\n`);
+
+// ---------------------------------------------------------------------------
+// Cleanup: everything started is stopped, on success, error, Ctrl-C or SIGTERM.
+// ---------------------------------------------------------------------------
+
+const cleanups = [];
+const children = new Set();
+let cleaning = null;
+
+function onCleanup(fn) {
+  cleanups.push(fn);
+}
+
+function cleanup() {
+  cleaning ??= (async () => {
+    for (const child of children) child.kill('SIGKILL');
+    for (const fn of cleanups.reverse()) {
+      try {
+        await Promise.race([fn(), sleep(5000)]);
+      } catch {
+        // Best effort: the watchdog kills what is left.
+      }
+    }
+  })();
+  return cleaning;
+}
+
+for (const [signal, code] of [['SIGINT', 130], ['SIGTERM', 143]]) {
+  process.on(signal, () => {
+    log(`${signal}: stopping everything`);
+    cleanup().finally(() => process.exit(code));
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------
+
+function sh(cmd, args, options = {}) {
+  const r = spawnSync(cmd, args, { cwd: ROOT, encoding: 'utf8', ...options });
+  return r.status === 0 ? r.stdout.trim() : null;
+}
+
+function machineInfo() {
+  const cpuinfo = readFileSync('/proc/cpuinfo', 'utf8');
+  const meminfo = readFileSync('/proc/meminfo', 'utf8');
+  return {
+    nproc: Number(sh('nproc', [])) || os.availableParallelism(),
+    cpu_model: /^model name\s*:\s*(.+)$/m.exec(cpuinfo)?.[1]?.trim() ?? 'unknown',
+    memory_bytes: Number(/^MemTotal:\s+(\d+) kB/m.exec(meminfo)?.[1] ?? 0) * 1024,
+    kernel: os.release(),
+  };
+}
+
+function versions(wasmPath) {
+  const pkg = (p) => JSON.parse(readFileSync(join(ROOT, 'node_modules', p, 'package.json'), 'utf8')).version;
+  const lock = readFileSync(join(ROOT, 'Cargo.lock'), 'utf8');
+  return {
+    node: process.version,
+    miniflare: pkg('miniflare'),
+    workerd: pkg('@cloudflare/workerd-linux-64'),
+    wrangler: pkg('wrangler'),
+    rustc: sh('rustc', ['-V']) ?? 'unknown',
+    worker_crate: /name = "worker"\nversion = "([^"]+)"/.exec(lock)?.[1] ?? 'unknown',
+    git: sh('git', ['rev-parse', '--short', 'HEAD']) ?? 'unknown',
+    // Read-only: --no-optional-locks keeps `status` from refreshing the index.
+    git_dirty: (sh('git', ['--no-optional-locks', 'status', '--porcelain', '--untracked-files=no']) ?? '') !== '',
+    wasm_sha256: createHash('sha256').update(readFileSync(wasmPath)).digest('hex').slice(0, 12),
+  };
+}
+
+function buildLoadGenerator() {
+  log('building the load generator (cargo build --release, bench/load)');
+  const r = spawnSync('cargo', ['build', '--release', '--quiet', '--manifest-path', LOAD_MANIFEST], {
+    cwd: ROOT,
+    stdio: ['ignore', 'inherit', 'inherit'],
+  });
+  if (r.status !== 0 || !existsSync(LOAD_BIN)) throw new Error('building bench/load failed (see cargo output above)');
+}
+
+async function startStandin(rawDir) {
+  const child = spawn(process.execPath, [join(ROOT, 'standins', 'openrouter.mjs'), '--port', '0', '--exit-with-stdin'], {
+    stdio: ['pipe', 'pipe', 'pipe'],
+  });
+  children.add(child);
+  onCleanup(async () => {
+    child.kill('SIGTERM');
+    child.stdin.end();
+  });
+  const errors = [];
+  child.stderr.on('data', (d) => errors.push(d.toString()));
+  const line = await new Promise((resolve, reject) => {
+    createInterface({ input: child.stdout }).once('line', resolve);
+    child.once('exit', (code) => reject(new Error(`the OpenRouter stand-in exited (${code}): ${errors.join('')}`)));
+  });
+  child.on('exit', () => writeFileSync(join(rawDir, 'standin.stderr.log'), errors.join('')));
+  const base = JSON.parse(line).listening;
+  return { child, pid: child.pid, base, origin: base.replace(/\/api\/v1$/, '') };
+}
+
+/** The one process listening on `port`; it must be workerd, not Node. */
+function servedBy(port) {
+  const pids = listenerPids(port);
+  if (pids.length !== 1) throw new Error(`expected one process listening on port ${port}, found [${pids.join(', ')}]`);
+  const info = processInfo(pids[0]);
+  if (info.comm !== 'workerd') {
+    throw new Error(`port ${port} is served by ${info.comm} (pid ${info.pid}), not workerd: requests would not go straight to workerd`);
+  }
+  return { port, pid: info.pid, comm: info.comm, exe: relative(ROOT, info.exe ?? ''), parent_is_runner: info.ppid === process.pid };
+}
+
+async function waitForHealth(url, timeoutMs) {
+  const deadline = performance.now() + timeoutMs;
+  for (;;) {
+    try {
+      const r = await fetch(url, { signal: AbortSignal.timeout(2000) });
+      await r.arrayBuffer();
+      if (r.status === 200) return;
+    } catch {
+      // Not listening yet.
+    }
+    if (performance.now() > deadline) throw new Error(`${url} did not answer 200 within ${timeoutMs} ms`);
+    await sleep(5);
+  }
+}
+
+function bodyFile(dir, name, body) {
+  const path = join(dir, `${name}.json`);
+  writeFileSync(path, JSON.stringify(body));
+  return path;
+}
+
+// A ~450-character prompt: the stand-in echoes it, so the non-streamed answer is about 1 KB of JSON.
+const PROMPT = Array.from({ length: 64 }, (_, i) => ['bench', 'gateway', 'latency', 'token', 'stream'][i % 5]).join(' ');
+
+// max_tokens is explicit so every target gets the same answer: the gateway would otherwise add its default, and
+// the stand-in stops after that many words.
+function chatBody({ stream, chunks, chunkBytes, maxTokens }) {
+  const body = { model: 'openai/gpt-4o-mini', messages: [{ role: 'user', content: PROMPT }], max_tokens: maxTokens };
+  if (!stream) return { ...body, standin: {} };
+  // include_usage: the usage chunk reaches the client through every target, so (a), (b), (g) send the same bytes.
+  return { ...body, stream: true, stream_options: { include_usage: true }, standin: { chunks, chunk_bytes: chunkBytes } };
+}
+
+/** Runs bench/load once and returns its JSON plus the CPU use of the processes involved. */
+async function load({ url, bodyPath, method = 'POST', concurrency, stream = false, requests, phase, pids, timeout = 60 }) {
+  const args = ['--url', url, '--method', method, '--concurrency', String(concurrency), '--threads', String(knobs.threads)];
+  args.push('--timeout', String(timeout), '--header', `authorization: Bearer ${BENCH_KEY}`);
+  if (bodyPath) args.push('--header', 'content-type: application/json', '--body-file', bodyPath);
+  if (requests) args.push('--requests', String(requests));
+  else args.push('--duration', String(knobs.seconds), '--warmup', String(knobs.warmup));
+  if (stream) args.push('--stream', '--expect', 'data: [DONE]');
+  else if (method === 'POST') args.push('--expect', '"usage"');
+  if (phase) args.push('--request-id-prefix', phase);
+
+  const meter = cpuMeter(pids ?? {});
+  const runnerBefore = process.cpuUsage();
+  const started = performance.now();
+  const child = spawn(LOAD_BIN, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  children.add(child);
+  let stdout = '';
+  let stderr = '';
+  child.stdout.on('data', (d) => (stdout += d));
+  child.stderr.on('data', (d) => (stderr += d));
+  const code = await new Promise((resolve) => child.on('close', resolve));
+  children.delete(child);
+  const wall = (performance.now() - started) / 1000;
+  const cpu = meter.stop();
+  const runner = process.cpuUsage(runnerBefore);
+  if (code !== 0) throw new Error(`bench-load exited with ${code}: ${stderr.trim()}`);
+  const result = JSON.parse(stdout);
+  result.cpu = {
+    ...cpu,
+    client: result.client_cpu_s !== null ? round(result.client_cpu_s / Math.max(result.wall_s, 0.001), 2) : null,
+    runner: round((runner.user + runner.system) / 1e6 / wall, 2),
+  };
+  // What the rest of the machine used meanwhile (other users of these cores disturb the figures).
+  const ours = [...new Map(Object.entries(pids ?? {}).map(([k, pid]) => [pid, cpu[k] ?? 0])).values()];
+  const mine = ours.reduce((a, b) => a + b, 0) + (result.cpu.client ?? 0) + result.cpu.runner;
+  result.cpu.other = cpu.machine === null ? null : round(Math.max(0, cpu.machine - mine), 2);
+  return result;
+}
+
+function brief(run) {
+  const l = run.latency_ms ?? {};
+  const f = run.ttfb_ms ? ` ttfb p50 ${run.ttfb_ms.p50}` : '';
+  const e = run.errors ? ` ERRORS ${run.errors}` : '';
+  return `${run.rps} req/s p50 ${l.p50} p99 ${l.p99}${f}${e}`;
+}
+
+function filesUnder(dir) {
+  if (!existsSync(dir)) return [];
+  return readdirSync(dir, { recursive: true }).filter((f) => statSync(join(dir, f)).isFile());
+}
+
+// ---------------------------------------------------------------------------
+// The run
+// ---------------------------------------------------------------------------
+
+/**
+ * Starts one gateway in workerd from wrangler.toml, migrates its D1 and inserts the bench key.
+ * `stateDir` null = Miniflare's in-memory storage. Returns timings of its start as well.
+ */
+async function startGateway(Miniflare, { config, varOverrides, stateDir, gatewayLog, mfLog, watchdog }) {
+  const { options, declared, migrationsDirs } = gatewayWorkerOptions(ROOT, config, { varOverrides });
+  const port = await freePort();
+  const timings = {};
+  const t0 = performance.now();
+  const mf = new Miniflare({
+    ...options,
+    host: '127.0.0.1',
+    port,
+    cf: false,
+    log: mfLog,
+    ...(stateDir
+      ? {
+          d1Persist: join(stateDir, 'd1'),
+          kvPersist: join(stateDir, 'kv'),
+          durableObjectsPersist: join(stateDir, 'do'),
+          cachePersist: join(stateDir, 'cache'),
+        }
+      : {}),
+    handleRuntimeStdio: (stdout, stderr) => gatewayLog.attach(stdout, stderr),
+  });
+  onCleanup(() => mf.dispose());
+  const ready = mf.ready.then((url) => {
+    timings.to_ready_ms = round(performance.now() - t0, 1);
+    return url;
+  });
+  // Polls /health from the start; a failed start rejects `ready` and ends the wait.
+  await Promise.race([waitForHealth(`http://127.0.0.1:${port}/health`, 60_000), ready.then(() => new Promise(() => {}))]);
+  timings.to_first_health_ms = round(performance.now() - t0, 1);
+  const url = (await ready).href.replace(/\/$/, '');
+  const served = servedBy(port);
+  watchdog.track(served.pid);
+
+  const env = await mf.getBindings();
+  const bindings = assertBindingsMatch(env, declared, Object.keys(varOverrides).filter((k) => !declared.vars.includes(k)));
+  for (const { binding, dir } of migrationsDirs) await applyMigrations(await mf.getD1Database(binding), dir);
+  const db = await mf.getD1Database('DB');
+  const keyHash = createHash('sha256').update(BENCH_KEY).digest('hex');
+  await db
+    .prepare('INSERT INTO api_keys (id, key_hash, user_id, name) VALUES (?1, ?2, ?3, ?4)')
+    .bind('bench', keyHash, 'bench-user', 'benchmark key')
+    .run();
+  return { mf, url, served, db, bindings, timings, migrations: migrationsDirs.map((m) => relative(ROOT, m.dir)) };
+}
+
+async function main() {
+  const { config } = readWranglerToml(ROOT);
+  const mainModule = join(ROOT, config.main ?? 'worker/build/index.js');
+  const wasmPath = join(dirname(mainModule), 'index_bg.wasm');
+  for (const p of [mainModule, wasmPath]) {
+    if (!existsSync(p)) throw new Error(`${relative(ROOT, p)} is missing: run \`npm run build\` first`);
+  }
+  buildLoadGenerator();
+  // Imported here so a missing node_modules is reported after the build check, with the same advice.
+  const { Miniflare, Log, LogLevel } = await import('miniflare').catch(() => {
+    throw new Error('miniflare is not installed: run `npm run build` first (it runs npm ci)');
+  });
+
+  const rawDir = join(knobs.outDir, 'raw');
+  mkdirSync(rawDir, { recursive: true });
+  const tmp = mkdtempSync(join(os.tmpdir(), 'gateway-bench-'));
+  onCleanup(async () => rmSync(tmp, { recursive: true, force: true }));
+  const watchdog = new Watchdog(join(tmp, 'pids'));
+  onCleanup(async () => watchdog.release());
+
+  const results = {
+    date: new Date().toISOString().replace(/\.\d+Z$/, 'Z'),
+    machine: { ...machineInfo(), loadavg_at_start: os.loadavg().map((x) => round(x, 2)) },
+    versions: versions(wasmPath),
+    settings: {
+      seconds: knobs.seconds,
+      warmup_seconds: knobs.warmup,
+      concurrency: knobs.concurrency,
+      stream_concurrency: knobs.streamConcurrency,
+      stream_chunks: knobs.streamChunks,
+      chunk_bytes: knobs.chunkBytes,
+      long_stream_chunks: knobs.longChunks,
+      memory_chunk_bytes: knobs.memoryChunkBytes,
+      rate_limit_per_minute: knobs.rateLimit,
+      load_threads: knobs.threads,
+      in_memory_variant: knobs.inMemoryVariant,
+    },
+    problems: [],
+  };
+  const problem = (p) => {
+    results.problems.push(p);
+    log(`problem: ${p}`);
+  };
+
+  // Upstream stand-in ------------------------------------------------------
+  const standin = await startStandin(rawDir);
+  watchdog.track(standin.pid);
+  log(`OpenRouter stand-in at ${standin.base} (pid ${standin.pid})`);
+
+  const vars = config.vars ?? {};
+  const maxTokens = Number(vars.MAX_TOKENS_DEFAULT ?? 4096);
+  const maxTokensLimit = Number(vars.MAX_TOKENS_LIMIT ?? 65536);
+  const bodies = {
+    chat: bodyFile(tmp, 'chat', chatBody({ stream: false, maxTokens })),
+    stream: bodyFile(tmp, 'stream', chatBody({ stream: true, chunks: knobs.streamChunks, chunkBytes: knobs.chunkBytes, maxTokens })),
+    memShort: bodyFile(tmp, 'mem-short', chatBody({ stream: true, chunks: knobs.streamChunks, chunkBytes: knobs.memoryChunkBytes, maxTokens: maxTokensLimit })),
+    memLong: bodyFile(tmp, 'mem-long', chatBody({ stream: true, chunks: knobs.longChunks, chunkBytes: knobs.memoryChunkBytes, maxTokens: maxTokensLimit })),
+  };
+
+  // (g) the gateway, storage on disk as `wrangler dev` keeps it: cold start first --------------------------
+  const varOverrides = {
+    OPENROUTER_BASE_URL: standin.base,
+    OPENROUTER_API_KEY: 'sk-or-bench-standin',
+    RATE_LIMIT_PER_MINUTE: knobs.rateLimit,
+  };
+  const gatewayLog = new GatewayLog(join(rawDir, 'gateway.log'));
+  onCleanup(() => gatewayLog.close());
+  const mfLog = new Log(LogLevel.WARN);
+  const gwState = join(tmp, 'state');
+  log('starting the gateway in workerd (Miniflare, storage on disk)');
+  const gw = await startGateway(Miniflare, { config, varOverrides, stateDir: gwState, gatewayLog, mfLog, watchdog });
+  results.bindings = gw.bindings;
+  log(`gateway at ${gw.url}: workerd pid ${gw.served.pid}; /health after ${gw.timings.to_first_health_ms} ms; D1 migrated from ${gw.migrations.join(', ')}`);
+
+  const chatUrl = (base) => `${base}/v1/chat/completions`;
+  const gwPids = { server: gw.served.pid, upstream: standin.pid };
+  const first = await load({ url: chatUrl(gw.url), bodyPath: bodies.chat, concurrency: 1, requests: 1, phase: 'g-first', pids: gwPids });
+  const warm = await load({ url: chatUrl(gw.url), bodyPath: bodies.chat, concurrency: 1, requests: 200, phase: 'g-warm', pids: gwPids });
+  for (const [name, run] of [['first chat request', first], ['warm chat requests', warm]]) {
+    if (run.errors) throw new Error(`gateway ${name} failed: ${run.error_samples.join(' | ')}\n${gatewayLog.recentProblems.join('\n')}`);
+  }
+  results.cold_start = {
+    ...gw.timings,
+    first_chat_ms: first.latency_ms.max,
+    warm_requests: warm.latency_ms.count,
+    warm_chat_p50_ms: warm.latency_ms.p50,
+    warm_chat_p99_ms: warm.latency_ms.p99,
+  };
+  log(`first chat ${results.cold_start.first_chat_ms} ms, warm p50 ${results.cold_start.warm_chat_p50_ms} ms`);
+
+  // Whether the limiter is in the request path: its rate-limit headers on an answer.
+  const probeChat = await fetch(chatUrl(gw.url), {
+    method: 'POST',
+    headers: { authorization: `Bearer ${BENCH_KEY}`, 'content-type': 'application/json' },
+    body: readFileSync(bodies.chat),
+  });
+  await probeChat.arrayBuffer();
+  const limiterHeaders = [...probeChat.headers.keys()].filter((h) => h.startsWith('x-ratelimit-') || h.startsWith('ratelimit'));
+
+  // (b) the pass-through Worker ---------------------------------------------
+  const ptPort = await freePort();
+  const passthrough = new Miniflare({
+    name: 'passthrough',
+    modules: true,
+    scriptPath: join(BENCH, 'passthrough.mjs'),
+    compatibilityDate: config.compatibility_date,
+    compatibilityFlags: config.compatibility_flags ?? [],
+    bindings: { UPSTREAM_ORIGIN: standin.origin },
+    host: '127.0.0.1',
+    port: ptPort,
+    cf: false,
+    log: mfLog,
+    handleRuntimeStdio: (stdout, stderr) => {
+      stdout.resume();
+      stderr.resume();
+    },
+  });
+  onCleanup(() => passthrough.dispose());
+  const ptUrl = (await passthrough.ready).href.replace(/\/$/, '');
+  const ptServed = servedBy(ptPort);
+  watchdog.track(ptServed.pid);
+  log(`pass-through at ${ptUrl}: workerd pid ${ptServed.pid}`);
+
+  const targets = {
+    a: { url: `${standin.base}/chat/completions`, pids: { server: standin.pid, upstream: standin.pid } },
+    b: { url: chatUrl(ptUrl), pids: { server: ptServed.pid, upstream: standin.pid } },
+    g: { url: chatUrl(gw.url), pids: gwPids },
+  };
+  results.served_by = { g: gw.served, b: ptServed, runner_pid: process.pid };
+
+  // Memory under a short and a long stream (the gateway soon after its start, then the pass-through) -------
+  results.memory = {};
+  for (const t of ['g', 'b']) {
+    const pid = targets[t].pids.server;
+    await sleep(300);
+    const idle = memory(pid).rss;
+    const run = async (bodyPath, chunks, requests, name) => {
+      const sampler = sampleRss(pid, 100);
+      const r = await load({ url: targets[t].url, bodyPath, concurrency: 1, stream: true, requests, phase: `${t}-mem-${name}`, pids: targets[t].pids, timeout: 600 });
+      const mem = sampler.stop();
+      if (r.errors) problem(`${TARGET_NAMES[t]} memory run (${chunks} chunks): ${r.errors} errors: ${r.error_samples.join(' | ')}`);
+      return { chunks, requests, client_bytes: r.bytes_per_request, total_ms_p50: r.latency_ms?.p50 ?? null, errors: r.errors, ...mem };
+    };
+    const short = await run(bodies.memShort, knobs.streamChunks, 20, 'short');
+    const long = await run(bodies.memLong, knobs.longChunks, 2, 'long');
+    const growth = long.peak_rss - short.peak_rss;
+    // Buffering a stream would add at least its own size; allow noise well below that.
+    const allowed = Math.max(2 * 2 ** 20, 0.25 * long.client_bytes);
+    const verdict = growth <= allowed ? 'flat (does not grow with stream length)' : 'GROWS with stream length';
+    results.memory[t] = { pid, idle_rss: idle, short, long, growth_bytes: growth, allowed_growth_bytes: Math.round(allowed), verdict };
+    log(`${TARGET_NAMES[t]} RSS: idle ${(idle / 2 ** 20).toFixed(1)} MiB, short peak ${(short.peak_rss / 2 ** 20).toFixed(1)}, long peak ${(long.peak_rss / 2 ** 20).toFixed(1)}`);
+    if (!verdict.startsWith('flat')) problem(`${TARGET_NAMES[t]}: workerd RSS grew by ${(growth / 2 ** 20).toFixed(1)} MiB from a ${knobs.streamChunks}- to a ${knobs.longChunks}-chunk stream`);
+    const expectedRatio = knobs.longChunks / knobs.streamChunks;
+    if (long.client_bytes < (short.client_bytes * expectedRatio) / 2) {
+      problem(`${TARGET_NAMES[t]}: the ${knobs.longChunks}-chunk stream delivered only ${long.client_bytes} B (vs ${short.client_bytes} B for ${knobs.streamChunks} chunks): truncated, so the memory comparison is weak`);
+    }
+  }
+
+  // (g′) the same gateway with in-memory storage (non-streaming rows only) ----------------------------------
+  const nonstreamTargets = [...TARGETS];
+  if (knobs.inMemoryVariant) {
+    log("starting (g') the gateway with in-memory storage");
+    const gm = await startGateway(Miniflare, { config, varOverrides, stateDir: null, gatewayLog, mfLog, watchdog });
+    targets.m = { url: chatUrl(gm.url), pids: { server: gm.served.pid, upstream: standin.pid } };
+    results.served_by.m = gm.served;
+    nonstreamTargets.push('m');
+  }
+
+  // Throughput and latency: the same load against every target -------------------------------------------
+  results.nonstream = {};
+  for (const c of knobs.concurrency) {
+    results.nonstream[c] = {};
+    for (const t of nonstreamTargets) {
+      const phase = `${t}-chat-c${c}`;
+      const r = await load({ url: targets[t].url, bodyPath: bodies.chat, concurrency: c, phase, pids: targets[t].pids });
+      results.nonstream[c][t] = { target: t, phase, ...r };
+      log(`${TARGET_NAMES[t]} chat c=${c}: ${brief(r)}`);
+    }
+  }
+  results.stream = {};
+  for (const c of knobs.streamConcurrency) {
+    results.stream[c] = {};
+    for (const t of TARGETS) {
+      const phase = `${t}-stream-c${c}`;
+      const r = await load({ url: targets[t].url, bodyPath: bodies.stream, concurrency: c, stream: true, phase, pids: targets[t].pids });
+      results.stream[c][t] = { target: t, phase, ...r };
+      log(`${TARGET_NAMES[t]} stream c=${c}: ${brief(r)}`);
+    }
+  }
+
+  // Optional cheaper limiter probe, only if the route exists.
+  const probe = await fetch(`${gw.url}/v1/usage`, { headers: { authorization: `Bearer ${BENCH_KEY}` } });
+  await probe.arrayBuffer();
+  results.usage_probe = { available: probe.status === 200, status: probe.status };
+  if (probe.status === 200) {
+    const c = Math.max(...knobs.concurrency);
+    results.usage_probe.run = await load({ url: `${gw.url}/v1/usage`, method: 'GET', concurrency: c, phase: `g-usage-c${c}`, pids: gwPids });
+    log(`(g) GET /v1/usage c=${c}: ${brief(results.usage_probe.run)}`);
+  }
+
+  results.memory.g.after_load_rss = memory(gw.served.pid).rss;
+  results.machine.loadavg_at_end = os.loadavg().map((x) => round(x, 2));
+  // Stream log lines are written when a stream ends; give the last ones a moment to arrive.
+  await sleep(500);
+  try {
+    const row = await gw.db.prepare('SELECT COUNT(*) AS n FROM usage_logs').first();
+    results.usage_rows = row?.n ?? null;
+  } catch {
+    results.usage_rows = null;
+  }
+
+  summarize(results, gatewayLog, { doPersist: join(gwState, 'do'), limiterHeaders, wasmPath, mainModule, problem });
+  return results;
+}
+
+function summarize(results, gatewayLog, { doPersist, limiterHeaders, wasmPath, mainModule, problem }) {
+  const s = results.settings;
+  for (const group of [results.nonstream, results.stream]) {
+    for (const byTarget of Object.values(group)) {
+      for (const run of Object.values(byTarget)) {
+        if (run.target === 'g' || run.target === 'm') run.gateway_log = gatewayLog.summary(run.phase);
+      }
+    }
+  }
+  const sub = (x, y) => (x === null || x === undefined || y === null || y === undefined ? null : round(x - y, 3));
+  const div = (x, y) => (x && y ? round(x / y, 3) : null);
+
+  results.overhead = {};
+  for (const c of s.concurrency) {
+    const { a, b, g, m } = results.nonstream[c];
+    results.overhead[c] = {
+      added_p50_vs_a: sub(g.latency_ms?.p50, a.latency_ms?.p50),
+      added_p99_vs_a: sub(g.latency_ms?.p99, a.latency_ms?.p99),
+      added_p50_vs_b: sub(g.latency_ms?.p50, b.latency_ms?.p50),
+      added_p99_vs_b: sub(g.latency_ms?.p99, b.latency_ms?.p99),
+      rps_ratio_g_b: div(g.rps, b.rps),
+      rps_ratio_g_a: div(g.rps, a.rps),
+      ...(m
+        ? {
+            in_memory_added_p50_vs_b: sub(m.latency_ms?.p50, b.latency_ms?.p50),
+            in_memory_added_p99_vs_b: sub(m.latency_ms?.p99, b.latency_ms?.p99),
+            in_memory_rps_ratio_b: div(m.rps, b.rps),
+          }
+        : {}),
+    };
+  }
+  results.stream_overhead = {};
+  for (const c of s.stream_concurrency) {
+    const { b, g } = results.stream[c];
+    results.stream_overhead[c] = {
+      ttfb_p50_delta: sub(g.ttfb_ms?.p50, b.ttfb_ms?.p50),
+      ttfb_p99_delta: sub(g.ttfb_ms?.p99, b.ttfb_ms?.p99),
+      total_p50_delta: sub(g.latency_ms?.p50, b.latency_ms?.p50),
+      total_p99_delta: sub(g.latency_ms?.p99, b.latency_ms?.p99),
+      rps_ratio_g_b: div(g.rps, b.rps),
+    };
+  }
+
+  const firstStream = results.stream[s.stream_concurrency[0]];
+  results.payloads = {
+    nonstream_response_bytes: results.nonstream[s.concurrency[0]].a.bytes_per_request,
+    stream_response_bytes: firstStream.a.bytes_per_request,
+  };
+
+  const wasmPhase = firstStream.g.gateway_log?.wasm;
+  results.wasm_bytes = wasmPhase
+    ? { reported: true, concurrency: s.stream_concurrency[0], ...wasmPhase, client_bytes_per_stream: firstStream.g.bytes_per_request }
+    : { reported: false };
+  if (!wasmPhase) problem('bytes through wasm: not reported (no wasm_bytes_in / wasm_bytes_out in the gateway\'s stream log lines)');
+
+  const wasm = readFileSync(wasmPath);
+  results.wasm_size = { raw: wasm.length, gzip: gzipSync(wasm, { level: 9 }).length, js_raw: readFileSync(mainModule).length };
+
+  const cMax = Math.max(...s.concurrency);
+  const hot = results.nonstream[cMax].g;
+  // Durable Object storage files of the limiter class (Miniflare names the directory after the class).
+  const limiterObjects = filesUnder(doPersist).filter((f) => f.includes('KeyLimiter') && f.endsWith('.sqlite'));
+  const inPath = limiterObjects.length > 0 || limiterHeaders.length > 0;
+  results.hot_key = {
+    concurrency: cMax,
+    rps: hot.rps,
+    p50_ms: hot.latency_ms?.p50 ?? null,
+    p99_ms: hot.latency_ms?.p99 ?? null,
+    errors: hot.errors,
+    limiter_objects_stored: limiterObjects.length,
+    limiter_headers: limiterHeaders,
+    limiter_in_path: inPath,
+    limiter_note: inPath
+      ? `The limiter is in the request path (KEY_LIMITER storage written: ${limiterObjects.length > 0 ? 'yes' : 'no'}; ` +
+        `rate-limit headers on answers: ${limiterHeaders.length > 0 ? 'yes' : 'no'}), so each of these requests took one admission decision (and one settlement) on the key's Durable Object.`
+      : 'No sign of the limiter in the request path (no KEY_LIMITER storage, no rate-limit headers): this is the gateway\'s one-key ceiling without it.',
+  };
+
+  const ceiling = Object.values(results.nonstream).map((r) => r.a).reduce((best, r) => (r.rps > best.rps ? r : best));
+  results.upstream_ceiling = { rps: ceiling.rps, concurrency: ceiling.concurrency, cpu: ceiling.cpu.server };
+
+  // Problems: invalid rows, and what bounded each figure.
+  const nproc = results.machine.nproc;
+  const saturated = [];
+  for (const [kind, group] of [['chat', results.nonstream], ['stream', results.stream]]) {
+    for (const [c, byTarget] of Object.entries(group)) {
+      for (const t of [...TARGETS, 'm']) {
+        const run = byTarget[t];
+        if (!run) continue;
+        const label = `${TARGET_NAMES[t]} ${kind} c=${c}`;
+        if (run.errors) {
+          const log = run.gateway_log ? ` gateway log: statuses ${JSON.stringify(run.gateway_log.statuses)}, errors ${JSON.stringify(run.gateway_log.errors)}` : '';
+          problem(`${label}: ${run.errors} errors — row INVALID. Samples: ${run.error_samples.join(' | ')}.${log}`);
+        }
+        if (run.warmup_errors) problem(`${label}: ${run.warmup_errors} errors during warm-up (not in the figures).`);
+        if (t !== 'a' && run.cpu.upstream >= 0.9) {
+          problem(`${label}: the stand-in used ${run.cpu.upstream} cores (it is single-threaded): this row is bounded by the upstream stand-in.`);
+        }
+        if (run.cpu.other >= 0.25) {
+          problem(`${label}: other processes on this machine used ${run.cpu.other} cores meanwhile: figures disturbed.`);
+        }
+        if (run.cpu.machine >= 0.85 * nproc) {
+          saturated.push(`${t} ${kind} c=${c}`);
+        }
+      }
+    }
+  }
+  if (saturated.length) {
+    problem(
+      `all ${nproc} cores were busy (≥85%) during: ${saturated.join(', ')}. The load generator, the stand-in and workerd ` +
+        'share these cores, so those rows are bounded by the machine (see the CPU columns for who used it).',
+    );
+  }
+}
+
+async function finish(results) {
+  mkdirSync(knobs.outDir, { recursive: true });
+  const markdown = renderMarkdown(results);
+  writeFileSync(join(knobs.outDir, 'latest.json'), `${JSON.stringify(results, null, 2)}\n`);
+  writeFileSync(join(knobs.outDir, 'latest.md'), markdown);
+  process.stdout.write(`${markdown}\n`);
+  log(`wrote ${relative(ROOT, join(knobs.outDir, 'latest.json'))} and latest.md`);
+}
+
+main()
+  .then(async (results) => {
+    await cleanup();
+    await finish(results);
+    process.exit(0);
+  })
+  .catch(async (error) => {
+    log(`failed: ${error.message}`);
+    await cleanup();
+    process.exit(1);
+  });

@@ -1,0 +1,159 @@
+//! The usage event: one per admitted request, sent through the Queue after the response is done, and the only
+//! input of the billing ledger (D1) and of LLM analytics (PostHog).
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::usage::Usage;
+
+/// Queue messages are at most 128 KB; captured content is cut to keep an event well inside that.
+pub const MAX_CAPTURED_CONTENT_BYTES: usize = 32 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageEvent {
+    /// The request id: the idempotency key of the ledger row and the PostHog event.
+    pub request_id: String,
+    pub key_id: String,
+    pub user_id: String,
+    /// The model asked for.
+    pub model: String,
+    /// The model that actually answered (OpenRouter may fall back).
+    pub served_model: Option<String>,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cached_tokens: u64,
+    pub reasoning_tokens: u64,
+    /// OpenRouter's charge in USD (0 when it did not report one).
+    pub cost_usd: f64,
+    pub usage_source: UsageSource,
+    pub latency_ms: u64,
+    pub ttft_ms: Option<u64>,
+    /// The status the client received (200 for a stream that later failed; see `error`).
+    pub status: u16,
+    pub streamed: bool,
+    pub finish_reason: Option<String>,
+    /// Error label when the request failed or a stream ended badly.
+    pub error: Option<String>,
+    /// When the request arrived (ms since the epoch).
+    pub timestamp_ms: u64,
+    pub temperature: Option<f64>,
+    pub max_tokens: u32,
+    /// The request's messages and the answer's text, only when content capture is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<CapturedContent>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UsageSource {
+    /// The upstream's usage report (final stream chunk or response body).
+    Reported,
+    /// No report arrived (client left, stream cut): estimated from what was generated.
+    Estimated,
+    /// The upstream produced nothing (it answered with an error): nothing to charge.
+    None,
+}
+
+impl UsageSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UsageSource::Reported => "reported",
+            UsageSource::Estimated => "estimated",
+            UsageSource::None => "none",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CapturedContent {
+    pub input: Value,
+    pub output: String,
+}
+
+/// Token counts for an event: the report when there is one, else an estimate of what was generated.
+pub fn tokens_for(usage: Option<&Usage>, estimate: Option<(u64, u64)>) -> (Usage, UsageSource) {
+    match (usage, estimate) {
+        (Some(u), _) => (*u, UsageSource::Reported),
+        (None, Some((prompt, completion))) => {
+            (Usage { prompt_tokens: prompt, completion_tokens: completion, ..Usage::default() }, UsageSource::Estimated)
+        }
+        (None, None) => (Usage::default(), UsageSource::None),
+    }
+}
+
+/// Captured content, cut to [`MAX_CAPTURED_CONTENT_BYTES`] each (a cut input becomes a string preview).
+pub fn capture(input: &Value, output: &str) -> CapturedContent {
+    let input_json = input.to_string();
+    let input = if input_json.len() <= MAX_CAPTURED_CONTENT_BYTES {
+        input.clone()
+    } else {
+        Value::String(format!("{}…", cut(&input_json, MAX_CAPTURED_CONTENT_BYTES)))
+    };
+    CapturedContent { input, output: cut(output, MAX_CAPTURED_CONTENT_BYTES).to_owned() }
+}
+
+fn cut(s: &str, max_bytes: usize) -> &str {
+    if s.len() <= max_bytes {
+        return s;
+    }
+    let mut end = max_bytes;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn reported_usage_wins_over_estimates() {
+        let usage = Usage { prompt_tokens: 3, completion_tokens: 4, ..Usage::default() };
+        assert_eq!(tokens_for(Some(&usage), Some((100, 100))), (usage, UsageSource::Reported));
+        let (estimated, source) = tokens_for(None, Some((10, 20)));
+        assert_eq!((estimated.prompt_tokens, estimated.completion_tokens, source), (10, 20, UsageSource::Estimated));
+        assert_eq!(tokens_for(None, None).1, UsageSource::None);
+    }
+
+    #[test]
+    fn captured_content_is_bounded_on_char_boundaries() {
+        let big = "é".repeat(MAX_CAPTURED_CONTENT_BYTES);
+        let c = capture(&json!([{"role": "user", "content": big}]), &big);
+        assert!(c.output.len() <= MAX_CAPTURED_CONTENT_BYTES);
+        assert!(c.input.as_str().is_some_and(|s| s.len() <= MAX_CAPTURED_CONTENT_BYTES + 3));
+        let small = capture(&json!([{"role": "user", "content": "hi"}]), "yo");
+        assert_eq!(small.input, json!([{"role": "user", "content": "hi"}]));
+    }
+
+    #[test]
+    fn events_round_trip_through_json() {
+        let e = UsageEvent {
+            request_id: "req_1".into(),
+            key_id: "k".into(),
+            user_id: "u".into(),
+            model: "m".into(),
+            served_model: Some("m2".into()),
+            input_tokens: 1,
+            output_tokens: 2,
+            cached_tokens: 0,
+            reasoning_tokens: 0,
+            cost_usd: 0.5,
+            usage_source: UsageSource::Reported,
+            latency_ms: 10,
+            ttft_ms: Some(3),
+            status: 200,
+            streamed: true,
+            finish_reason: Some("stop".into()),
+            error: None,
+            timestamp_ms: 1,
+            temperature: None,
+            max_tokens: 5,
+            content: None,
+        };
+        let json = serde_json::to_string(&e).expect("serialize");
+        assert!(!json.contains("content"));
+        assert_eq!(serde_json::from_str::<UsageEvent>(&json).expect("parse"), e);
+    }
+}
