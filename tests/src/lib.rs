@@ -1,5 +1,6 @@
-//! Test harness: starts the real gateway (wrangler dev, local mode: workerd with local D1/KV/DO/Queues) against
-//! the repository's OpenRouter stand-in, on free ports, with its own state directory, and cleans up after itself.
+//! Test harness: starts the real gateway (workerd with local D1/KV/DO/Queues, via scripts/serve.mjs) against the
+//! repository's stand-ins, on free ports, with its own state directory, and cleans up after itself. The database
+//! is prepared with the wrangler CLI (`d1 migrations apply`), exactly as a deployment's is.
 //!
 //! Every child process is started behind a small shell watchdog that holds a pipe from the test process: when the
 //! test binary exits — normally, by panic, or killed — the pipe closes and the watchdog kills the child's whole
@@ -239,7 +240,7 @@ impl Gateway {
         let state_dir = std::env::temp_dir().join(format!("gateway-test-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&state_dir);
         std::fs::create_dir_all(&state_dir).expect("state dir");
-        let log_path = state_dir.join("wrangler.log");
+        let log_path = state_dir.join("gateway.log");
 
         let specs = create_keys(&options.keys);
         prepare_database(&state_dir, &specs);
@@ -250,7 +251,7 @@ impl Gateway {
         if let Some(posthog) = &posthog {
             options = options.var("POSTHOG_API_KEY", POSTHOG_KEY).var("POSTHOG_HOST", &posthog.base_url);
         }
-        let process = Mutex::new(spawn_wrangler(&state_dir, &log_path, port, &upstream, &options));
+        let process = Mutex::new(spawn_gateway(&state_dir, &log_path, port, &upstream, &options));
         let base = format!("http://127.0.0.1:{port}");
         let gateway = Gateway { base, upstream, posthog, state_dir, log_path, keys, port, options, process };
         gateway.wait_ready();
@@ -261,7 +262,7 @@ impl Gateway {
     pub fn restart(&self) {
         let mut process = self.process.lock().expect("process lock");
         process.kill();
-        *process = spawn_wrangler(&self.state_dir, &self.log_path, self.port, &self.upstream, &self.options);
+        *process = spawn_gateway(&self.state_dir, &self.log_path, self.port, &self.upstream, &self.options);
         drop(process);
         self.wait_ready();
     }
@@ -288,7 +289,7 @@ impl Gateway {
         self.keys.get(name).unwrap_or_else(|| panic!("no test key named {name}"))
     }
 
-    /// Everything the runtime has logged so far (wrangler's output, including the Worker's console lines).
+    /// Everything the runtime has logged so far (including the Worker's console lines).
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
@@ -379,22 +380,23 @@ fn prepare_database(state_dir: &Path, keys: &HashMap<String, (TestKey, Vec<(Stri
     wrangler(state_dir, &["d1", "execute", "DB", "--local", "--command", &statements.join(" ")]);
 }
 
-fn spawn_wrangler(state_dir: &Path, log: &Path, port: u16, upstream: &Standin, options: &GatewayOptions) -> Supervised {
-    let mut args: Vec<String> = ["dev", "--local", "--ip", "127.0.0.1", "--show-interactive-dev-session=false"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    args.extend(["--port".into(), port.to_string(), "--inspector-port".into(), free_port().to_string()]);
-    args.extend(["--persist-to".into(), state_dir.display().to_string()]);
+fn spawn_gateway(state_dir: &Path, log: &Path, port: u16, upstream: &Standin, options: &GatewayOptions) -> Supervised {
+    let mut args = vec![
+        repo_root().join("scripts/serve.mjs").display().to_string(),
+        "--port".to_owned(),
+        port.to_string(),
+        "--persist-to".to_owned(),
+        state_dir.display().to_string(),
+    ];
     let mut vars = vec![
         ("OPENROUTER_BASE_URL".to_owned(), upstream.base_url.clone()),
         ("OPENROUTER_API_KEY".to_owned(), PROVIDER_KEY.to_owned()),
     ];
     vars.extend(options.vars.iter().cloned());
     for (name, value) in vars {
-        args.extend(["--var".into(), format!("{name}:{value}")]);
+        args.extend(["--var".to_owned(), format!("{name}:{value}")]);
     }
-    Supervised::spawn(&wrangler_bin(), &args, log, &[("WRANGLER_SEND_METRICS", "false"), ("NO_COLOR", "1")])
+    Supervised::spawn(Path::new("node"), &args, log, &[("NO_COLOR", "1")])
 }
 
 /// The PostHog project key the tests give the gateway (when the PostHog stand-in runs).
