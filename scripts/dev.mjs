@@ -5,7 +5,8 @@
 // 2. makes sure the demo API key exists (local database only) and prints it;
 // 3. without an OPENROUTER_API_KEY (environment, .dev.vars or --var), starts the OpenRouter stand-in and points
 //    the gateway at it, so everything works offline;
-// 4. runs `wrangler dev` with any extra arguments passed through (`npm run dev -- --port 9000 --var NAME:VALUE`).
+// 4. enables the admin API with a local development admin key (for `npm run keys`), unless one is configured;
+// 5. runs `wrangler dev` with any extra arguments passed through (`npm run dev -- --port 9000 --var NAME:VALUE`).
 //
 // scripts/setup.sh has already installed the toolchain and built the Worker (see package.json).
 
@@ -15,6 +16,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { dirname, join } from 'node:path';
+import { LOCAL_ADMIN_KEY } from './keys.mjs';
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..');
 const WRANGLER = join(ROOT, 'node_modules', '.bin', 'wrangler');
@@ -40,11 +42,12 @@ function hasOption(name) {
   return passThrough.some((a) => a === name || a.startsWith(`${name}=`));
 }
 
-function providerKeyConfigured() {
-  if (process.env.OPENROUTER_API_KEY) return true;
-  if (passThrough.some((a) => a.startsWith('OPENROUTER_API_KEY:') || a.startsWith('OPENROUTER_API_KEY='))) return true;
+/** Whether NAME is set in the environment, in .dev.vars, or with --var. */
+function configured(name) {
+  if (process.env[name]) return true;
+  if (passThrough.some((a) => a.startsWith(`${name}:`) || a.startsWith(`${name}=`))) return true;
   const devVars = join(ROOT, '.dev.vars');
-  return existsSync(devVars) && /^\s*OPENROUTER_API_KEY\s*=\s*\S/m.test(readFileSync(devVars, 'utf8'));
+  return existsSync(devVars) && new RegExp(`^\\s*${name}\\s*=\\s*\\S`, 'm').test(readFileSync(devVars, 'utf8'));
 }
 
 function prepareDatabase() {
@@ -76,10 +79,17 @@ async function main() {
   if (!hasOption('--port')) args.push('--port', '8787');
 
   let standin = null;
-  if (!providerKeyConfigured()) {
+  if (!configured('OPENROUTER_API_KEY')) {
     standin = await startStandin();
     args.push('--var', `OPENROUTER_BASE_URL:${standin.url}`, '--var', 'OPENROUTER_API_KEY:sk-or-standin-local');
     console.log(`[dev] no OPENROUTER_API_KEY set: answering with the local OpenRouter stand-in at ${standin.url}`);
+  }
+  if (process.env.OPENROUTER_API_KEY) args.push('--var', `OPENROUTER_API_KEY:${process.env.OPENROUTER_API_KEY}`);
+  if (!configured('ADMIN_API_KEY')) {
+    // The admin API, for `npm run keys`, with a development-only key that exists nowhere but here.
+    args.push('--var', `ADMIN_API_KEY:${LOCAL_ADMIN_KEY}`);
+  } else if (process.env.ADMIN_API_KEY) {
+    args.push('--var', `ADMIN_API_KEY:${process.env.ADMIN_API_KEY}`);
   }
   const port = hasOption('--port') ? passThrough[passThrough.indexOf('--port') + 1] : '8787';
   console.log(`[dev] demo API key: ${DEMO_KEY}`);

@@ -3,7 +3,8 @@
 //! One object per key (`idFromName(key id)`) is single-threaded, so a burst of concurrent requests for the key is
 //! decided one at a time against the exact state — no over-admission, whatever the number of Worker isolates.
 //! The object is a thin shell: `fetch` decodes a message, [`quota::Quota`] decides, [`store::Store`] persists the
-//! changes, and the answer is encoded. Routes: `POST /admit`, `POST /settle`, `POST /state`.
+//! changes, and the answer is encoded. Routes: `POST /admit`, `POST /settle`, `POST /state`, `POST /configure`
+//! (the admin API pushing a key's new limits, allowed models or revocation, effective at the next request).
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod protocol;
@@ -14,7 +15,9 @@ use std::cell::{Cell, RefCell};
 
 use worker::{durable_object, DurableObject, Env, Request, Response, Result, ScheduledTime, State};
 
-use crate::protocol::{AdmitRequest, AdmitResponse, Limits, SettleRequest, SettleResponse};
+use crate::protocol::{
+    AdmitRequest, AdmitResponse, DenyReason, KeyControl, Limits, SettleRequest, SettleResponse, StateRequest, StateResponse,
+};
 use crate::quota::{Decision, Quota};
 use crate::store::Store;
 
@@ -26,6 +29,8 @@ pub struct KeyLimiter {
     quota: RefCell<Quota>,
     /// The limits of the last request, for the alarm (persisted, so they survive eviction).
     limits: RefCell<Option<Limits>>,
+    /// What the admin API last pushed (persisted).
+    pushed: RefCell<Option<KeyControl>>,
     /// The alarm time this instance has set, to avoid re-setting it on every admission.
     alarm_at: Cell<Option<u64>>,
 }
@@ -34,8 +39,16 @@ impl DurableObject for KeyLimiter {
     fn new(state: State, _env: Env) -> Self {
         let store = Store::open(state.storage().sql()).ok();
         let quota = store.as_ref().and_then(|s| s.load().ok()).unwrap_or_default();
-        let limits = store.as_ref().and_then(|s| s.load_limits().ok().flatten());
-        KeyLimiter { state, store, quota: RefCell::new(quota), limits: RefCell::new(limits), alarm_at: Cell::new(None) }
+        let limits = store.as_ref().and_then(|s| s.load_meta::<Limits>("limits").ok().flatten());
+        let pushed = store.as_ref().and_then(|s| s.load_meta::<KeyControl>("control").ok().flatten());
+        KeyLimiter {
+            state,
+            store,
+            quota: RefCell::new(quota),
+            limits: RefCell::new(limits),
+            pushed: RefCell::new(pushed),
+            alarm_at: Cell::new(None),
+        }
     }
 
     async fn fetch(&self, mut req: Request) -> Result<Response> {
@@ -56,9 +69,16 @@ impl DurableObject for KeyLimiter {
                 Response::from_json(&SettleResponse { settled })
             }
             "/state" => {
-                let Ok(limits) = req.json::<Limits>().await else { return Response::error("bad state", 400) };
-                let snapshot = self.quota.borrow().snapshot(now_ms(), &limits);
-                Response::from_json(&snapshot)
+                let Ok(message) = req.json::<StateRequest>().await else { return Response::error("bad state", 400) };
+                let pushed = self.pushed.borrow().clone();
+                let control = KeyControl::newest(pushed.as_ref(), &message.control);
+                let state = self.quota.borrow().snapshot(now_ms(), &control.limits);
+                Response::from_json(&StateResponse { revoked: control.revoked, limits: control.limits.clone(), state })
+            }
+            "/configure" => {
+                let Ok(control) = req.json::<KeyControl>().await else { return Response::error("bad configure", 400) };
+                let newer = self.configure(store, control)?;
+                Response::from_json(&newer)
             }
             "/storage-rows" => Response::from_json(&store.row_count()?),
             _ => Response::error("not found", 404),
@@ -80,14 +100,38 @@ impl DurableObject for KeyLimiter {
 impl KeyLimiter {
     /// Decide and persist in one synchronous step (no `.await` between reading and writing the state).
     fn admit(&self, store: &Store, message: &AdmitRequest) -> Result<AdmitResponse> {
-        self.remember_limits(store, &message.limits)?;
-        let (decision, changes) =
-            self.quota.borrow_mut().admit(now_ms(), &message.limits, &message.request_id, message.reserve);
+        let pushed = self.pushed.borrow().clone();
+        let control = KeyControl::newest(pushed.as_ref(), &message.control);
+        let limits = &control.limits;
+        self.remember_limits(store, limits)?;
+        let now = now_ms();
+        let refusal = if control.revoked {
+            Some((DenyReason::Revoked, None))
+        } else {
+            control.forbidden_model(&message.models).map(|m| (DenyReason::ModelNotAllowed, Some(m.to_owned())))
+        };
+        if let Some((reason, model)) = refusal {
+            let state = self.quota.borrow().snapshot(now, limits);
+            return Ok(AdmitResponse::Denied { reason, retry_after_ms: None, state, limits: limits.clone(), model });
+        }
+        let (decision, changes) = self.quota.borrow_mut().admit(now, limits, &message.request_id, message.reserve);
         store.apply(&changes)?;
         Ok(match decision {
-            Decision::Admitted(state) => AdmitResponse::Admitted { state },
-            Decision::Denied { reason, retry_after_ms, state } => AdmitResponse::Denied { reason, retry_after_ms, state },
+            Decision::Admitted(state) => AdmitResponse::Admitted { state, limits: limits.clone() },
+            Decision::Denied { reason, retry_after_ms, state } => {
+                AdmitResponse::Denied { reason, retry_after_ms, state, limits: limits.clone(), model: None }
+            }
         })
+    }
+
+    /// Keeps the newest control the admin API pushed; says whether this one was kept.
+    fn configure(&self, store: &Store, control: KeyControl) -> Result<bool> {
+        let newer = self.pushed.borrow().as_ref().is_none_or(|current| control.version >= current.version);
+        if newer {
+            store.save_meta("control", &control)?;
+            *self.pushed.borrow_mut() = Some(control);
+        }
+        Ok(newer)
     }
 
     fn settle(&self, store: &Store, message: &SettleRequest) -> Result<bool> {
@@ -100,7 +144,7 @@ impl KeyLimiter {
 
     fn remember_limits(&self, store: &Store, limits: &Limits) -> Result<()> {
         if self.limits.borrow().as_ref() != Some(limits) {
-            store.save_limits(limits)?;
+            store.save_meta("limits", limits)?;
             *self.limits.borrow_mut() = Some(limits.clone());
         }
         Ok(())

@@ -44,12 +44,55 @@ pub struct Amount {
     pub usd: f64,
 }
 
+/// Everything that governs a key: its limits, whether it is revoked, which models it may use. `version` is the
+/// key row's `updated_at` (fixed-width RFC 3339, so string order is time order).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyControl {
+    pub version: String,
+    pub revoked: bool,
+    pub limits: Limits,
+    /// `None` = any model.
+    pub allowed_models: Option<Vec<String>>,
+}
+
+impl KeyControl {
+    /// The newer of what the object was told by the admin API and what the Worker read (possibly from a cache):
+    /// a change pushed to the object wins until every cache has caught up with it.
+    pub fn newest<'a>(pushed: Option<&'a KeyControl>, presented: &'a KeyControl) -> &'a KeyControl {
+        match pushed {
+            Some(pushed) if pushed.version > presented.version => pushed,
+            _ => presented,
+        }
+    }
+
+    /// The first requested model this key may not use.
+    pub fn forbidden_model<'a>(&self, models: &'a [String]) -> Option<&'a str> {
+        let allowed = self.allowed_models.as_ref()?;
+        models.iter().find(|m| !allowed.contains(m)).map(String::as_str)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AdmitRequest {
     /// The request id: the reservation's name, used to settle it.
     pub request_id: String,
-    pub limits: Limits,
+    pub control: KeyControl,
+    /// Every model the request may be served by (`model` and OpenRouter's `models` fallbacks).
+    pub models: Vec<String>,
     pub reserve: Amount,
+}
+
+/// Asks where the key stands without admitting anything (owner view, model list).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StateRequest {
+    pub control: KeyControl,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StateResponse {
+    pub revoked: bool,
+    pub limits: Limits,
+    pub state: Snapshot,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -92,11 +135,23 @@ pub enum DenyReason {
     /// The reservation alone exceeds a limit: retrying can never help.
     TooLargeForTokensPerWindow,
     TooLargeForBudget,
+    /// The key was revoked (the admin API told the object before any cache could know).
+    Revoked,
+    /// A requested model is not on the key's allowed list.
+    ModelNotAllowed,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "decision", rename_all = "snake_case")]
 pub enum AdmitResponse {
-    Admitted { state: Snapshot },
-    Denied { reason: DenyReason, retry_after_ms: Option<u64>, state: Snapshot },
+    Admitted { state: Snapshot, limits: Limits },
+    Denied {
+        reason: DenyReason,
+        retry_after_ms: Option<u64>,
+        state: Snapshot,
+        /// The limits that applied (they may be newer than the ones the Worker sent).
+        limits: Limits,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        model: Option<String>,
+    },
 }

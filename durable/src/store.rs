@@ -7,7 +7,7 @@
 use serde::Deserialize;
 use worker::{Result, SqlStorage, SqlStorageValue};
 
-use crate::protocol::{Amount, Limits};
+use crate::protocol::Amount;
 use crate::quota::{Admission, BudgetSpend, Change, Quota, Reservation};
 
 const SCHEMA: &str = "
@@ -116,20 +116,21 @@ impl Store {
         Ok(())
     }
 
-    /// The limits last seen, which the lease alarm needs after a restart.
-    pub fn load_limits(&self) -> Result<Option<Limits>> {
+    /// A small JSON value kept by name (the last limits seen, which the lease alarm needs after a restart; the
+    /// control pushed by the admin API).
+    pub fn load_meta<T: serde::de::DeserializeOwned>(&self, name: &str) -> Result<Option<T>> {
         let row = self
             .sql
-            .exec("SELECT value FROM meta WHERE name = 'limits'", None)?
+            .exec("SELECT value FROM meta WHERE name = ?", vec![name.into()])?
             .to_array::<MetaRow>()?
             .into_iter()
             .next();
         Ok(row.and_then(|r| serde_json::from_str(&r.value).ok()))
     }
 
-    pub fn save_limits(&self, limits: &Limits) -> Result<()> {
-        let json = serde_json::to_string(limits)?;
-        self.exec("INSERT OR REPLACE INTO meta (name, value) VALUES ('limits', ?)", vec![json.into()])
+    pub fn save_meta<T: serde::Serialize>(&self, name: &str, value: &T) -> Result<()> {
+        let json = serde_json::to_string(value)?;
+        self.exec("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", vec![name.into(), json.into()])
     }
 
     /// Rows stored, for the steady-state storage figure.

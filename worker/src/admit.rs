@@ -1,7 +1,7 @@
 //! Admission by the key's Durable Object, seen from the Worker: what to reserve, which limits apply, what a
 //! denial means to the client, and the rate-limit headers that tell it where it stands. Pure.
 
-use key_limiter::protocol::{Amount, Budget, DenyReason, Limits, Period, Snapshot, WindowState};
+use key_limiter::protocol::{Amount, Budget, DenyReason, KeyControl, Limits, Period, Snapshot, WindowState};
 
 use crate::auth::KeyRecord;
 use crate::config::Config;
@@ -44,13 +44,34 @@ pub fn limits_for(key: &KeyRecord, config: &Config) -> Limits {
     }
 }
 
+/// What the limiter needs to know about the key, from its row (possibly cached) and the gateway's defaults.
+pub fn control_for(key: &KeyRecord, config: &Config) -> KeyControl {
+    KeyControl {
+        version: key.updated_at.clone(),
+        revoked: false,
+        limits: limits_for(key, config),
+        allowed_models: key.allowed_models.as_deref().map(parse_allowed_models),
+    }
+}
+
+/// The stored allow-list; an unreadable one allows nothing (failing closed), rather than everything.
+pub fn parse_allowed_models(json: &str) -> Vec<String> {
+    serde_json::from_str(json).unwrap_or_default()
+}
+
 /// What to charge the limiter when the request is over (reported, or estimated — see `usage_event::tokens_for`).
 pub fn actual_amount(usage: &Usage) -> Amount {
     Amount { tokens: usage.total_tokens(), usd: usage.cost.unwrap_or(0.0) }
 }
 
 /// The client's error for a denial. `limits` names the numbers in the message.
-pub fn denial_error(reason: DenyReason, retry_after_ms: Option<u64>, limits: &Limits, reserve: Amount) -> ApiError {
+pub fn denial_error(
+    reason: DenyReason,
+    retry_after_ms: Option<u64>,
+    limits: &Limits,
+    reserve: Amount,
+    model: Option<&str>,
+) -> ApiError {
     let window_secs = limits.window_ms / 1000;
     let wait = retry_after_ms.map(|ms| format!(" Please try again in {}.", go_duration(ms))).unwrap_or_default();
     let error = match reason {
@@ -78,6 +99,8 @@ pub fn denial_error(reason: DenyReason, retry_after_ms: Option<u64>, limits: &Li
                 _ => "total",
             }
         )),
+        DenyReason::Revoked => ApiError::invalid_api_key("This API key has been revoked."),
+        DenyReason::ModelNotAllowed => ApiError::model_not_allowed(model.unwrap_or_default()),
         DenyReason::TooLargeForTokensPerWindow => ApiError::invalid_param(
             "max_tokens",
             format!(
@@ -223,15 +246,29 @@ mod tests {
     fn denials_map_to_openai_errors() {
         let l = Limits { tokens_per_window: Some(100), ..limits_for(&key(), &config()) };
         let r = Amount { tokens: 150, usd: 0.0 };
-        let e = denial_error(DenyReason::Requests, Some(1_234), &l, r);
+        let e = denial_error(DenyReason::Requests, Some(1_234), &l, r, None);
         assert_eq!((e.status, e.kind, e.code), (429, "requests", Some("rate_limit_exceeded")));
         assert_eq!(e.retry_after_ms, Some(1_234));
         assert_eq!(e.retry_after_secs(), Some(2));
-        assert_eq!(denial_error(DenyReason::Tokens, Some(5), &l, r).kind, "tokens");
-        let never = denial_error(DenyReason::TooLargeForTokensPerWindow, None, &l, r);
+        assert_eq!(denial_error(DenyReason::Tokens, Some(5), &l, r, None).kind, "tokens");
+        let never = denial_error(DenyReason::TooLargeForTokensPerWindow, None, &l, r, None);
         assert_eq!((never.status, never.param.as_deref()), (400, Some("max_tokens")));
-        let quota = denial_error(DenyReason::BudgetTokens, None, &l, r);
+        let quota = denial_error(DenyReason::BudgetTokens, None, &l, r, None);
         assert_eq!((quota.status, quota.code), (429, Some("insufficient_quota")));
+        assert_eq!(denial_error(DenyReason::Revoked, None, &l, r, None).status, 401);
+        let forbidden = denial_error(DenyReason::ModelNotAllowed, None, &l, r, Some("x/y"));
+        assert_eq!((forbidden.status, forbidden.code), (403, Some("model_not_allowed")));
+        assert!(forbidden.message.contains("x/y"));
+    }
+
+    #[test]
+    fn control_carries_version_and_allow_list_and_fails_closed_on_a_bad_list() {
+        let k = KeyRecord { allowed_models: Some(r#"["a/b"]"#.into()), updated_at: "2026-11-27T10:00:00.000Z".into(), ..key() };
+        let c = control_for(&k, &config());
+        assert_eq!(c.version, "2026-11-27T10:00:00.000Z");
+        assert_eq!(c.allowed_models, Some(vec!["a/b".to_owned()]));
+        assert_eq!(control_for(&KeyRecord { allowed_models: Some("not json".into()), ..key() }, &config()).allowed_models, Some(vec![]));
+        assert_eq!(control_for(&key(), &config()).allowed_models, None);
     }
 
     #[test]

@@ -27,6 +27,10 @@ pub struct KeyRecord {
     pub budget_period: Option<String>,
     pub usd_limit: Option<f64>,
     pub max_concurrency: Option<u32>,
+    /// JSON array of model ids, or `None` for any model.
+    pub allowed_models: Option<String>,
+    /// When the row last changed (RFC 3339): the version of the key's limits.
+    pub updated_at: String,
 }
 
 /// The key from `Authorization: Bearer <key>`.

@@ -81,8 +81,8 @@ pub async fn find_active_key(env: &Env, config: &Config, hash: &str) -> Result<O
 async fn query_active_key(env: &Env, hash: &str) -> Result<Option<KeyRecord>, Error> {
     env.d1(DB)?
         .prepare(
-            "SELECT id, user_id, rpm, tpm, usage_limit, budget_period, usd_limit, max_concurrency \
-             FROM api_keys WHERE key_hash = ?1 AND active = 1",
+            "SELECT id, user_id, rpm, tpm, usage_limit, budget_period, usd_limit, max_concurrency, allowed_models, \
+             updated_at FROM api_keys WHERE key_hash = ?1 AND active = 1",
         )
         .bind(&[JsValue::from_str(hash)])?
         .first::<KeyRecord>(None)
@@ -142,21 +142,33 @@ pub async fn limiter_call<M: serde::Serialize, A: serde::de::DeserializeOwned>(
     response.json::<A>().await
 }
 
-/// Runs one D1 statement whose parameters are all strings.
-pub async fn d1_run(env: &Env, sql: &str, params: &[&str]) -> Result<(), Error> {
-    let bound: Vec<JsValue> = params.iter().map(|p| JsValue::from_str(p)).collect();
-    let result = env.d1(DB)?.prepare(sql).bind(&bound)?.run().await?;
-    match result.error() {
-        Some(error) => Err(Error::RustError(error)),
-        None => Ok(()),
+/// Runs one D1 statement; returns how many rows it changed.
+pub async fn d1_run(env: &Env, sql: &str, params: &[JsValue]) -> Result<u64, Error> {
+    let result = env.d1(DB)?.prepare(sql).bind(params)?.run().await?;
+    if let Some(error) = result.error() {
+        return Err(Error::RustError(error));
     }
+    Ok(result.meta()?.and_then(|m| m.changes).map_or(0, |c| c as u64))
 }
 
-/// Runs a D1 query and returns one string column of every row.
-pub async fn d1_column(env: &Env, sql: &str, params: &[&str], column: &str) -> Result<Vec<String>, Error> {
-    let bound: Vec<JsValue> = params.iter().map(|p| JsValue::from_str(p)).collect();
-    let rows = env.d1(DB)?.prepare(sql).bind(&bound)?.all().await?.results::<serde_json::Value>()?;
-    Ok(rows.iter().filter_map(|row| row.get(column)?.as_str().map(str::to_owned)).collect())
+/// Runs a D1 query and decodes every row.
+pub async fn d1_rows<T: serde::de::DeserializeOwned>(env: &Env, sql: &str, params: &[JsValue]) -> Result<Vec<T>, Error> {
+    env.d1(DB)?.prepare(sql).bind(params)?.all().await?.results::<T>()
+}
+
+/// A D1 parameter: a string, or NULL.
+pub fn text_param(value: Option<&str>) -> JsValue {
+    value.map_or(JsValue::NULL, JsValue::from_str)
+}
+
+/// A D1 parameter: a number, or NULL.
+pub fn number_param(value: Option<f64>) -> JsValue {
+    value.map_or(JsValue::NULL, JsValue::from_f64)
+}
+
+/// The current time as RFC 3339 with milliseconds — the format of every timestamp column.
+pub fn iso_time(ms: u64) -> String {
+    js_sys::Date::new(&JsValue::from_f64(ms as f64)).to_iso_string().into()
 }
 
 pub const USAGE_EVENTS: &str = "USAGE_EVENTS";

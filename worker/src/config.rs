@@ -35,6 +35,8 @@ pub struct Config {
     pub auth_cache_ttl_secs: u64,
     pub auth_cache_max_entries: usize,
     pub posthog: Option<PostHogConfig>,
+    /// Enables the admin API (`/admin/*`); without it those routes do not exist.
+    pub admin_api_key: Option<Secret>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -159,6 +161,7 @@ impl Config {
             auth_cache_ttl_secs: parse_num("AUTH_CACHE_TTL_SECONDS", get("AUTH_CACHE_TTL_SECONDS"), 10, 0, 3600)?,
             auth_cache_max_entries: parse_num("AUTH_CACHE_MAX_ENTRIES", get("AUTH_CACHE_MAX_ENTRIES"), 10_000, 0, 1_000_000)?,
             posthog,
+            admin_api_key: get("ADMIN_API_KEY").map(Secret),
         })
     }
 }
@@ -283,11 +286,12 @@ mod tests {
 
     #[test]
     fn secrets_do_not_print() {
-        let c = config(&[("OPENROUTER_API_KEY", "sk-or-v1-abc"), ("POSTHOG_API_KEY", "phc_secret")])
+        let c = config(&[("OPENROUTER_API_KEY", "sk-or-v1-abc"), ("POSTHOG_API_KEY", "phc_secret"), ("ADMIN_API_KEY", "adm-secret")])
             .unwrap_or_else(|e| panic!("{e}"));
         let printed = format!("{c:?}");
         assert!(!printed.contains("sk-or-v1-abc"));
         assert!(!printed.contains("phc_secret"));
+        assert!(!printed.contains("adm-secret"));
     }
 
     #[test]

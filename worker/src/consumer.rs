@@ -13,7 +13,7 @@ use serde_json::Value;
 use wasm_bindgen::prelude::*;
 use worker::{Env, Fetch, Headers, Method, Request, RequestInit};
 
-use crate::bindings::{self, log_error};
+use crate::bindings::{self, iso_time, log_error};
 use crate::config::{Config, PostHogConfig};
 use crate::forward::with_timeout;
 use crate::ledger;
@@ -40,6 +40,11 @@ extern "C" {
     fn ack(this: &QueueMessage);
     #[wasm_bindgen(method)]
     fn retry(this: &QueueMessage, options: &JsValue);
+}
+
+#[derive(serde::Deserialize)]
+struct PendingRow {
+    request_id: String,
 }
 
 /// A parsed event and the message that carried it.
@@ -75,14 +80,14 @@ async fn deliver(env: &Env, config: &Config, items: &[Item]) {
     }
     let events: Vec<&UsageEvent> = items.iter().map(|i| &i.event).collect();
     let rows = ledger::rows_json(events.iter().copied(), iso_time);
-    if let Err(e) = bindings::d1_run(env, ledger::INSERT_BATCH, &[rows.as_str()]).await {
+    if let Err(e) = bindings::d1_run(env, ledger::INSERT_BATCH, &[rows.as_str().into()]).await {
         log_error("ledger_write_failed", &e.to_string());
         return retry(items);
     }
     let Some(posthog) = &config.posthog else { return ack(items) };
     let ids = ledger::ids_json(events.iter().map(|e| e.request_id.as_str()));
-    let pending = match bindings::d1_column(env, ledger::PENDING_FOR_POSTHOG, &[ids.as_str()], "request_id").await {
-        Ok(pending) => pending,
+    let pending = match bindings::d1_rows::<PendingRow>(env, ledger::PENDING_FOR_POSTHOG, &[ids.as_str().into()]).await {
+        Ok(rows) => rows.into_iter().map(|r| r.request_id).collect::<Vec<String>>(),
         Err(e) => {
             log_error("ledger_read_failed", &e.to_string());
             return retry(items);
@@ -99,7 +104,7 @@ async fn deliver(env: &Env, config: &Config, items: &[Item]) {
         verdict => {
             let state = if verdict == Delivery::Sent { "sent" } else { "rejected" };
             let owed_ids = ledger::ids_json(owed_events.iter().map(|e| e.request_id.as_str()));
-            if let Err(e) = bindings::d1_run(env, ledger::MARK_POSTHOG, &[owed_ids.as_str(), state]).await {
+            if let Err(e) = bindings::d1_run(env, ledger::MARK_POSTHOG, &[owed_ids.as_str().into(), state.into()]).await {
                 // PostHog has the events; retrying would send them again, so only log.
                 log_error("ledger_mark_failed", &e.to_string());
             }
@@ -160,8 +165,4 @@ fn retry<'a>(items: impl IntoIterator<Item = &'a Item>) {
 fn backoff_secs(attempts: f64) -> u32 {
     let attempts = attempts.clamp(1.0, 16.0) as u32;
     (1u32 << attempts).min(MAX_BACKOFF_SECS)
-}
-
-fn iso_time(ms: u64) -> String {
-    js_sys::Date::new(&JsValue::from_f64(ms as f64)).to_iso_string().into()
 }

@@ -64,6 +64,19 @@ impl ApiError {
         Self::new(401, "invalid_request_error", Some("invalid_api_key"), "invalid_api_key", message.to_owned())
     }
 
+    /// The key may not use this model (its allowed-models list).
+    pub fn model_not_allowed(model: &str) -> Self {
+        let shown: String = model.chars().take(200).collect();
+        Self::new(403, "invalid_request_error", Some("model_not_allowed"), "model_not_allowed", format!("This API key may not use the model '{shown}'."))
+            .with_param("model")
+    }
+
+    pub fn key_not_found(id: &str) -> Self {
+        let shown: String = id.chars().take(64).collect();
+        Self::new(404, "invalid_request_error", Some("key_not_found"), "key_not_found", format!("No API key with id '{shown}'."))
+            .with_param("id")
+    }
+
     pub fn not_found(path: &str) -> Self {
         let shown: String = path.chars().take(200).collect();
         Self::new(404, "invalid_request_error", Some("unknown_url"), "not_found", format!("Unknown request URL: {shown}."))

@@ -5,6 +5,7 @@
 //! that touches the runtime's bindings.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+pub mod admin;
 pub mod admit;
 pub mod auth;
 pub mod bindings;
@@ -13,6 +14,7 @@ pub mod consumer;
 pub mod cors;
 pub mod error;
 pub mod forward;
+pub mod keys;
 pub mod ledger;
 pub mod log;
 pub mod models;
@@ -24,6 +26,7 @@ pub mod routes;
 pub mod sse;
 pub mod usage;
 pub mod usage_event;
+pub mod usage_report;
 pub mod validate;
 
 use worker::{event, Context, Env, Request, Response, Result};

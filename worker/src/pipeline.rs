@@ -18,6 +18,7 @@ use worker::{Context, Env, Headers, Request, Response, ResponseBuilder};
 
 use std::rc::Rc;
 
+use crate::admin::{self, AdminReply};
 use crate::admit;
 use crate::auth::{self, KeyRecord};
 use crate::bindings::{self, log_error, now_ms, random_bytes};
@@ -135,10 +136,29 @@ pub async fn handle(req: Request, env: Env, ctx: Context) -> Response {
     response
 }
 
-async fn dispatch(req: Request, env: &Env, config: &Config, exchange: &mut Exchange) -> Result<Reply, ApiError> {
+async fn dispatch(mut req: Request, env: &Env, config: &Config, exchange: &mut Exchange) -> Result<Reply, ApiError> {
     match route(&exchange.log.method, &exchange.log.path) {
         Route::ChatCompletions => chat_completions(req, env, config, exchange).await,
         Route::Models => list_models(&req, env, config, exchange).await,
+        Route::OwnUsage => {
+            let key = authenticate(&req, env, config, exchange).await?;
+            let usage = admin::own_usage(&key, env, config).await?;
+            Ok(Reply::now(json_response(200, usage.to_string())))
+        }
+        Route::Admin(admin_route) => match admin::handle(&admin_route, &mut req, env, config, &exchange.log.path).await? {
+            AdminReply::Json(status, body) => Ok(Reply::now(json_response(status, body.to_string()))),
+            AdminReply::Csv(csv) => {
+                let headers = Headers::new();
+                set_headers(
+                    &headers,
+                    &[
+                        ("content-type", "text/csv; charset=utf-8".to_owned()),
+                        ("content-disposition", "attachment; filename=\"usage.csv\"".to_owned()),
+                    ],
+                );
+                Ok(Reply::now(ResponseBuilder::new().with_status(200).with_headers(headers).fixed(csv.into_bytes())))
+            }
+        },
         Route::Health => Ok(Reply::now(json_response(200, r#"{"status":"ok"}"#.to_owned()))),
         // The CORS headers that make a preflight are added by `decorate`, like every response's.
         Route::Preflight => Ok(Reply::now(ResponseBuilder::new().with_status(204).empty())),
@@ -176,20 +196,20 @@ async fn chat_completions(mut req: Request, env: &Env, config: &Config, exchange
 
 /// Asks the key's Durable Object to reserve the request's worst case against every limit.
 async fn admit(env: &Env, config: &Config, key: &KeyRecord, chat: &ChatRequest, exchange: &mut Exchange) -> Result<(), ApiError> {
-    let limits = admit::limits_for(key, config);
+    let control = admit::control_for(key, config);
     let prompt_estimate = admit::estimate_prompt_tokens(chat);
     let reserve = Amount { tokens: prompt_estimate + u64::from(chat.max_tokens), usd: 0.0 };
-    let message = AdmitRequest { request_id: exchange.log.request_id.clone(), limits: limits.clone(), reserve };
+    let message = AdmitRequest { request_id: exchange.log.request_id.clone(), control, models: chat.models.clone(), reserve };
     let answer = bindings::limiter_call::<_, AdmitResponse>(env, &key.id, "/admit", &message).await;
     let admitted = match answer {
-        Ok(AdmitResponse::Admitted { state }) => {
+        Ok(AdmitResponse::Admitted { state, limits }) => {
             exchange.rate_headers = admit::rate_limit_headers(&state, limits.window_ms);
             exchange.reserved = true;
             Ok(())
         }
-        Ok(AdmitResponse::Denied { reason, retry_after_ms, state }) => {
+        Ok(AdmitResponse::Denied { reason, retry_after_ms, state, limits, model }) => {
             exchange.rate_headers = admit::rate_limit_headers(&state, limits.window_ms);
-            Err(admit::denial_error(reason, retry_after_ms, &limits, reserve))
+            Err(admit::denial_error(reason, retry_after_ms, &limits, reserve, model.as_deref()))
         }
         Err(e) => {
             log_error("limiter_unreachable", &e.to_string());
@@ -344,7 +364,9 @@ async fn enqueue(env: &Env, event: &UsageEvent) {
 }
 
 async fn list_models(req: &Request, env: &Env, config: &Config, exchange: &mut Exchange) -> Result<Reply, ApiError> {
-    authenticate(req, env, config, exchange).await?;
+    let key = authenticate(req, env, config, exchange).await?;
+    // Revocation is known to the key's Durable Object before any auth cache expires.
+    admin::key_state(env, config, &key).await?;
     let ttl = config.models_cache_ttl_secs;
     let cached = if ttl > 0 { bindings::cached_models(env).await } else { None };
     let now = now_ms();

@@ -1,14 +1,28 @@
 //! (method, path) → what the gateway does with the request. Pure, so the whole table is unit-tested.
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
     ChatCompletions,
     Models,
+    /// The key owner's view of its limits and usage.
+    OwnUsage,
     Health,
     /// A CORS preflight (`OPTIONS` on any path).
     Preflight,
+    Admin(AdminRoute),
     MethodNotAllowed { allowed: &'static str },
     NotFound,
+}
+
+/// The admin API, under `/admin/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminRoute {
+    CreateKey,
+    ListKeys,
+    GetKey(String),
+    UpdateKey(String),
+    RevokeKey(String),
+    Usage,
 }
 
 pub fn route(method: &str, path: &str) -> Route {
@@ -20,13 +34,31 @@ pub fn route(method: &str, path: &str) -> Route {
         Some(p) if !p.is_empty() => p,
         _ => path,
     };
-    let (route, allowed) = match path {
-        "/v1/chat/completions" => (Route::ChatCompletions, "POST"),
-        "/v1/models" => (Route::Models, "GET"),
-        "/health" => (Route::Health, "GET"),
-        _ => return Route::NotFound,
-    };
-    let method_ok = method == allowed || (allowed == "GET" && method == "HEAD");
+    let get = method == "GET" || method == "HEAD";
+    match path {
+        "/v1/chat/completions" => only(method == "POST", Route::ChatCompletions, "POST"),
+        "/v1/models" => only(get, Route::Models, "GET"),
+        "/v1/usage" => only(get, Route::OwnUsage, "GET"),
+        "/health" => only(get, Route::Health, "GET"),
+        "/admin/keys" => match method {
+            "POST" => Route::Admin(AdminRoute::CreateKey),
+            "GET" => Route::Admin(AdminRoute::ListKeys),
+            _ => Route::MethodNotAllowed { allowed: "GET, POST" },
+        },
+        "/admin/usage" => only(get, Route::Admin(AdminRoute::Usage), "GET"),
+        _ => match path.strip_prefix("/admin/keys/") {
+            Some(id) if !id.is_empty() && !id.contains('/') => match method {
+                "GET" => Route::Admin(AdminRoute::GetKey(id.to_owned())),
+                "PATCH" => Route::Admin(AdminRoute::UpdateKey(id.to_owned())),
+                "DELETE" => Route::Admin(AdminRoute::RevokeKey(id.to_owned())),
+                _ => Route::MethodNotAllowed { allowed: "GET, PATCH, DELETE" },
+            },
+            _ => Route::NotFound,
+        },
+    }
+}
+
+fn only(method_ok: bool, route: Route, allowed: &'static str) -> Route {
     if method_ok {
         route
     } else {
@@ -43,8 +75,21 @@ mod tests {
         assert_eq!(route("POST", "/v1/chat/completions"), Route::ChatCompletions);
         assert_eq!(route("POST", "/v1/chat/completions/"), Route::ChatCompletions);
         assert_eq!(route("GET", "/v1/models"), Route::Models);
+        assert_eq!(route("GET", "/v1/usage"), Route::OwnUsage);
         assert_eq!(route("GET", "/health"), Route::Health);
         assert_eq!(route("HEAD", "/health"), Route::Health);
+    }
+
+    #[test]
+    fn admin_routes_carry_the_key_id() {
+        assert_eq!(route("POST", "/admin/keys"), Route::Admin(AdminRoute::CreateKey));
+        assert_eq!(route("GET", "/admin/keys/"), Route::Admin(AdminRoute::ListKeys));
+        assert_eq!(route("GET", "/admin/keys/abc123"), Route::Admin(AdminRoute::GetKey("abc123".into())));
+        assert_eq!(route("PATCH", "/admin/keys/abc123"), Route::Admin(AdminRoute::UpdateKey("abc123".into())));
+        assert_eq!(route("DELETE", "/admin/keys/abc123"), Route::Admin(AdminRoute::RevokeKey("abc123".into())));
+        assert_eq!(route("GET", "/admin/usage"), Route::Admin(AdminRoute::Usage));
+        assert_eq!(route("PUT", "/admin/keys/abc"), Route::MethodNotAllowed { allowed: "GET, PATCH, DELETE" });
+        assert_eq!(route("GET", "/admin/keys/a/b"), Route::NotFound);
     }
 
     #[test]
@@ -55,7 +100,7 @@ mod tests {
 
     #[test]
     fn everything_else_is_not_found_and_options_is_a_preflight() {
-        for path in ["/", "", "/v1", "/v1/completions", "/v1/chat/completions/x", "//v1/models", "/V1/models"] {
+        for path in ["/", "", "/v1", "/v1/completions", "/v1/chat/completions/x", "//v1/models", "/V1/models", "/admin"] {
             assert_eq!(route("POST", path), Route::NotFound, "{path}");
         }
         assert_eq!(route("OPTIONS", "/anything"), Route::Preflight);

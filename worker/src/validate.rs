@@ -28,6 +28,8 @@ pub struct ChatRequest {
     /// Characters of message content, for the prompt-token estimate.
     pub prompt_chars: usize,
     pub message_count: usize,
+    /// Every model that may serve the request: `model`, then OpenRouter's `models` fallbacks.
+    pub models: Vec<String>,
 }
 
 pub fn validate_chat(raw: &[u8], config: &Config) -> Result<ChatRequest, ApiError> {
@@ -76,7 +78,20 @@ pub fn validate_chat(raw: &[u8], config: &Config) -> Result<ChatRequest, ApiErro
         Some(_) => return Err(ApiError::invalid_param("model", "'model' must be a string.")),
     };
 
-    Ok(ChatRequest { body, model, stream, include_usage, max_tokens: effective_max_tokens, prompt_chars, message_count })
+    let mut models = vec![model.clone()];
+    if let Some(fallbacks) = body.get("models").and_then(Value::as_array) {
+        models.extend(fallbacks.iter().filter_map(Value::as_str).filter(|m| !models.iter().any(|x| x == m)).map(str::to_owned).collect::<Vec<_>>());
+    }
+    Ok(ChatRequest {
+        body,
+        model,
+        stream,
+        include_usage,
+        max_tokens: effective_max_tokens,
+        prompt_chars,
+        message_count,
+        models,
+    })
 }
 
 /// Checks the messages array; returns how many messages and characters of content (strings and text parts).
@@ -255,6 +270,9 @@ mod tests {
         let r = check(json!({"messages": hello(), "models": ["a/one", "b/two"]})).expect("valid");
         assert_eq!(r.model, "a/one");
         assert!(!r.body.contains_key("model"));
+        assert_eq!(r.models, vec!["a/one", "b/two"]);
+        let r = check(json!({"messages": hello(), "model": "c/x", "models": ["a/one", "c/x"]})).expect("valid");
+        assert_eq!(r.models, vec!["c/x", "a/one"], "every model that may serve, once");
     }
 
     #[test]

@@ -1,0 +1,301 @@
+//! The admin API (`/admin/*`, behind `ADMIN_API_KEY`) and the key owner's `GET /v1/usage`.
+//!
+//! Changes to a key are written to D1 and then pushed to the key's Durable Object, which every admission consults:
+//! a revocation or a new limit applies to the next request everywhere, without waiting for any cache.
+
+use key_limiter::protocol::{KeyControl, Period, StateRequest, StateResponse};
+use serde_json::{json, Value};
+use wasm_bindgen::JsValue;
+use worker::{Env, Request};
+
+use crate::admit;
+use crate::auth::KeyRecord;
+use crate::bindings::{self, iso_time, log_error, now_ms, number_param, random_bytes, text_param};
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::keys::{self, KeyFields, KeyRow, KeyView, KEY_COLUMNS};
+use crate::routes::AdminRoute;
+use crate::usage_report::{self, GroupBy, UsageFilter, UsageRow};
+
+const MAX_PAGE: u64 = 100;
+const DEFAULT_PAGE: u64 = 20;
+
+/// What an admin handler answers: a status and a body (JSON, or CSV for billing exports).
+pub enum AdminReply {
+    Json(u16, Value),
+    Csv(String),
+}
+
+/// Checks the admin key, then runs the admin route. Without `ADMIN_API_KEY` the admin API does not exist (404).
+pub async fn handle(route: &AdminRoute, req: &mut Request, env: &Env, config: &Config, path: &str) -> Result<AdminReply, ApiError> {
+    let Some(admin_key) = &config.admin_api_key else {
+        return Err(ApiError::not_found(path));
+    };
+    let presented = req.headers().get("authorization").ok().flatten();
+    let presented = presented.as_deref().and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")));
+    if !keys::admin_key_matches(presented.unwrap_or_default(), admin_key.expose()) {
+        return Err(ApiError::invalid_api_key("Invalid admin API key."));
+    }
+    match route {
+        AdminRoute::CreateKey => create_key(&body(req).await?, env).await,
+        AdminRoute::ListKeys => list_keys(&query(req)?, env).await,
+        AdminRoute::GetKey(id) => Ok(AdminReply::Json(200, json!(load_key(env, checked_id(id)?).await?))),
+        AdminRoute::UpdateKey(id) => update_key(checked_id(id)?, &body(req).await?, env, config).await,
+        AdminRoute::RevokeKey(id) => {
+            let fields = KeyFields { active: Some(false), ..KeyFields::default() };
+            apply_update(checked_id(id)?, fields, env, config).await
+        }
+        AdminRoute::Usage => usage(&query(req)?, env).await,
+    }
+}
+
+/// Creates a key; its plaintext is in this response only. (Its Durable Object learns its limits at first use.)
+async fn create_key(raw: &[u8], env: &Env) -> Result<AdminReply, ApiError> {
+    let fields = keys::parse_fields(raw, true)?;
+    let (id, plaintext) = keys::new_key(random_bytes(), random_bytes());
+    let now = iso_time(now_ms());
+    let models = fields.allowed_models.clone().flatten().map(|m| json!(m).to_string());
+    let params = [
+        JsValue::from_str(&id),
+        JsValue::from_str(&crate::auth::key_hash(&plaintext)),
+        text_param(fields.user_id.as_deref()),
+        text_param(fields.name.clone().flatten().as_deref()),
+        number_param(fields.rpm.flatten().map(|n| n as f64)),
+        number_param(fields.tpm.flatten().map(|n| n as f64)),
+        number_param(fields.usage_limit.flatten().map(|n| n as f64)),
+        JsValue::from_str(fields.budget_period.as_deref().unwrap_or("lifetime")),
+        number_param(fields.usd_limit.flatten()),
+        number_param(fields.max_concurrency.flatten().map(|n| n as f64)),
+        text_param(models.as_deref()),
+        JsValue::from_str(&now),
+    ];
+    bindings::d1_run(
+        env,
+        "INSERT INTO api_keys (id, key_hash, user_id, name, rpm, tpm, usage_limit, budget_period, usd_limit, \
+         max_concurrency, allowed_models, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)",
+        &params,
+    )
+    .await
+    .map_err(|e| storage_error("key_create_failed", &e))?;
+    let mut view = load_key(env, &id).await?;
+    view.key = Some(plaintext);
+    Ok(AdminReply::Json(201, json!(view)))
+}
+
+async fn update_key(id: &str, raw: &[u8], env: &Env, config: &Config) -> Result<AdminReply, ApiError> {
+    let fields = keys::parse_fields(raw, false)?;
+    apply_update(id, fields, env, config).await
+}
+
+/// Writes the changed columns, then tells the key's Durable Object (see the module docs).
+async fn apply_update(id: &str, fields: KeyFields, env: &Env, config: &Config) -> Result<AdminReply, ApiError> {
+    load_key(env, id).await?;
+    let now = iso_time(now_ms());
+    let mut sets = vec!["updated_at = ?1".to_owned()];
+    let mut params = vec![JsValue::from_str(&now)];
+    let mut set = |column: &str, value: JsValue| {
+        params.push(value);
+        sets.push(format!("{column} = ?{}", params.len()));
+    };
+    if let Some(name) = &fields.name {
+        set("name", text_param(name.as_deref()));
+    }
+    for (column, value) in [("rpm", fields.rpm), ("tpm", fields.tpm), ("usage_limit", fields.usage_limit), ("max_concurrency", fields.max_concurrency)] {
+        if let Some(value) = value {
+            set(column, number_param(value.map(|n| n as f64)));
+        }
+    }
+    if let Some(period) = &fields.budget_period {
+        set("budget_period", JsValue::from_str(period));
+    }
+    if let Some(usd) = fields.usd_limit {
+        set("usd_limit", number_param(usd));
+    }
+    if let Some(models) = &fields.allowed_models {
+        let json = models.as_ref().map(|m| json!(m).to_string());
+        set("allowed_models", text_param(json.as_deref()));
+    }
+    if let Some(active) = fields.active {
+        set("active", JsValue::from_f64(if active { 1.0 } else { 0.0 }));
+        set("revoked_at", if active { JsValue::NULL } else { JsValue::from_str(&now) });
+    }
+    params.push(JsValue::from_str(id));
+    let sql = format!("UPDATE api_keys SET {} WHERE id = ?{}", sets.join(", "), params.len());
+    bindings::d1_run(env, &sql, &params).await.map_err(|e| storage_error("key_update_failed", &e))?;
+
+    let view = load_key(env, id).await?;
+    tell_limiter(env, config, &view).await;
+    Ok(AdminReply::Json(200, json!(view)))
+}
+
+/// Pushes the key's new control to its Durable Object. If that fails the change still reaches every isolate
+/// within `AUTH_CACHE_TTL_SECONDS`; the log says so.
+async fn tell_limiter(env: &Env, config: &Config, view: &KeyView) {
+    let record = KeyRecord {
+        id: view.id.clone(),
+        user_id: view.user_id.clone(),
+        rpm: view.rpm.and_then(|n| u32::try_from(n).ok()),
+        tpm: view.tpm,
+        usage_limit: view.usage_limit,
+        budget_period: Some(view.budget_period.clone()),
+        usd_limit: view.usd_limit,
+        max_concurrency: view.max_concurrency.and_then(|n| u32::try_from(n).ok()),
+        allowed_models: view.allowed_models.as_ref().map(|m| json!(m).to_string()),
+        updated_at: view.updated_at.clone(),
+    };
+    let control = KeyControl { revoked: !view.active, ..admit::control_for(&record, config) };
+    if let Err(e) = bindings::limiter_call::<_, bool>(env, &view.id, "/configure", &control).await {
+        log_error("limiter_configure_failed", &format!("key {}: {e}", view.id));
+    }
+}
+
+async fn list_keys(query: &[(String, String)], env: &Env) -> Result<AdminReply, ApiError> {
+    let limit = match param(query, "limit") {
+        None => DEFAULT_PAGE,
+        Some(raw) => raw.parse::<u64>().ok().filter(|n| (1..=MAX_PAGE).contains(n)).ok_or_else(|| {
+            ApiError::invalid_param("limit", format!("'limit' must be an integer from 1 to {MAX_PAGE}."))
+        })?,
+    };
+    let cursor = match param(query, "cursor") {
+        Some(c) => Some(checked_id(c)?),
+        None => None,
+    };
+    let user_id = param(query, "user_id");
+    let sql = format!(
+        "SELECT {KEY_COLUMNS} FROM api_keys WHERE (?1 IS NULL OR id > ?1) AND (?2 IS NULL OR user_id = ?2) \
+         ORDER BY id LIMIT ?3"
+    );
+    let params = [text_param(cursor), text_param(user_id), JsValue::from_f64((limit + 1) as f64)];
+    let mut rows: Vec<KeyRow> = bindings::d1_rows(env, &sql, &params).await.map_err(|e| storage_error("key_list_failed", &e))?;
+    let has_more = rows.len() as u64 > limit;
+    rows.truncate(limit as usize);
+    let next_cursor = if has_more { rows.last().map(|r| r.id.clone()) } else { None };
+    let data: Vec<KeyView> = rows.into_iter().map(KeyView::from_row).collect();
+    Ok(AdminReply::Json(200, json!({"object": "list", "data": data, "has_more": has_more, "next_cursor": next_cursor})))
+}
+
+async fn usage(query: &[(String, String)], env: &Env) -> Result<AdminReply, ApiError> {
+    let group_by = GroupBy::parse(param(query, "group_by"))?;
+    let filter = UsageFilter {
+        user_id: param(query, "user_id").map(str::to_owned),
+        key_id: param(query, "key_id").map(|id| checked_id(id).map(str::to_owned)).transpose()?,
+        from: usage_report::parse_time_bound("from", param(query, "from"))?,
+        to: usage_report::parse_time_bound("to", param(query, "to"))?,
+    };
+    let csv = match param(query, "format") {
+        None | Some("json") => false,
+        Some("csv") => true,
+        Some(_) => return Err(ApiError::invalid_param("format", "'format' must be json or csv.")),
+    };
+    let rows = aggregate(env, group_by, &filter).await?;
+    if csv {
+        return Ok(AdminReply::Csv(usage_report::to_csv(group_by, &rows)));
+    }
+    let data: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            json!({group_by.column_name(): r.grp, "requests": r.requests, "input_tokens": r.input_tokens,
+                   "output_tokens": r.output_tokens, "cached_tokens": r.cached_tokens, "cost_usd": r.cost_usd})
+        })
+        .collect();
+    Ok(AdminReply::Json(200, json!({"object": "usage_report", "group_by": group_by.column_name(), "data": data})))
+}
+
+async fn aggregate(env: &Env, group_by: GroupBy, filter: &UsageFilter) -> Result<Vec<UsageRow>, ApiError> {
+    let params = [
+        text_param(filter.user_id.as_deref()),
+        text_param(filter.key_id.as_deref()),
+        text_param(filter.from.as_deref()),
+        text_param(filter.to.as_deref()),
+    ];
+    bindings::d1_rows(env, &usage_report::aggregate_sql(group_by), &params)
+        .await
+        .map_err(|e| storage_error("usage_query_failed", &e))
+}
+
+/// `GET /v1/usage` for the key in the request: its limits, where its windows stand (from its Durable Object) and
+/// its usage in the current budget period (from the ledger).
+pub async fn own_usage(key: &KeyRecord, env: &Env, config: &Config) -> Result<Value, ApiError> {
+    let state = key_state(env, config, key).await?;
+    let limits = &state.limits;
+    let period = limits.budget.as_ref().map_or(Period::Lifetime, |b| b.period);
+    let period_key = key_limiter::quota::period_key(now_ms(), period);
+    let from = (period != Period::Lifetime).then_some(period_key.clone());
+    let filter = UsageFilter { key_id: Some(key.id.clone()), from, ..UsageFilter::default() };
+    let totals = aggregate(env, GroupBy::Total, &filter).await?.into_iter().next();
+    let window = |w: &key_limiter::protocol::WindowState| {
+        json!({"limit": w.limit, "remaining": w.remaining, "reset_seconds": w.reset_ms as f64 / 1000.0})
+    };
+    Ok(json!({
+        "object": "key_usage",
+        "key_id": key.id,
+        "user_id": key.user_id,
+        "limits": {
+            "requests_per_window": limits.requests_per_window,
+            "tokens_per_window": limits.tokens_per_window,
+            "window_seconds": limits.window_ms / 1000,
+            "max_concurrency": limits.max_concurrency,
+            "budget": limits.budget.as_ref().map(|b| json!({"period": b.period, "tokens": b.tokens, "usd": b.usd})),
+        },
+        "current": {
+            "requests": window(&state.state.requests),
+            "tokens": state.state.tokens.as_ref().map(window),
+            "in_flight": state.state.in_flight,
+            "budget_used": {"tokens": state.state.budget_used.tokens, "usd": state.state.budget_used.usd},
+        },
+        "period": {"name": period, "key": period_key},
+        "usage_this_period": {
+            "requests": totals.as_ref().map_or(0, |t| t.requests),
+            "input_tokens": totals.as_ref().map_or(0, |t| t.input_tokens),
+            "output_tokens": totals.as_ref().map_or(0, |t| t.output_tokens),
+            "cost_usd": totals.as_ref().map_or(0.0, |t| t.cost_usd),
+        },
+    }))
+}
+
+/// Where the key stands in its Durable Object; a revoked key is refused here even while caches still know it.
+pub async fn key_state(env: &Env, config: &Config, key: &KeyRecord) -> Result<StateResponse, ApiError> {
+    let message = StateRequest { control: admit::control_for(key, config) };
+    let state = bindings::limiter_call::<_, StateResponse>(env, &key.id, "/state", &message).await.map_err(|e| {
+        log_error("limiter_unreachable", &e.to_string());
+        ApiError::unavailable("limiter_unavailable", "The rate limiter")
+    })?;
+    if state.revoked {
+        return Err(ApiError::invalid_api_key("This API key has been revoked."));
+    }
+    Ok(state)
+}
+
+async fn load_key(env: &Env, id: &str) -> Result<KeyView, ApiError> {
+    let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?1");
+    let rows: Vec<KeyRow> = bindings::d1_rows(env, &sql, &[JsValue::from_str(id)])
+        .await
+        .map_err(|e| storage_error("key_read_failed", &e))?;
+    rows.into_iter().next().map(KeyView::from_row).ok_or_else(|| ApiError::key_not_found(id))
+}
+
+fn checked_id(id: &str) -> Result<&str, ApiError> {
+    if keys::valid_key_id(id) {
+        Ok(id)
+    } else {
+        Err(ApiError::invalid_param("id", "A key id has 1 to 64 letters, digits, '-' or '_'."))
+    }
+}
+
+async fn body(req: &mut Request) -> Result<Vec<u8>, ApiError> {
+    req.bytes().await.map_err(|_| ApiError::invalid_request("The request body could not be read."))
+}
+
+fn query(req: &Request) -> Result<Vec<(String, String)>, ApiError> {
+    let url = req.url().map_err(|_| ApiError::invalid_request("The request URL could not be parsed."))?;
+    Ok(url.query_pairs().map(|(k, v)| (k.into_owned(), v.into_owned())).collect())
+}
+
+fn param<'a>(query: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str()).filter(|v| !v.is_empty())
+}
+
+fn storage_error(label: &'static str, e: &worker::Error) -> ApiError {
+    log_error(label, &e.to_string());
+    ApiError::unavailable(label, "The key store")
+}
