@@ -13,6 +13,6 @@ cargo test --quiet -p gateway -p key-limiter
 echo "[test] stand-in protocol tests" >&2
 node --test standins/
 
-echo "[test] integration tests (workerd via wrangler dev)" >&2
+echo "[test] integration tests (workerd via Miniflare, see scripts/serve.mjs)" >&2
 # One test binary at a time (cargo's default); tests inside a binary share one gateway and run in parallel.
 cargo test --quiet -p gateway-tests -- --test-threads 8
