@@ -51,7 +51,9 @@ const ERROR_MESSAGES = {
 // Inspection state
 // ---------------------------------------------------------------------------
 
-const stats = { chat_completions: 0, models: 0, aborted_streams: 0 };
+// completion_tokens_streamed: words actually written in stream deltas, i.e. what the "provider" generated and
+// would bill, however the stream ended (compare with what a gateway bills for aborted streams).
+const stats = { chat_completions: 0, models: 0, aborted_streams: 0, completion_tokens_streamed: 0 };
 
 // Fixed-size ring so a long benchmark cannot grow memory without bound.
 const recorded = {
@@ -339,6 +341,10 @@ function frameBuilder(plan) {
   };
 }
 
+function wordCount(text) {
+  return text.split(/\s+/).filter(Boolean).length;
+}
+
 // Writes one frame; waits only when the socket pushes back, so the common
 // zero-delay case stays a synchronous loop.
 async function writeFrame(res, frame) {
@@ -362,6 +368,7 @@ async function sendStream(res, plan) {
     if (plan.delayMs > 0) await sleep(plan.delayMs);
     if (i === plan.pauseAfter && plan.pauseMs > 0) await sleep(plan.pauseMs);
     if (res.destroyed || !(await writeFrame(res, frames.content(plan.texts[i], i === 0)))) return;
+    stats.completion_tokens_streamed += wordCount(plan.texts[i]);
   }
   res.write(frames.finish(plan.texts.length === 0));
   res.write(frames.usage());

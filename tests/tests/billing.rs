@@ -315,3 +315,49 @@ async fn a_stalled_sink_does_not_delay_responses() {
     let uuids: HashSet<&str> = events.iter().filter_map(|e| e["uuid"].as_str()).collect();
     assert_eq!(uuids.len(), 9);
 }
+
+/// The client-abort trade-off, measured on two gateways that differ only in `CLIENT_ABORT_POLICY`: what the
+/// upstream generated (and would charge) for abandoned streams, and what the ledger bills.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn client_abort_policies_trade_upstream_cost_against_exact_billing() {
+    const STREAMS: usize = 3;
+    const ANSWER_TOKENS: u64 = 40;
+    let mut figures = Vec::new();
+    for policy in ["cancel", "drain"] {
+        let gw = Gateway::start(
+            GatewayOptions::default().var("CLIENT_ABORT_POLICY", policy).keys(&["leaver"]),
+        );
+        let key = gw.key("leaver").secret.clone();
+        let prefix = format!("{policy}-{}-", random_hex(4));
+        let before = gw.upstream.stats().await["completion_tokens_streamed"].as_u64().unwrap_or(0);
+        for i in 0..STREAMS {
+            let mut body = ask("tell me everything");
+            body["stream"] = json!(true);
+            body["standin"] = json!({"chunks": ANSWER_TOKENS, "delay_ms": 20, "pause_after": 2, "pause_ms": 1000});
+            abort_after_first_token(post(&gw, &key, &format!("{prefix}{i}"), &body).await).await;
+        }
+        let rows = ledger_rows(&gw, &prefix, STREAMS, Duration::from_secs(60)).await;
+        assert_eq!(rows.len(), STREAMS);
+        // Give a drained upstream time to finish and be counted.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let generated = gw.upstream.stats().await["completion_tokens_streamed"].as_u64().unwrap_or(0) - before;
+        let billed: u64 = rows.iter().filter_map(|r| r["output_tokens"].as_u64()).sum();
+        for row in &rows {
+            assert_eq!(row["error"], "client_abort");
+            assert!(row["output_tokens"].as_u64().is_some_and(|n| n > 0), "no $0 rows: {row}");
+        }
+        match policy {
+            "cancel" => {
+                assert!(generated < STREAMS as u64 * ANSWER_TOKENS / 2, "the upstream was stopped early: {generated}");
+                assert!(rows.iter().all(|r| r["usage_source"] == "estimated"));
+            }
+            _ => {
+                assert_eq!(generated, STREAMS as u64 * ANSWER_TOKENS, "the upstream finished every answer");
+                assert_eq!(billed, generated, "drained streams are billed exactly");
+                assert!(rows.iter().all(|r| r["usage_source"] == "reported"));
+            }
+        }
+        figures.push(format!("{policy}: upstream generated {generated} completion tokens, ledger billed {billed}"));
+    }
+    println!("client aborts ({STREAMS} streams of {ANSWER_TOKENS} tokens, left after the first token): {}", figures.join("; "));
+}

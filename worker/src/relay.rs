@@ -90,9 +90,13 @@ impl Relay {
         // Settles (rejects) as soon as the client cancels its side, even while we wait for the upstream.
         let mut client_gone = Some(JsFuture::from(writer.closed()));
         let mut abandoned = false;
+        // A read in flight must be awaited to its end: a stream allows one pending read, so dropping it would
+        // make the next one fail.
+        let mut pending_read = None;
         let end = loop {
+            let read_future = pending_read.get_or_insert_with(|| Box::pin(read_chunk(&reader, idle_timeout_secs)));
             let read = match client_gone.as_mut() {
-                Some(gone) => match select(std::pin::pin!(read_chunk(&reader, idle_timeout_secs)), gone).await {
+                Some(gone) => match select(read_future, gone).await {
                     Either::Left((read, _)) => read,
                     Either::Right(_) => {
                         client_gone = None;
@@ -104,8 +108,9 @@ impl Relay {
                         continue;
                     }
                 },
-                None => read_chunk(&reader, idle_timeout_secs).await,
+                None => read_future.await,
             };
+            pending_read = None;
             let chunk = match read {
                 Ok(Some(chunk)) => chunk,
                 Ok(None) => break finish(&mut scanner, &writer, false, &mut bytes_rewritten).await,
