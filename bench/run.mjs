@@ -56,9 +56,9 @@ const knobs = {
   streamChunks: envNumber('BENCH_STREAM_CHUNKS', 200),
   chunkBytes: envNumber('BENCH_CHUNK_BYTES', 64),
   longChunks: envNumber('BENCH_LONG_STREAM_CHUNKS', 20000),
-  // Small deltas (about two words each): the stand-in counts a word as a token and the gateway caps max_tokens
-  // (MAX_TOKENS_LIMIT), so a 20,000-chunk stream must stay under that many words to arrive whole.
-  memoryChunkBytes: envNumber('BENCH_MEMORY_CHUNK_BYTES', 12),
+  // Bytes per delta of the memory streams. The stand-in counts a word as a token and the gateway caps max_tokens
+  // (MAX_TOKENS_LIMIT), so these streams echo a prompt of words this long: one word (one token) per delta.
+  memoryChunkBytes: envNumber('BENCH_MEMORY_CHUNK_BYTES', 1000),
   // So high that the limiter never denies: the figures are admissions, not 429s.
   rateLimit: process.env.BENCH_RATE_LIMIT_PER_MINUTE || '100000000',
   threads: envNumber('BENCH_LOAD_THREADS', 1),
@@ -74,11 +74,17 @@ const log = (msg) => process.stderr.write(`[bench] ${msg}\n`);
 // ---------------------------------------------------------------------------
 
 const cleanups = [];
+const exitCleanups = [];
 const children = new Set();
+// Every long-lived process the bench started (stand-in, workerd instances), for the CPU accounting.
+const ownPids = new Set();
+let watchdog = null;
 let cleaning = null;
 
-function onCleanup(fn) {
+/** `fn` runs on the orderly path (awaited); `atExit`, if given, also runs synchronously when the process exits. */
+function onCleanup(fn, atExit) {
   cleanups.push(fn);
+  if (atExit) exitCleanups.push(atExit);
 }
 
 function cleanup() {
@@ -88,12 +94,33 @@ function cleanup() {
       try {
         await Promise.race([fn(), sleep(5000)]);
       } catch {
-        // Best effort: the watchdog kills what is left.
+        // Best effort: the exit handler and the watchdog deal with what is left.
       }
     }
+    ownPids.clear();
   })();
   return cleaning;
 }
+
+// Miniflare's own SIGINT/SIGTERM handler exits the process synchronously, so the async cleanup may never finish:
+// what must not be left behind is also done here, synchronously, by pid.
+process.on('exit', () => {
+  for (const child of children) child.kill('SIGKILL');
+  for (const pid of ownPids) {
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      // Already gone.
+    }
+  }
+  for (const fn of exitCleanups.reverse()) {
+    try {
+      fn();
+    } catch {
+      // Best effort.
+    }
+  }
+});
 
 for (const [signal, code] of [['SIGINT', 130], ['SIGTERM', 143]]) {
   process.on(signal, () => {
@@ -205,15 +232,15 @@ const PROMPT = Array.from({ length: 64 }, (_, i) => ['bench', 'gateway', 'latenc
 
 // max_tokens is explicit so every target gets the same answer: the gateway would otherwise add its default, and
 // the stand-in stops after that many words.
-function chatBody({ stream, chunks, chunkBytes, maxTokens }) {
-  const body = { model: 'openai/gpt-4o-mini', messages: [{ role: 'user', content: PROMPT }], max_tokens: maxTokens };
+function chatBody({ stream, chunks, chunkBytes, maxTokens, prompt = PROMPT }) {
+  const body = { model: 'openai/gpt-4o-mini', messages: [{ role: 'user', content: prompt }], max_tokens: maxTokens };
   if (!stream) return { ...body, standin: {} };
   // include_usage: the usage chunk reaches the client through every target, so (a), (b), (g) send the same bytes.
   return { ...body, stream: true, stream_options: { include_usage: true }, standin: { chunks, chunk_bytes: chunkBytes } };
 }
 
 /** Runs bench/load once and returns its JSON plus the CPU use of the processes involved. */
-async function load({ url, bodyPath, method = 'POST', concurrency, stream = false, requests, phase, pids, timeout = 60 }) {
+async function load({ url, bodyPath, method = 'POST', concurrency, stream = false, requests, phase, pids = {}, timeout = 60 }) {
   const args = ['--url', url, '--method', method, '--concurrency', String(concurrency), '--threads', String(knobs.threads)];
   args.push('--timeout', String(timeout), '--header', `authorization: Bearer ${BENCH_KEY}`);
   if (bodyPath) args.push('--header', 'content-type: application/json', '--body-file', bodyPath);
@@ -223,11 +250,12 @@ async function load({ url, bodyPath, method = 'POST', concurrency, stream = fals
   else if (method === 'POST') args.push('--expect', '"usage"');
   if (phase) args.push('--request-id-prefix', phase);
 
-  const meter = cpuMeter(pids ?? {});
+  const meter = cpuMeter({ ...Object.fromEntries([...ownPids].map((pid) => [`pid${pid}`, pid])), ...pids });
   const runnerBefore = process.cpuUsage();
   const started = performance.now();
   const child = spawn(LOAD_BIN, args, { stdio: ['ignore', 'pipe', 'pipe'] });
   children.add(child);
+  watchdog?.track(child.pid);
   let stdout = '';
   let stderr = '';
   child.stdout.on('data', (d) => (stdout += d));
@@ -245,9 +273,15 @@ async function load({ url, bodyPath, method = 'POST', concurrency, stream = fals
     runner: round((runner.user + runner.system) / 1e6 / wall, 2),
   };
   // What the rest of the machine used meanwhile (other users of these cores disturb the figures).
-  const ours = [...new Map(Object.entries(pids ?? {}).map(([k, pid]) => [pid, cpu[k] ?? 0])).values()];
-  const mine = ours.reduce((a, b) => a + b, 0) + (result.cpu.client ?? 0) + result.cpu.runner;
+  const perPid = new Map();
+  for (const [k, v] of Object.entries(cpu)) {
+    if (k.startsWith('pid')) perPid.set(Number(k.slice(3)), v ?? 0);
+  }
+  for (const [k, pid] of Object.entries(pids)) perPid.set(pid, cpu[k] ?? 0);
+  const mine = [...perPid.values()].reduce((a, b) => a + b, 0) + (result.cpu.client ?? 0) + result.cpu.runner;
   result.cpu.other = cpu.machine === null ? null : round(Math.max(0, cpu.machine - mine), 2);
+  for (const k of Object.keys(result.cpu)) if (k.startsWith('pid')) delete result.cpu[k];
+  result.server_rss_after = pids.server ? memory(pids.server).rss : null;
   return result;
 }
 
@@ -303,6 +337,7 @@ async function startGateway(Miniflare, { config, varOverrides, stateDir, gateway
   const url = (await ready).href.replace(/\/$/, '');
   const served = servedBy(port);
   watchdog.track(served.pid);
+  ownPids.add(served.pid);
 
   const env = await mf.getBindings();
   const bindings = assertBindingsMatch(env, declared, Object.keys(varOverrides).filter((k) => !declared.vars.includes(k)));
@@ -332,9 +367,10 @@ async function main() {
   const rawDir = join(knobs.outDir, 'raw');
   mkdirSync(rawDir, { recursive: true });
   const tmp = mkdtempSync(join(os.tmpdir(), 'gateway-bench-'));
-  onCleanup(async () => rmSync(tmp, { recursive: true, force: true }));
-  const watchdog = new Watchdog(join(tmp, 'pids'));
-  onCleanup(async () => watchdog.release());
+  const removeTmp = () => rmSync(tmp, { recursive: true, force: true });
+  onCleanup(async () => removeTmp(), removeTmp);
+  watchdog = new Watchdog(join(tmp, 'pids'), tmp);
+  onCleanup(async () => watchdog.release(), () => watchdog.release());
 
   const results = {
     date: new Date().toISOString().replace(/\.\d+Z$/, 'Z'),
@@ -363,16 +399,21 @@ async function main() {
   // Upstream stand-in ------------------------------------------------------
   const standin = await startStandin(rawDir);
   watchdog.track(standin.pid);
+  ownPids.add(standin.pid);
   log(`OpenRouter stand-in at ${standin.base} (pid ${standin.pid})`);
 
   const vars = config.vars ?? {};
   const maxTokens = Number(vars.MAX_TOKENS_DEFAULT ?? 4096);
   const maxTokensLimit = Number(vars.MAX_TOKENS_LIMIT ?? 65536);
+  const memoryPrompt = Array.from({ length: 16 }, (_, i) => String.fromCharCode(97 + i).repeat(knobs.memoryChunkBytes)).join(' ');
+  if (knobs.longChunks > maxTokensLimit) {
+    throw new Error(`BENCH_LONG_STREAM_CHUNKS=${knobs.longChunks} exceeds MAX_TOKENS_LIMIT (${maxTokensLimit}): the gateway would cut the stream short`);
+  }
   const bodies = {
     chat: bodyFile(tmp, 'chat', chatBody({ stream: false, maxTokens })),
     stream: bodyFile(tmp, 'stream', chatBody({ stream: true, chunks: knobs.streamChunks, chunkBytes: knobs.chunkBytes, maxTokens })),
-    memShort: bodyFile(tmp, 'mem-short', chatBody({ stream: true, chunks: knobs.streamChunks, chunkBytes: knobs.memoryChunkBytes, maxTokens: maxTokensLimit })),
-    memLong: bodyFile(tmp, 'mem-long', chatBody({ stream: true, chunks: knobs.longChunks, chunkBytes: knobs.memoryChunkBytes, maxTokens: maxTokensLimit })),
+    memShort: bodyFile(tmp, 'mem-short', chatBody({ stream: true, chunks: knobs.streamChunks, chunkBytes: knobs.memoryChunkBytes, maxTokens: maxTokensLimit, prompt: memoryPrompt })),
+    memLong: bodyFile(tmp, 'mem-long', chatBody({ stream: true, chunks: knobs.longChunks, chunkBytes: knobs.memoryChunkBytes, maxTokens: maxTokensLimit, prompt: memoryPrompt })),
   };
 
   // (g) the gateway, storage on disk as `wrangler dev` keeps it: cold start first --------------------------
@@ -388,6 +429,8 @@ async function main() {
   log('starting the gateway in workerd (Miniflare, storage on disk)');
   const gw = await startGateway(Miniflare, { config, varOverrides, stateDir: gwState, gatewayLog, mfLog, watchdog });
   results.bindings = gw.bindings;
+  const gwStartRss = memory(gw.served.pid).rss;
+  let gmStartRss = null;
   log(`gateway at ${gw.url}: workerd pid ${gw.served.pid}; /health after ${gw.timings.to_first_health_ms} ms; D1 migrated from ${gw.migrations.join(', ')}`);
 
   const chatUrl = (base) => `${base}/v1/chat/completions`;
@@ -437,6 +480,7 @@ async function main() {
   const ptUrl = (await passthrough.ready).href.replace(/\/$/, '');
   const ptServed = servedBy(ptPort);
   watchdog.track(ptServed.pid);
+  ownPids.add(ptServed.pid);
   log(`pass-through at ${ptUrl}: workerd pid ${ptServed.pid}`);
 
   const targets = {
@@ -446,7 +490,10 @@ async function main() {
   };
   results.served_by = { g: gw.served, b: ptServed, runner_pid: process.pid };
 
-  // Memory under a short and a long stream (the gateway soon after its start, then the pass-through) -------
+  // Memory under short and long streams (the gateway soon after its start, then the pass-through) ----------
+  // First many short streams (sizes the heap for this traffic), then one long stream. Relaying without holding
+  // the stream keeps RSS level through the long stream; holding it would add at least the bytes streamed, so
+  // the verdict compares RSS at the middle of the long stream with its end.
   results.memory = {};
   for (const t of ['g', 'b']) {
     const pid = targets[t].pids.server;
@@ -459,18 +506,37 @@ async function main() {
       if (r.errors) problem(`${TARGET_NAMES[t]} memory run (${chunks} chunks): ${r.errors} errors: ${r.error_samples.join(' | ')}`);
       return { chunks, requests, client_bytes: r.bytes_per_request, total_ms_p50: r.latency_ms?.p50 ?? null, errors: r.errors, ...mem };
     };
-    const short = await run(bodies.memShort, knobs.streamChunks, 20, 'short');
-    const long = await run(bodies.memLong, knobs.longChunks, 2, 'long');
-    const growth = long.peak_rss - short.peak_rss;
-    // Buffering a stream would add at least its own size; allow noise well below that.
-    const allowed = Math.max(2 * 2 ** 20, 0.25 * long.client_bytes);
-    const verdict = growth <= allowed ? 'flat (does not grow with stream length)' : 'GROWS with stream length';
-    results.memory[t] = { pid, idle_rss: idle, short, long, growth_bytes: growth, allowed_growth_bytes: Math.round(allowed), verdict };
-    log(`${TARGET_NAMES[t]} RSS: idle ${(idle / 2 ** 20).toFixed(1)} MiB, short peak ${(short.peak_rss / 2 ** 20).toFixed(1)}, long peak ${(long.peak_rss / 2 ** 20).toFixed(1)}`);
-    if (!verdict.startsWith('flat')) problem(`${TARGET_NAMES[t]}: workerd RSS grew by ${(growth / 2 ** 20).toFixed(1)} MiB from a ${knobs.streamChunks}- to a ${knobs.longChunks}-chunk stream`);
+    const short = await run(bodies.memShort, knobs.streamChunks, 100, 'short');
+    const long = await run(bodies.memLong, knobs.longChunks, 1, 'long');
+    // The sample nearest the middle of the long stream, and the highest over its last fifth (short streams
+    // have few samples: the final one is always there).
+    const duration = long.series.at(-1)[0];
+    const mid = long.series.reduce((best, x) => (Math.abs(x[0] - duration / 2) < Math.abs(best[0] - duration / 2) ? x : best))[1];
+    const end = Math.max(...long.series.filter(([ms]) => ms >= 0.8 * duration).map(([, v]) => v));
+    const secondHalfGrowth = end - mid;
+    const allowed = Math.max(2 * 2 ** 20, 0.5 * (long.client_bytes / 2));
+    const verdict = secondHalfGrowth <= allowed ? 'flat: does not grow with stream length' : 'GROWS with stream length';
+    for (const m of [short, long]) delete m.series;
+    results.memory[t] = {
+      pid,
+      idle_rss: idle,
+      short,
+      long,
+      long_minus_short_peak: long.peak_rss - short.peak_rss,
+      long_mid_rss: mid,
+      long_end_rss: end,
+      second_half_growth: secondHalfGrowth,
+      allowed_growth: Math.round(allowed),
+      verdict,
+    };
+    const mib = (b) => (b / 2 ** 20).toFixed(1);
+    log(`${TARGET_NAMES[t]} RSS MiB: idle ${mib(idle)}, short peak ${mib(short.peak_rss)}, long peak ${mib(long.peak_rss)}, long mid→end ${mib(mid)}→${mib(end)}`);
+    if (!verdict.startsWith('flat')) {
+      problem(`${TARGET_NAMES[t]}: workerd RSS grew by ${mib(secondHalfGrowth)} MiB over the second half of a ${knobs.longChunks}-chunk stream (${mib(long.client_bytes / 2)} MiB streamed in it)`);
+    }
     const expectedRatio = knobs.longChunks / knobs.streamChunks;
     if (long.client_bytes < (short.client_bytes * expectedRatio) / 2) {
-      problem(`${TARGET_NAMES[t]}: the ${knobs.longChunks}-chunk stream delivered only ${long.client_bytes} B (vs ${short.client_bytes} B for ${knobs.streamChunks} chunks): truncated, so the memory comparison is weak`);
+      problem(`${TARGET_NAMES[t]}: the ${knobs.longChunks}-chunk stream delivered only ${long.client_bytes} B (vs ${short.client_bytes} B for ${knobs.streamChunks} chunks): cut short, so the memory comparison is weak`);
     }
   }
 
@@ -480,6 +546,7 @@ async function main() {
     log("starting (g') the gateway with in-memory storage");
     const gm = await startGateway(Miniflare, { config, varOverrides, stateDir: null, gatewayLog, mfLog, watchdog });
     targets.m = { url: chatUrl(gm.url), pids: { server: gm.served.pid, upstream: standin.pid } };
+    gmStartRss = memory(gm.served.pid).rss;
     results.served_by.m = gm.served;
     nonstreamTargets.push('m');
   }
@@ -517,6 +584,15 @@ async function main() {
   }
 
   results.memory.g.after_load_rss = memory(gw.served.pid).rss;
+  // How much each gateway instance grew over the run, against how many requests it served.
+  results.rss_growth = [];
+  for (const [t, start] of [['g', gwStartRss], ['m', gmStartRss]]) {
+    if (!targets[t]) continue;
+    // Every request the instance logged (all bench requests carry a phase in their request id).
+    const requests = [...gatewayLog.phases].filter(([phase]) => phase.startsWith(`${t}-`)).reduce((n, [, p]) => n + p.lines, 0);
+    const end = memory(targets[t].pids.server).rss;
+    results.rss_growth.push({ target: t, label: TARGET_NAMES[t], start, end, requests, bytes_per_request: requests ? Math.round((end - start) / requests) : null });
+  }
   results.machine.loadavg_at_end = os.loadavg().map((x) => round(x, 2));
   // Stream log lines are written when a stream ends; give the last ones a moment to arrive.
   await sleep(500);

@@ -12,14 +12,15 @@ const CLOCK_TICKS_PER_S = 100;
  * kill it before it has done its job.
  */
 export class Watchdog {
-  constructor(pidFile) {
+  /** `scratchDir` (optional) is removed too: the bench's temporary state. */
+  constructor(pidFile, scratchDir = '') {
     this.pidFile = pidFile;
     writeFileSync(pidFile, '');
-    this.child = spawn(
-      'sh',
-      ['-c', 'cat >/dev/null; for p in $(cat "$1"); do kill -KILL "$p" 2>/dev/null; done', 'sh', pidFile],
-      { stdio: ['pipe', 'ignore', 'ignore'], detached: true },
-    );
+    const script = 'cat >/dev/null; for p in $(cat "$1"); do kill -KILL "$p" 2>/dev/null; done; [ -n "$2" ] && rm -rf "$2"';
+    this.child = spawn('sh', ['-c', script, 'sh', pidFile, scratchDir], {
+      stdio: ['pipe', 'ignore', 'ignore'],
+      detached: true,
+    });
     this.child.unref();
   }
 
@@ -29,6 +30,8 @@ export class Watchdog {
 
   /** Normal shutdown: the processes are already gone, so nothing is left to kill (and no pid can be reused). */
   release() {
+    if (this.released) return;
+    this.released = true;
     writeFileSync(this.pidFile, '');
     this.child.stdin.end();
   }
@@ -133,20 +136,21 @@ export function memory(pid) {
   }
 }
 
-/** Samples a process's VmRSS every `intervalMs`; `stop()` returns the peak seen and the sample count. */
+/**
+ * Samples a process's VmRSS every `intervalMs`. `stop()` returns the peak, the final RSS and VmHWM, and the
+ * series (milliseconds since start, bytes) so growth within a run can be told from a one-off step.
+ */
 export function sampleRss(pid, intervalMs = 100) {
-  let peak = memory(pid).rss;
-  let samples = 1;
-  const timer = setInterval(() => {
-    const { rss } = memory(pid);
-    if (rss > peak) peak = rss;
-    samples++;
-  }, intervalMs);
+  const t0 = performance.now();
+  const series = [[0, memory(pid).rss]];
+  const timer = setInterval(() => series.push([Math.round(performance.now() - t0), memory(pid).rss]), intervalMs);
   return {
     stop() {
       clearInterval(timer);
       const { rss, hwm } = memory(pid);
-      return { peak_rss: Math.max(peak, rss), end_rss: rss, hwm, samples: samples + 1 };
+      series.push([Math.round(performance.now() - t0), rss]);
+      const peak = Math.max(...series.map(([, v]) => v).filter(Number.isFinite));
+      return { peak_rss: peak, end_rss: rss, hwm, samples: series.length, series };
     },
   };
 }

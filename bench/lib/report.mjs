@@ -126,10 +126,19 @@ export function renderMarkdown(r) {
   for (const [label, mem] of [['gateway', r.memory.g], ['pass-through', r.memory.b]]) {
     if (!mem) continue;
     out.push(
-      `- **Memory of the workerd process (${label})**: RSS ${mb(mem.idle_rss)} before; peak ${mb(mem.short.peak_rss)} during ${mem.short.requests} × ${mem.short.chunks}-chunk streams ` +
-        `(${mb(mem.short.client_bytes)} each); peak ${mb(mem.long.peak_rss)} during ${mem.long.requests} × ${mem.long.chunks}-chunk streams (${mb(mem.long.client_bytes)} each); ` +
-        `VmHWM ${mb(mem.long.hwm)}. Long − short: ${mb(mem.growth_bytes)} → **${mem.verdict}**.`,
+      `- **Peak memory, workerd process of the ${label}** (VmRSS every 100 ms): ${mb(mem.idle_rss)} idle; peak ${mb(mem.short.peak_rss)} during ` +
+        `${mem.short.requests} × ${mem.short.chunks}-chunk streams (${mb(mem.short.client_bytes)} each); peak ${mb(mem.long.peak_rss)} during one ` +
+        `${mem.long.chunks}-chunk stream (${mb(mem.long.client_bytes)}, ${ms(mem.long.total_ms_p50 / 1000)} s); within that stream ${mb(mem.long_mid_rss)} at its middle → ` +
+        `${mb(mem.long_end_rss)} at its end: **${mem.verdict}**.`,
     );
+  }
+  if (r.rss_growth) {
+    for (const g of r.rss_growth) {
+      out.push(
+        `- **RSS of the ${g.label} workerd across the whole run**: ${mb(g.start)} after start → ${mb(g.end)} after ${g.requests.toLocaleString('en-US')} requests ` +
+          `(${kb(g.bytes_per_request)} per request).`,
+      );
+    }
   }
   out.push(`- **Wasm size**: ${kb(r.wasm_size.raw)} raw, ${kb(r.wasm_size.gzip)} gzip (level 9) — worker/build/index_bg.wasm; JS shim ${kb(r.wasm_size.js_raw)}.`);
   const cs = r.cold_start;
