@@ -11,7 +11,7 @@
 //! - Concurrency: admit iff fewer than `max_concurrency` reservations are outstanding.
 //! - A reservation not settled within its lease is charged as reserved and released.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 
 use crate::protocol::{Amount, DenyReason, Limits, Period, Snapshot, WindowState};
 
@@ -28,6 +28,8 @@ pub struct Admission {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reservation {
     pub request_id: String,
+    /// When it was admitted (finds its admission in the window without a scan).
+    pub at_ms: u64,
     pub reserved: Amount,
     pub expires_at_ms: u64,
 }
@@ -40,17 +42,21 @@ pub struct BudgetSpend {
     pub spent: Amount,
 }
 
-/// A row-level change the Durable Object writes to its storage.
+/// A change the Durable Object writes to its storage. One row per admitted request holds both its place in the
+/// window and its reservation, so an admission is one INSERT and a settlement one UPDATE.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
-    InsertAdmission(Admission),
-    SetAdmissionTokens { request_id: String, tokens: u64 },
-    /// Admissions at or before this time have left every window.
-    DeleteAdmissionsUpTo(u64),
-    InsertReservation(Reservation),
-    DeleteReservation(String),
+    Admitted { reservation: Reservation },
+    /// The request settled (or its lease expired): it holds `tokens` in the window and no longer a reservation.
+    Settled { request_id: String, tokens: u64 },
+    /// Settled requests admitted at or before this time have left every window. Issued in batches, so storage
+    /// holds at most `PURGE_BATCH` such rows beyond the window.
+    ForgetUpTo(u64),
     SetBudget(BudgetSpend),
 }
+
+/// Rows that left the window are deleted this many at a time (one DELETE per batch instead of one per request).
+pub const PURGE_BATCH: usize = 64;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
@@ -58,12 +64,20 @@ pub enum Decision {
     Denied { reason: DenyReason, retry_after_ms: Option<u64>, state: Snapshot },
 }
 
+/// Every decision is O(log n) in the admissions of the window (n can be large for a hot key with a high limit):
+/// the window is a time-ordered deque with running totals, so nothing is recounted per request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Quota {
     /// Admissions in time order (only those that may still be in a window).
     admissions: VecDeque<Admission>,
-    reservations: BTreeMap<String, Reservation>,
+    /// Sum of `tokens` over `admissions`.
+    admitted_tokens: u64,
+    reservations: HashMap<String, Reservation>,
+    /// Sum of `reserved` over `reservations`.
+    outstanding: Amount,
     budget: BudgetSpend,
+    /// Admissions dropped from the window since storage last deleted them.
+    unpurged: usize,
 }
 
 /// Retry hint when only the concurrency cap denies: in-flight requests usually finish within a second or two.
@@ -79,10 +93,14 @@ impl Quota {
     /// Rebuilds the state from storage rows (any order).
     pub fn new(mut admissions: Vec<Admission>, reservations: Vec<Reservation>, budget: Option<BudgetSpend>) -> Self {
         admissions.sort_by_key(|a| a.at_ms);
+        let outstanding = reservations.iter().fold(Amount::default(), |sum, r| add(sum, r.reserved));
         Quota {
+            admitted_tokens: admissions.iter().map(|a| a.tokens).sum(),
             admissions: admissions.into(),
             reservations: reservations.into_iter().map(|r| (r.request_id.clone(), r)).collect(),
+            outstanding,
             budget: budget.unwrap_or(BudgetSpend { period_key: String::new(), spent: Amount::default() }),
+            unpurged: 0,
         }
     }
 
@@ -99,16 +117,17 @@ impl Quota {
             return (Decision::Denied { reason, retry_after_ms, state }, changes);
         }
 
-        let admission = Admission { request_id: request_id.to_owned(), at_ms: now, tokens: reserve.tokens };
         let reservation = Reservation {
             request_id: request_id.to_owned(),
+            at_ms: now,
             reserved: reserve,
             expires_at_ms: now.saturating_add(limits.lease_ms),
         };
-        self.admissions.push_back(admission.clone());
+        self.admissions.push_back(Admission { request_id: request_id.to_owned(), at_ms: now, tokens: reserve.tokens });
+        self.admitted_tokens += reserve.tokens;
+        self.outstanding = add(self.outstanding, reserve);
         self.reservations.insert(request_id.to_owned(), reservation.clone());
-        changes.push(Change::InsertAdmission(admission));
-        changes.push(Change::InsertReservation(reservation));
+        changes.push(Change::Admitted { reservation });
         (Decision::Admitted(self.snapshot(now, limits)), changes)
     }
 
@@ -120,12 +139,15 @@ impl Quota {
         let Some(reservation) = self.reservations.remove(request_id) else {
             return (false, changes);
         };
-        changes.push(Change::DeleteReservation(reservation.request_id));
-        if let Some(admission) = self.admissions.iter_mut().find(|a| a.request_id == request_id) {
+        self.outstanding = sub(self.outstanding, reservation.reserved);
+        let first_at_that_time = self.admissions.partition_point(|a| a.at_ms < reservation.at_ms);
+        let admission = self.admissions.range_mut(first_at_that_time..).take_while(|a| a.at_ms == reservation.at_ms).find(|a| a.request_id == request_id);
+        if let Some(admission) = admission {
+            self.admitted_tokens = self.admitted_tokens - admission.tokens + actual.tokens;
             admission.tokens = actual.tokens;
-            changes.push(Change::SetAdmissionTokens { request_id: request_id.to_owned(), tokens: actual.tokens });
         }
-        self.charge(actual, &mut changes);
+        changes.push(Change::Settled { request_id: reservation.request_id, tokens: actual.tokens });
+        self.charge(limits, actual, &mut changes);
         (true, changes)
     }
 
@@ -137,8 +159,9 @@ impl Quota {
             self.reservations.values().filter(|r| r.expires_at_ms <= now).map(|r| r.request_id.clone()).collect();
         for request_id in expired {
             if let Some(reservation) = self.reservations.remove(&request_id) {
-                self.charge(reservation.reserved, &mut changes);
-                changes.push(Change::DeleteReservation(request_id));
+                self.outstanding = sub(self.outstanding, reservation.reserved);
+                self.charge(limits, reservation.reserved, &mut changes);
+                changes.push(Change::Settled { request_id, tokens: reservation.reserved.tokens });
             }
         }
         changes
@@ -150,20 +173,21 @@ impl Quota {
 
     /// Where every limit stands at `now` (no state change).
     pub fn snapshot(&self, now: u64, limits: &Limits) -> Snapshot {
-        let in_window = self.in_window(now, limits.window_ms);
-        let newest_reset = |entries: &[&Admission]| {
-            entries.last().map_or(0, |a| (a.at_ms + limits.window_ms).saturating_sub(now))
+        let (start, tokens_used) = self.window(now, limits.window_ms);
+        let requests_used = (self.admissions.len() - start) as u64;
+        let reset_ms = if requests_used == 0 {
+            0
+        } else {
+            self.admissions.back().map_or(0, |a| (a.at_ms + limits.window_ms).saturating_sub(now))
         };
-        let requests_used = in_window.len() as u64;
         let requests = WindowState {
             limit: u64::from(limits.requests_per_window),
             remaining: u64::from(limits.requests_per_window).saturating_sub(requests_used),
-            reset_ms: newest_reset(&in_window),
+            reset_ms,
         };
-        let tokens = limits.tokens_per_window.map(|limit| {
-            let used: u64 = in_window.iter().map(|a| a.tokens).sum();
-            WindowState { limit, remaining: limit.saturating_sub(used), reset_ms: newest_reset(&in_window) }
-        });
+        let tokens = limits
+            .tokens_per_window
+            .map(|limit| WindowState { limit, remaining: limit.saturating_sub(tokens_used), reset_ms });
         let spent_this_period = if limits.budget.as_ref().is_some_and(|b| self.budget.period_key == period_key(now, b.period)) {
             self.budget.spent
         } else {
@@ -172,9 +196,12 @@ impl Quota {
         Snapshot { requests, tokens, in_flight: self.reservations.len() as u64, budget_used: spent_this_period }
     }
 
-    /// Rows the object keeps: admissions still in a window, outstanding reservations, one budget row.
+    /// Rows the object keeps in storage: admissions in the window, outstanding reservations that left it,
+    /// admissions awaiting a batched delete, one budget row.
     pub fn stored_rows(&self) -> usize {
-        self.admissions.len() + self.reservations.len() + 1
+        let oldest_in_window = self.admissions.front().map_or(u64::MAX, |a| a.at_ms);
+        let reserved_outside = self.reservations.values().filter(|r| r.at_ms < oldest_in_window).count();
+        self.admissions.len() + reserved_outside + self.unpurged + 1
     }
 
     /// Why this request cannot be admitted now — the first limit that denies it, in the order requests, tokens,
@@ -191,7 +218,9 @@ impl Quota {
         }
 
         let window = limits.window_ms;
-        let in_window = self.in_window(now, window);
+        let (start, tokens_used) = self.window(now, window);
+        let in_window = self.admissions.range(start..);
+        let count = self.admissions.len() - start;
         let leaves_at = |a: &Admission| (a.at_ms + window).saturating_sub(now);
         let mut reason = None;
         let mut wait: Option<u64> = Some(0);
@@ -201,15 +230,14 @@ impl Quota {
         };
 
         let limit = limits.requests_per_window as usize;
-        if in_window.len() >= limit {
-            // The (len − limit + 1)-th oldest must leave before one more fits.
-            block(DenyReason::Requests, in_window.get(in_window.len() - limit).map(|a| leaves_at(a)));
+        if count >= limit {
+            // The (count − limit + 1)-th oldest must leave before one more fits.
+            block(DenyReason::Requests, self.admissions.get(start + count - limit).map(leaves_at));
         }
         if let Some(tpm) = limits.tokens_per_window {
-            let used: u64 = in_window.iter().map(|a| a.tokens).sum();
-            if used + reserve.tokens > tpm {
-                let mut remaining = used;
-                let until = in_window.iter().find_map(|a| {
+            if tokens_used + reserve.tokens > tpm {
+                let mut remaining = tokens_used;
+                let until = in_window.clone().find_map(|a| {
                     remaining -= a.tokens;
                     (remaining + reserve.tokens <= tpm).then(|| leaves_at(a))
                 });
@@ -220,7 +248,7 @@ impl Quota {
             block(DenyReason::Concurrency, Some(CONCURRENCY_RETRY_MS));
         }
         if let Some(budget) = &limits.budget {
-            let outstanding = self.outstanding();
+            let outstanding = self.outstanding;
             let until_next_period = period_end(now, budget.period).map(|end| end.saturating_sub(now));
             if budget_tokens.is_some_and(|limit| self.budget.spent.tokens + outstanding.tokens + reserve.tokens > limit) {
                 block(DenyReason::BudgetTokens, until_next_period);
@@ -236,45 +264,54 @@ impl Quota {
         reason.map(|reason| (reason, wait))
     }
 
-    fn in_window(&self, now: u64, window_ms: u64) -> Vec<&Admission> {
-        let start = now.checked_sub(window_ms);
-        self.admissions.iter().filter(|a| start.is_none_or(|start| a.at_ms > start)).collect()
+    /// Where the window at `now` starts in `admissions`, and the tokens admitted inside it. After `prune` the
+    /// start is 0; a snapshot taken later only skips the few admissions that have left since.
+    fn window(&self, now: u64, window_ms: u64) -> (usize, u64) {
+        let Some(cutoff) = now.checked_sub(window_ms) else { return (0, self.admitted_tokens) };
+        let start = self.admissions.partition_point(|a| a.at_ms <= cutoff);
+        let left: u64 = self.admissions.range(..start).map(|a| a.tokens).sum();
+        (start, self.admitted_tokens - left)
     }
 
-    fn outstanding(&self) -> Amount {
-        self.reservations.values().fold(Amount::default(), |sum, r| Amount {
-            tokens: sum.tokens + r.reserved.tokens,
-            usd: sum.usd + r.reserved.usd,
-        })
-    }
-
-    /// Forgets admissions that have left the window.
+    /// Forgets admissions that have left the window (storage forgets them in batches).
     fn prune(&mut self, now: u64, window_ms: u64, changes: &mut Vec<Change>) {
         let Some(cutoff) = now.checked_sub(window_ms) else { return };
-        let mut pruned = false;
-        while self.admissions.front().is_some_and(|a| a.at_ms <= cutoff) {
+        while let Some(oldest) = self.admissions.front().filter(|a| a.at_ms <= cutoff) {
+            self.admitted_tokens -= oldest.tokens;
             self.admissions.pop_front();
-            pruned = true;
+            self.unpurged += 1;
         }
-        if pruned {
-            changes.push(Change::DeleteAdmissionsUpTo(cutoff));
+        if self.unpurged >= PURGE_BATCH {
+            self.unpurged = 0;
+            changes.push(Change::ForgetUpTo(cutoff));
         }
     }
 
-    /// Starts a new budget period when the calendar has moved on.
+    /// Starts a new budget period when the calendar has moved on. Spend is tracked only while a budget applies.
     fn roll_period(&mut self, now: u64, limits: &Limits, changes: &mut Vec<Change>) {
-        let key = period_key(now, limits.budget.as_ref().map_or(Period::Lifetime, |b| b.period));
+        let Some(budget) = &limits.budget else { return };
+        let key = period_key(now, budget.period);
         if self.budget.period_key != key {
             self.budget = BudgetSpend { period_key: key, spent: Amount::default() };
             changes.push(Change::SetBudget(self.budget.clone()));
         }
     }
 
-    fn charge(&mut self, amount: Amount, changes: &mut Vec<Change>) {
-        self.budget.spent.tokens += amount.tokens;
-        self.budget.spent.usd += amount.usd;
+    fn charge(&mut self, limits: &Limits, amount: Amount, changes: &mut Vec<Change>) {
+        if limits.budget.is_none() {
+            return;
+        }
+        self.budget.spent = add(self.budget.spent, amount);
         changes.push(Change::SetBudget(self.budget.clone()));
     }
+}
+
+fn add(a: Amount, b: Amount) -> Amount {
+    Amount { tokens: a.tokens + b.tokens, usd: a.usd + b.usd }
+}
+
+fn sub(a: Amount, b: Amount) -> Amount {
+    Amount { tokens: a.tokens.saturating_sub(b.tokens), usd: (a.usd - b.usd).max(0.0) }
 }
 
 const DAY_MS: u64 = 86_400_000;
@@ -458,7 +495,7 @@ mod tests {
         assert_eq!(q.next_lease_expiry(), Some(T0 + 5_000));
         assert!(q.expire_leases(T0 + 4_999, &l).is_empty());
         let changes = q.expire_leases(T0 + 5_000, &l);
-        assert!(changes.contains(&Change::DeleteReservation("a".into())));
+        assert!(changes.contains(&Change::Settled { request_id: "a".into(), tokens: 300 }));
         assert_eq!(q.snapshot(T0 + 5_000, &l).budget_used.tokens, 300);
         assert_eq!(q.snapshot(T0 + 5_000, &l).in_flight, 0);
         assert!(!q.settle(T0 + 6_000, &l, "a", tokens(1)).0, "a late settle changes nothing");
@@ -499,7 +536,7 @@ mod tests {
             }
             t += 250;
         }
-        assert!(q.stored_rows() <= 60 + 1, "{} rows", q.stored_rows());
+        assert!(q.stored_rows() <= 60 + PURGE_BATCH + 1, "{} rows", q.stored_rows());
     }
 
     #[test]

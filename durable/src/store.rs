@@ -10,11 +10,12 @@ use worker::{Result, SqlStorage, SqlStorageValue};
 use crate::protocol::Amount;
 use crate::quota::{Admission, BudgetSpend, Change, Quota, Reservation};
 
+/// `requests`: one row per admitted request still in a window or still reserved. `tokens` is what it holds in the
+/// token window (reserved, then actual); `reserved_*` and `expires_at_ms` are set while it is unsettled.
 const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS admissions (request_id TEXT PRIMARY KEY, at_ms INTEGER NOT NULL, tokens INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS admissions_at ON admissions (at_ms);
-CREATE TABLE IF NOT EXISTS reservations (
-  request_id TEXT PRIMARY KEY, tokens INTEGER NOT NULL, usd REAL NOT NULL, expires_at_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS requests (request_id TEXT PRIMARY KEY, at_ms INTEGER NOT NULL, tokens INTEGER NOT NULL,
+  reserved_tokens INTEGER, reserved_usd REAL, expires_at_ms INTEGER);
+CREATE INDEX IF NOT EXISTS requests_at ON requests (at_ms);
 CREATE TABLE IF NOT EXISTS budget (id INTEGER PRIMARY KEY CHECK (id = 1), period_key TEXT NOT NULL,
   tokens INTEGER NOT NULL, usd REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -25,18 +26,13 @@ pub struct Store {
 }
 
 #[derive(Deserialize)]
-struct AdmissionRow {
+struct RequestRow {
     request_id: String,
     at_ms: f64,
     tokens: f64,
-}
-
-#[derive(Deserialize)]
-struct ReservationRow {
-    request_id: String,
-    tokens: f64,
-    usd: f64,
-    expires_at_ms: f64,
+    reserved_tokens: Option<f64>,
+    reserved_usd: Option<f64>,
+    expires_at_ms: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -58,23 +54,24 @@ impl Store {
     }
 
     pub fn load(&self) -> Result<Quota> {
-        let admissions = self
+        let rows = self
             .sql
-            .exec("SELECT request_id, at_ms, tokens FROM admissions", None)?
-            .to_array::<AdmissionRow>()?
+            .exec("SELECT request_id, at_ms, tokens, reserved_tokens, reserved_usd, expires_at_ms FROM requests", None)?
+            .to_array::<RequestRow>()?;
+        let reservations = rows
+            .iter()
+            .filter_map(|r| {
+                Some(Reservation {
+                    request_id: r.request_id.clone(),
+                    at_ms: r.at_ms as u64,
+                    reserved: Amount { tokens: r.reserved_tokens? as u64, usd: r.reserved_usd.unwrap_or(0.0) },
+                    expires_at_ms: r.expires_at_ms? as u64,
+                })
+            })
+            .collect();
+        let admissions = rows
             .into_iter()
             .map(|r| Admission { request_id: r.request_id, at_ms: r.at_ms as u64, tokens: r.tokens as u64 })
-            .collect();
-        let reservations = self
-            .sql
-            .exec("SELECT request_id, tokens, usd, expires_at_ms FROM reservations", None)?
-            .to_array::<ReservationRow>()?
-            .into_iter()
-            .map(|r| Reservation {
-                request_id: r.request_id,
-                reserved: Amount { tokens: r.tokens as u64, usd: r.usd },
-                expires_at_ms: r.expires_at_ms as u64,
-            })
             .collect();
         let budget = self
             .sql
@@ -89,23 +86,25 @@ impl Store {
     pub fn apply(&self, changes: &[Change]) -> Result<()> {
         for change in changes {
             match change {
-                Change::InsertAdmission(a) => self.exec(
-                    "INSERT OR REPLACE INTO admissions (request_id, at_ms, tokens) VALUES (?, ?, ?)",
-                    vec![a.request_id.as_str().into(), int(a.at_ms), int(a.tokens)],
+                Change::Admitted { reservation: r } => self.exec(
+                    "INSERT OR REPLACE INTO requests (request_id, at_ms, tokens, reserved_tokens, reserved_usd, expires_at_ms) \
+                     VALUES (?, ?, ?, ?, ?, ?)",
+                    vec![
+                        r.request_id.as_str().into(),
+                        int(r.at_ms),
+                        int(r.reserved.tokens),
+                        int(r.reserved.tokens),
+                        r.reserved.usd.into(),
+                        int(r.expires_at_ms),
+                    ],
                 )?,
-                Change::SetAdmissionTokens { request_id, tokens } => self.exec(
-                    "UPDATE admissions SET tokens = ? WHERE request_id = ?",
+                Change::Settled { request_id, tokens } => self.exec(
+                    "UPDATE requests SET tokens = ?, reserved_tokens = NULL, reserved_usd = NULL, expires_at_ms = NULL \
+                     WHERE request_id = ?",
                     vec![int(*tokens), request_id.as_str().into()],
                 )?,
-                Change::DeleteAdmissionsUpTo(at_ms) => {
-                    self.exec("DELETE FROM admissions WHERE at_ms <= ?", vec![int(*at_ms)])?
-                }
-                Change::InsertReservation(r) => self.exec(
-                    "INSERT OR REPLACE INTO reservations (request_id, tokens, usd, expires_at_ms) VALUES (?, ?, ?, ?)",
-                    vec![r.request_id.as_str().into(), int(r.reserved.tokens), r.reserved.usd.into(), int(r.expires_at_ms)],
-                )?,
-                Change::DeleteReservation(request_id) => {
-                    self.exec("DELETE FROM reservations WHERE request_id = ?", vec![request_id.as_str().into()])?
+                Change::ForgetUpTo(at_ms) => {
+                    self.exec("DELETE FROM requests WHERE at_ms <= ? AND expires_at_ms IS NULL", vec![int(*at_ms)])?
                 }
                 Change::SetBudget(b) => self.exec(
                     "INSERT OR REPLACE INTO budget (id, period_key, tokens, usd) VALUES (1, ?, ?, ?)",
@@ -142,8 +141,7 @@ impl Store {
         let count = self
             .sql
             .exec(
-                "SELECT (SELECT COUNT(*) FROM admissions) + (SELECT COUNT(*) FROM reservations)
-                      + (SELECT COUNT(*) FROM budget) + (SELECT COUNT(*) FROM meta) AS n",
+                "SELECT (SELECT COUNT(*) FROM requests) + (SELECT COUNT(*) FROM budget) + (SELECT COUNT(*) FROM meta) AS n",
                 None,
             )?
             .to_array::<Count>()?;

@@ -21,6 +21,10 @@ pub struct RequestLog {
     pub upstream_status: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ttft_ms: Option<u64>,
+    /// Time spent waiting for the key's Durable Object to admit the request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limiter_ms: Option<u64>,
+
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt_tokens: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]

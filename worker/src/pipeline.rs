@@ -200,7 +200,9 @@ async fn admit(env: &Env, config: &Config, key: &KeyRecord, chat: &ChatRequest, 
     let prompt_estimate = admit::estimate_prompt_tokens(chat);
     let reserve = Amount { tokens: prompt_estimate + u64::from(chat.max_tokens), usd: 0.0 };
     let message = AdmitRequest { request_id: exchange.log.request_id.clone(), control, models: chat.models.clone(), reserve };
+    let asked_at = now_ms();
     let answer = bindings::limiter_call::<_, AdmitResponse>(env, &key.id, "/admit", &message).await;
+    exchange.log.limiter_ms = Some(now_ms().saturating_sub(asked_at));
     let admitted = match answer {
         Ok(AdmitResponse::Admitted { state, limits }) => {
             exchange.rate_headers = admit::rate_limit_headers(&state, limits.window_ms);
