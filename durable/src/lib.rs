@@ -16,9 +16,10 @@ use std::cell::{Cell, RefCell};
 use worker::{durable_object, DurableObject, Env, Request, Response, Result, ScheduledTime, State};
 
 use crate::protocol::{
-    AdmitRequest, AdmitResponse, DenyReason, KeyControl, Limits, SettleRequest, SettleResponse, StateRequest, StateResponse,
+    AdmitRequest, AdmitResponse, DenyReason, KeyControl, Limits, SettleBatch, SettleRequest, SettleResponse, StateRequest,
+    StateResponse,
 };
-use crate::quota::{Decision, Quota};
+use crate::quota::{Change, Decision, Quota};
 use crate::store::Store;
 
 #[durable_object]
@@ -64,8 +65,10 @@ impl DurableObject for KeyLimiter {
                 Response::from_json(&response)
             }
             "/settle" => {
-                let Ok(message) = req.json::<SettleRequest>().await else { return Response::error("bad settle", 400) };
-                let settled = self.settle(store, &message)?;
+                let Ok(message) = req.json::<SettleBatch>().await else { return Response::error("bad settle", 400) };
+                let mut changes = Vec::new();
+                let settled = self.settle(&message.settle, &mut changes);
+                store.apply(&changes)?;
                 Response::from_json(&SettleResponse { settled })
             }
             "/state" => {
@@ -105,16 +108,20 @@ impl KeyLimiter {
         let limits = &control.limits;
         self.remember_limits(store, limits)?;
         let now = now_ms();
+        let mut changes = Vec::new();
+        self.settle(&message.settle, &mut changes);
         let refusal = if control.revoked {
             Some((DenyReason::Revoked, None))
         } else {
             control.forbidden_model(&message.models).map(|m| (DenyReason::ModelNotAllowed, Some(m.to_owned())))
         };
         if let Some((reason, model)) = refusal {
+            store.apply(&changes)?;
             let state = self.quota.borrow().snapshot(now, limits);
             return Ok(AdmitResponse::Denied { reason, retry_after_ms: None, state, limits: limits.clone(), model });
         }
-        let (decision, changes) = self.quota.borrow_mut().admit(now, limits, &message.request_id, message.reserve);
+        let (decision, admitted) = self.quota.borrow_mut().admit(now, limits, &message.request_id, message.reserve);
+        changes.extend(admitted);
         store.apply(&changes)?;
         Ok(match decision {
             Decision::Admitted(state) => AdmitResponse::Admitted { state, limits: limits.clone() },
@@ -134,12 +141,20 @@ impl KeyLimiter {
         Ok(newer)
     }
 
-    fn settle(&self, store: &Store, message: &SettleRequest) -> Result<bool> {
+    /// Settles reservations; the caller writes the changes (with whatever else its turn writes).
+    fn settle(&self, settles: &[SettleRequest], changes: &mut Vec<Change>) -> usize {
         let limits = self.limits.borrow().clone();
-        let Some(limits) = limits else { return Ok(false) };
-        let (settled, changes) = self.quota.borrow_mut().settle(now_ms(), &limits, &message.request_id, message.actual);
-        store.apply(&changes)?;
-        Ok(settled)
+        let Some(limits) = limits else { return 0 };
+        let now = now_ms();
+        let mut quota = self.quota.borrow_mut();
+        settles
+            .iter()
+            .filter(|s| {
+                let (settled, settle_changes) = quota.settle(now, &limits, &s.request_id, s.actual);
+                changes.extend(settle_changes);
+                settled
+            })
+            .count()
     }
 
     fn remember_limits(&self, store: &Store, limits: &Limits) -> Result<()> {

@@ -80,6 +80,10 @@ pub struct AdmitRequest {
     /// Every model the request may be served by (`model` and OpenRouter's `models` fallbacks).
     pub models: Vec<String>,
     pub reserve: Amount,
+    /// Settlements of this key's earlier requests that the Worker held back to send along (applied first, and
+    /// written in the same storage transaction as this admission).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub settle: Vec<SettleRequest>,
 }
 
 /// Asks where the key stands without admitting anything (owner view, model list).
@@ -101,10 +105,17 @@ pub struct SettleRequest {
     pub actual: Amount,
 }
 
+/// Settlements sent on their own (`POST /settle`), when no admission came along to carry them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SettleBatch {
+    pub settle: Vec<SettleRequest>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SettleResponse {
-    /// False when the reservation was unknown (already settled, or expired and charged as reserved).
-    pub settled: bool,
+    /// How many reservations were settled (unknown ones — settled twice, or already charged by lease expiry —
+    /// are not counted).
+    pub settled: usize,
 }
 
 /// Where one window stands after a decision, for the `x-ratelimit-*` and `RateLimit` headers.

@@ -240,3 +240,16 @@ async fn every_response_carries_security_headers_and_a_request_id() {
     let replaced = c.get(gateway().url("/health")).header("x-request-id", "bad id; with spaces").send().await.expect("reachable");
     assert!(replaced.headers()["x-request-id"].to_str().unwrap_or("").starts_with("req_"));
 }
+
+#[tokio::test]
+async fn a_stream_that_goes_silent_ends_with_an_error_event() {
+    // UPSTREAM_TIMEOUT_SECONDS is 2 here; the stand-in falls silent for 30 s after two deltas.
+    let body = json!({"messages": [{"role": "user", "content": "hi"}], "stream": true,
+        "standin": {"chunks": 5, "pause_after": 2, "pause_ms": 30000}});
+    let response = client().post(gateway().url("/v1/chat/completions")).bearer_auth(carol()).json(&body).send().await.expect("reachable");
+    assert_eq!(response.status(), 200);
+    let events = tokio::time::timeout(Duration::from_secs(20), sse_events(response)).await.expect("the stream ends");
+    let last: Value = serde_json::from_str(events.last().expect("events")).expect("JSON");
+    assert_eq!(last["error"]["code"], "upstream_cut_off", "{events:?}");
+    assert!(events.len() >= 3, "the deltas before the silence were delivered: {events:?}");
+}

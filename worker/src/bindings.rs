@@ -2,7 +2,10 @@
 //! and the per-isolate state (validated config, auth cache).
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
+
+use key_limiter::protocol::SettleRequest;
 
 use wasm_bindgen::prelude::*;
 use worker::{Env, Error};
@@ -37,6 +40,21 @@ pub fn random_bytes<const N: usize>() -> [u8; N] {
 thread_local! {
     static CONFIG: RefCell<Option<Rc<Config>>> = const { RefCell::new(None) };
     static AUTH_CACHE: RefCell<Option<AuthCache>> = const { RefCell::new(None) };
+    /// Usage events waiting for this isolate's next queue batch.
+    static PENDING_EVENTS: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
+    /// Settlements waiting to ride along with the key's next admission from this isolate.
+    static PENDING_SETTLES: RefCell<HashMap<String, Vec<SettleRequest>>> = RefCell::new(HashMap::new());
+}
+
+/// Holds a settlement back, so that the key's next admission from this isolate carries it: one call to the
+/// Durable Object (and one storage transaction) instead of two per request.
+pub fn defer_settle(key_id: &str, settle: SettleRequest) {
+    PENDING_SETTLES.with(|p| p.borrow_mut().entry(key_id.to_owned()).or_default().push(settle));
+}
+
+/// Takes every settlement held back for this key.
+pub fn take_settles(key_id: &str) -> Vec<SettleRequest> {
+    PENDING_SETTLES.with(|p| p.borrow_mut().remove(key_id)).unwrap_or_default()
 }
 
 /// The validated configuration, parsed once per isolate (vars and secrets do not change under a running isolate).
@@ -173,17 +191,72 @@ pub fn iso_time(ms: u64) -> String {
 
 pub const USAGE_EVENTS: &str = "USAGE_EVENTS";
 
-/// Enqueues a usage event (as a JSON string). A failed send is retried a few times; the caller logs the event if
-/// it still fails, so nothing is lost silently.
-pub async fn enqueue_usage(env: &Env, event_json: &str) -> Result<(), Error> {
-    let queue = env.queue(USAGE_EVENTS)?;
+/// How long the first event of a batch waits for others from this isolate before the batch is sent.
+const EVENT_BATCH_DELAY: std::time::Duration = std::time::Duration::from_millis(20);
+/// `sendBatch` takes at most 100 messages and 256 KB.
+const MAX_BATCH_MESSAGES: usize = 100;
+const MAX_BATCH_BYTES: usize = 200 * 1024;
+
+/// Enqueues a usage event (a JSON string). Events from one isolate travel in batches: the first event of a batch
+/// waits briefly for others, then sends them all with one `sendBatch` (retried a few times). Returns the events
+/// that could not be sent, for the caller to log in full — nothing is lost silently.
+pub async fn enqueue_usage(env: &Env, event_json: String) -> Result<(), (Error, Vec<String>)> {
+    let first = PENDING_EVENTS.with(|p| {
+        let mut pending = p.borrow_mut();
+        pending.push(event_json);
+        pending.len() == 1
+    });
+    if !first {
+        return Ok(()); // the batch's first event sends it
+    }
+    worker::Delay::from(EVENT_BATCH_DELAY).await;
+    let events = PENDING_EVENTS.with(|p| std::mem::take(&mut *p.borrow_mut()));
+    let queue = match env.queue(USAGE_EVENTS) {
+        Ok(queue) => queue,
+        Err(e) => return Err((e, events)),
+    };
+    let mut failed = Vec::new();
+    let mut last_error = None;
+    for batch in batches(&events) {
+        if let Err(e) = send_batch(&queue, batch).await {
+            failed.extend(batch.iter().cloned());
+            last_error = Some(e);
+        }
+    }
+    match last_error {
+        None => Ok(()),
+        Some(e) => Err((e, failed)),
+    }
+}
+
+/// Splits events into `sendBatch`-sized groups.
+fn batches(events: &[String]) -> Vec<&[String]> {
+    let mut groups = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, event) in events.iter().enumerate() {
+        if i > start && (i - start == MAX_BATCH_MESSAGES || bytes + event.len() > MAX_BATCH_BYTES) {
+            groups.push(&events[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += event.len();
+    }
+    if start < events.len() {
+        groups.push(&events[start..]);
+    }
+    groups
+}
+
+async fn send_batch(queue: &worker::Queue, events: &[String]) -> Result<(), Error> {
     let mut last_error = None;
     for delay_ms in [0u64, 100, 500] {
         if delay_ms > 0 {
             worker::Delay::from(std::time::Duration::from_millis(delay_ms)).await;
         }
-        let message = worker::RawMessageBuilder::new(JsValue::from_str(event_json)).build_with_content_type(worker::QueueContentType::Text);
-        match queue.send_raw(message).await {
+        let messages: Vec<_> = events
+            .iter()
+            .map(|e| worker::RawMessageBuilder::new(JsValue::from_str(e)).build_with_content_type(worker::QueueContentType::Text))
+            .collect();
+        match queue.send_raw_batch(messages).await {
             Ok(()) => return Ok(()),
             Err(e) => last_error = Some(e),
         }

@@ -15,8 +15,14 @@ use crate::error::ApiError;
 /// Upstream error bodies are read up to this size; the rest is not worth holding.
 const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
 
+/// An upstream response, and the means to abort it (its body included) later.
+pub struct Upstream {
+    pub response: Response,
+    pub abort: AbortController,
+}
+
 /// Sends the chat body upstream and returns the response once its headers have arrived.
-pub async fn post_chat(config: &Config, body: &str) -> Result<Response, ApiError> {
+pub async fn post_chat(config: &Config, body: &str) -> Result<Upstream, ApiError> {
     let url = format!("{}/chat/completions", config.upstream_base_url);
     let headers = upstream_headers(config)?;
     set_header(&headers, "content-type", "application/json")?;
@@ -32,7 +38,7 @@ pub async fn get_models(config: &Config) -> Result<Vec<u8>, ApiError> {
     let mut init = RequestInit::new();
     init.with_method(Method::Get).with_headers(upstream_headers(config)?);
     let request = Request::new_with_init(&url, &init).map_err(|e| internal("upstream_request_build", &e))?;
-    let mut response = send(request, config.upstream_timeout_secs).await?;
+    let Upstream { mut response, .. } = send(request, config.upstream_timeout_secs).await?;
     if !(200..300).contains(&response.status_code()) {
         return Err(upstream_error(&mut response).await);
     }
@@ -101,12 +107,12 @@ fn set_header(headers: &Headers, name: &str, value: &str) -> Result<(), ApiError
     headers.set(name, value).map_err(|e| internal("upstream_header_invalid", &e))
 }
 
-async fn send(request: Request, timeout_secs: u64) -> Result<Response, ApiError> {
+async fn send(request: Request, timeout_secs: u64) -> Result<Upstream, ApiError> {
     let controller = AbortController::default();
     let fetch = Fetch::Request(request);
     let result = with_timeout(fetch.send_with_signal(&controller.signal()), timeout_secs).await;
     match result {
-        Ok(Ok(response)) => Ok(response),
+        Ok(Ok(response)) => Ok(Upstream { response, abort: controller }),
         Ok(Err(e)) => {
             log_error("upstream_fetch_failed", &e.to_string());
             Err(ApiError::upstream_unreachable())

@@ -12,7 +12,7 @@
 //! always runs, so every admitted request is settled and every request is logged exactly once.
 
 use futures_util::StreamExt;
-use key_limiter::protocol::{AdmitRequest, AdmitResponse, Amount, SettleRequest, SettleResponse};
+use key_limiter::protocol::{AdmitRequest, AdmitResponse, Amount, SettleBatch, SettleRequest, SettleResponse};
 use serde_json::Value;
 use worker::{Context, Env, Headers, Request, Response, ResponseBuilder};
 
@@ -79,7 +79,6 @@ impl Reply {
 
 struct StreamJob {
     relay: Relay,
-    scanner: SseScanner,
     idle_timeout_secs: u64,
     drain_on_abort: bool,
 }
@@ -180,7 +179,7 @@ async fn chat_completions(mut req: Request, env: &Env, config: &Config, exchange
     admit(env, config, &key, &chat, exchange).await?;
 
     let body = serde_json::to_string(&chat.body).map_err(|_| ApiError::internal("body_serialize_failed"))?;
-    let mut upstream = forward::post_chat(config, &body).await?;
+    let forward::Upstream { response: mut upstream, abort } = forward::post_chat(config, &body).await?;
     let status = upstream.status_code();
     exchange.log.upstream_status = Some(status);
     if !(200..300).contains(&status) {
@@ -188,7 +187,7 @@ async fn chat_completions(mut req: Request, env: &Env, config: &Config, exchange
     }
     exchange.generated = true;
     if chat.stream {
-        stream_reply(&upstream, &chat, config, capture_content(config))
+        stream_reply(&upstream, abort, &chat, config, capture_content(config), exchange.started_ms)
     } else {
         completion_reply(&mut upstream, config, exchange).await
     }
@@ -199,7 +198,9 @@ async fn admit(env: &Env, config: &Config, key: &KeyRecord, chat: &ChatRequest, 
     let control = admit::control_for(key, config);
     let prompt_estimate = admit::estimate_prompt_tokens(chat);
     let reserve = Amount { tokens: prompt_estimate + u64::from(chat.max_tokens), usd: 0.0 };
-    let message = AdmitRequest { request_id: exchange.log.request_id.clone(), control, models: chat.models.clone(), reserve };
+    let settle = bindings::take_settles(&key.id);
+    let message =
+        AdmitRequest { request_id: exchange.log.request_id.clone(), control, models: chat.models.clone(), reserve, settle };
     let asked_at = now_ms();
     let answer = bindings::limiter_call::<_, AdmitResponse>(env, &key.id, "/admit", &message).await;
     exchange.log.limiter_ms = Some(now_ms().saturating_sub(asked_at));
@@ -215,6 +216,10 @@ async fn admit(env: &Env, config: &Config, key: &KeyRecord, chat: &ChatRequest, 
         }
         Err(e) => {
             log_error("limiter_unreachable", &e.to_string());
+            // The settlements it carried were not applied: keep them for the next call.
+            for settle in message.settle {
+                bindings::defer_settle(&key.id, settle);
+            }
             if config.limiter_fail_open {
                 Ok(())
             } else {
@@ -261,11 +266,18 @@ async fn completion_reply(upstream: &mut Response, config: &Config, exchange: &m
 }
 
 /// Streamed: answer at once with the client side of a relay; the relay itself runs in `finish`.
-fn stream_reply(upstream: &Response, chat: &ChatRequest, config: &Config, capture: bool) -> Result<Reply, ApiError> {
+fn stream_reply(
+    upstream: &Response,
+    abort: worker::AbortController,
+    chat: &ChatRequest,
+    config: &Config,
+    capture: bool,
+    started_ms: u64,
+) -> Result<Reply, ApiError> {
     let worker::ResponseBody::Stream(body) = upstream.body() else {
         return Err(ApiError::upstream_malformed());
     };
-    let relay = Relay::new(body)?;
+    let relay = Relay::new(body, abort, SseScanner::new(chat.include_usage, capture), started_ms)?;
     let headers = Headers::new();
     set_headers(
         &headers,
@@ -276,12 +288,7 @@ fn stream_reply(upstream: &Response, chat: &ChatRequest, config: &Config, captur
     );
     copy_generation_id(upstream, &headers);
     let response = ResponseBuilder::new().with_status(200).with_headers(headers).stream(relay.client_body.clone());
-    let job = StreamJob {
-        relay,
-        scanner: SseScanner::new(chat.include_usage, capture),
-        idle_timeout_secs: config.upstream_timeout_secs,
-        drain_on_abort: config.drain_on_client_abort,
-    };
+    let job = StreamJob { relay, idle_timeout_secs: config.upstream_timeout_secs, drain_on_abort: config.drain_on_client_abort };
     Ok(Reply { response, stream: Some(job) })
 }
 
@@ -289,7 +296,7 @@ fn stream_reply(upstream: &Response, chat: &ChatRequest, config: &Config, captur
 /// event, write the log line. Runs for every request, whatever happened to it.
 async fn finish(env: Env, config: Rc<Config>, mut exchange: Exchange, stream: Option<StreamJob>) {
     if let Some(job) = stream {
-        let outcome = job.relay.run(job.scanner, exchange.started_ms, job.idle_timeout_secs, job.drain_on_abort).await;
+        let outcome = job.relay.run(job.idle_timeout_secs, job.drain_on_abort).await;
         record_stream(&mut exchange, outcome);
     }
     if let Some(usage) = &exchange.usage {
@@ -312,14 +319,24 @@ async fn finish(env: Env, config: Rc<Config>, mut exchange: Exchange, stream: Op
     worker::console_log!("{}", exchange.log.to_line());
 }
 
-/// Replaces the reservation with what was used.
+/// Replaces the reservation with what was used. The settlement first waits briefly for the key's next admission
+/// from this isolate to carry it (under load it almost always does); otherwise it is sent on its own.
 async fn settle(env: &Env, key: &KeyRecord, request_id: &str, actual: Amount) {
-    let message = SettleRequest { request_id: request_id.to_owned(), actual };
-    if let Err(e) = bindings::limiter_call::<_, SettleResponse>(env, &key.id, "/settle", &message).await {
-        // The reservation's lease will charge it as reserved: the key is over-charged, never under-charged.
+    bindings::defer_settle(&key.id, SettleRequest { request_id: request_id.to_owned(), actual });
+    worker::Delay::from(SETTLE_DEFERRAL).await;
+    let settle = bindings::take_settles(&key.id);
+    if settle.is_empty() {
+        return;
+    }
+    let batch = SettleBatch { settle };
+    if let Err(e) = bindings::limiter_call::<_, SettleResponse>(env, &key.id, "/settle", &batch).await {
+        // The reservations' leases will charge them as reserved: the key is over-charged, never under-charged.
         log_error("limiter_settle_failed", &e.to_string());
     }
 }
+
+/// How long a settlement waits for an admission to ride with (it holds the reservation that much longer).
+const SETTLE_DEFERRAL: std::time::Duration = std::time::Duration::from_millis(50);
 
 fn usage_event(exchange: &Exchange, key: &KeyRecord, chat: &ChatFacts, usage: Usage, source: UsageSource, config: &Config) -> UsageEvent {
     let content = match (&chat.captured_input, &exchange.completion_text) {
@@ -357,11 +374,16 @@ fn usage_event(exchange: &Exchange, key: &KeyRecord, chat: &ChatFacts, usage: Us
 /// recovered from `wrangler tail` rather than lost silently.
 async fn enqueue(env: &Env, event: &UsageEvent) {
     let Ok(json) = serde_json::to_string(event) else { return };
-    if let Err(e) = bindings::enqueue_usage(env, &json).await {
-        let without_content = UsageEvent { content: None, ..event.clone() };
-        let line = serde_json::json!({"level": "error", "event": "usage_event_not_enqueued", "detail": e.to_string(),
-            "usage_event": without_content});
-        worker::console_error!("{line}");
+    if let Err((e, lost)) = bindings::enqueue_usage(env, json).await {
+        for event in lost {
+            let Ok(mut event) = serde_json::from_str::<Value>(&event) else { continue };
+            if let Some(fields) = event.as_object_mut() {
+                fields.remove("content");
+            }
+            let line = serde_json::json!({"level": "error", "event": "usage_event_not_enqueued", "detail": e.to_string(),
+                "usage_event": event});
+            worker::console_error!("{line}");
+        }
     }
 }
 

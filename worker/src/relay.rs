@@ -1,24 +1,29 @@
 //! Relaying an upstream SSE body to the client while reading it.
 //!
-//! The client gets the readable side of a `TransformStream`; a pump running under `ctx.wait_until` reads the
-//! upstream, shows each chunk to the [`SseScanner`], and writes to the writable side. A chunk the scanner passes
-//! unchanged is forwarded as the *same* JS buffer (one copy into wasm to read it, none back out); only rewritten
-//! chunks are built anew. Awaiting each write gives backpressure, and a failed write means the client has gone,
-//! which cancels the upstream so no more tokens are generated for nobody.
+//! The runtime pipes the upstream body (`pipeTo`) through a `TransformStream` whose transform is a Rust closure:
+//! each chunk is shown to the [`SseScanner`] and, when the scanner passes it unchanged, handed on as the *same* JS
+//! buffer (one copy into wasm to read it, none back out); only rewritten chunks are built anew. The pipe itself —
+//! reads, writes, backpressure, and cancelling the upstream when the client leaves — is the runtime's, so a chunk
+//! costs one synchronous call into wasm rather than a round of promises.
 //!
-//! Why a pump and not `ReadableStream::tee`: the client must not see OpenRouter's usage-only chunk unless it asked
-//! for it, nor malformed data, and a cut-off stream must end with an error event — all of which need a hand in the
-//! client's path. The pump is that hand, and it sees the final usage chunk on its way through.
+//! Why a transform and not `ReadableStream::tee`: the client must not see OpenRouter's usage-only chunk unless it
+//! asked for it, nor malformed data, and a cut-off stream must end with an error event — all of which need a hand
+//! in the client's path. The transform is that hand, and it sees the final usage chunk on its way through.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::Duration;
 
 use futures_util::future::{select, Either};
-use js_sys::{Reflect, Uint8Array};
-use wasm_bindgen::{JsCast, JsValue};
+use js_sys::{Object, Promise, Reflect, Uint8Array};
+use wasm_bindgen::prelude::*;
+use wasm_bindgen::JsCast;
 use wasm_bindgen_futures::JsFuture;
-use web_sys::{ReadableStream, ReadableStreamDefaultReader, TransformStream, WritableStreamDefaultWriter};
+use web_sys::{ReadableStream, ReadableStreamDefaultReader, TransformStream, WritableStream};
+use worker::{AbortController, Delay};
 
 use crate::bindings::now_ms;
 use crate::error::ApiError;
-use crate::forward::with_timeout;
 use crate::sse::{GatewayStop, Output, SseScanner, StreamSummary};
 
 /// How a relayed stream ended.
@@ -32,7 +37,7 @@ pub enum StreamEnd {
     CutOff,
     /// The upstream sent data that is not valid SSE/JSON.
     Malformed,
-    /// The client went away; the upstream was cancelled.
+    /// The client went away.
     ClientAbort,
 }
 
@@ -59,142 +64,271 @@ pub struct RelayOutcome {
     pub bytes_rewritten: usize,
 }
 
+#[wasm_bindgen]
+extern "C" {
+    type TransformController;
+    #[wasm_bindgen(method, catch)]
+    fn enqueue(this: &TransformController, chunk: &JsValue) -> Result<(), JsValue>;
+    #[wasm_bindgen(method)]
+    fn terminate(this: &TransformController);
+
+    /// A `ReadableStream` seen through `pipeTo` with options (web-sys's binding takes none).
+    type PipeSource;
+    #[wasm_bindgen(method, js_name = pipeTo)]
+    fn pipe_to(this: &PipeSource, destination: &WritableStream, options: &JsValue) -> Promise;
+}
+
+/// What the transform learns, shared with the code that finishes the relay.
+struct Scan {
+    scanner: SseScanner,
+    started_ms: u64,
+    ttft_ms: Option<u64>,
+    last_chunk_ms: u64,
+    bytes_in: usize,
+    bytes_rewritten: usize,
+    /// Set once the upstream is over: what is written now is the gateway's own closing event, passed as is.
+    closing: bool,
+    /// The client cancelled its side of the stream (it went away).
+    client_left: bool,
+}
+
+impl Scan {
+    fn empty() -> Scan {
+        Scan {
+            scanner: SseScanner::new(false, false),
+            started_ms: 0,
+            ttft_ms: None,
+            last_chunk_ms: 0,
+            bytes_in: 0,
+            bytes_rewritten: 0,
+            closing: false,
+            client_left: false,
+        }
+    }
+
+    /// One upstream chunk: what (if anything) the client gets instead, and whether the stream must stop.
+    fn chunk(&mut self, chunk: &Uint8Array, controller: &TransformController) -> Result<(), JsValue> {
+        if self.closing {
+            return controller.enqueue(chunk);
+        }
+        let bytes = chunk.to_vec();
+        let now = now_ms();
+        self.last_chunk_ms = now;
+        self.bytes_in += bytes.len();
+        let step = self.scanner.push(&bytes);
+        if step.first_token {
+            self.ttft_ms = Some(now.saturating_sub(self.started_ms));
+        }
+        match step.output {
+            Output::Same => controller.enqueue(chunk)?,
+            Output::Rewritten(out) if out.is_empty() => {}
+            Output::Rewritten(out) => {
+                self.bytes_rewritten += out.len();
+                controller.enqueue(&Uint8Array::from(out.as_slice()))?;
+            }
+        }
+        if step.stop {
+            // Ends the client's stream; the pipe then cancels the upstream.
+            controller.terminate();
+        }
+        Ok(())
+    }
+
+    /// The upstream ended (`interrupted`: it broke or went silent): the bytes still owed to the client.
+    fn tail(&mut self, interrupted: bool) -> Option<Uint8Array> {
+        self.closing = true;
+        let tail = self.scanner.finish(interrupted)?;
+        self.bytes_rewritten += tail.len();
+        Some(Uint8Array::from(tail.as_slice()))
+    }
+}
+
+type TransformFn = Closure<dyn FnMut(JsValue, TransformController) -> Result<(), JsValue>>;
+type FlushFn = Closure<dyn FnMut(TransformController) -> Result<(), JsValue>>;
+type CancelFn = Closure<dyn FnMut(JsValue)>;
+
 pub struct Relay {
     /// The body to return to the client.
     pub client_body: ReadableStream,
-    reader: ReadableStreamDefaultReader,
-    writer: WritableStreamDefaultWriter,
+    upstream: ReadableStream,
+    /// Aborts the upstream request (a silent upstream does not answer to anything gentler); taken when used.
+    upstream_abort: RefCell<Option<AbortController>>,
+    client_side: WritableStream,
+    scan: Rc<RefCell<Scan>>,
+    /// Kept alive as long as the pipe runs.
+    _transform: TransformFn,
+    _flush: FlushFn,
+    _cancel: CancelFn,
 }
 
 impl Relay {
-    pub fn new(upstream: &ReadableStream) -> Result<Relay, ApiError> {
-        let setup = || -> Result<Relay, JsValue> {
-            let pipe = TransformStream::new()?;
-            Ok(Relay {
-                client_body: pipe.readable(),
-                reader: ReadableStreamDefaultReader::new(upstream)?,
-                writer: pipe.writable().get_writer()?,
-            })
+    pub fn new(
+        upstream: &ReadableStream,
+        upstream_abort: AbortController,
+        scanner: SseScanner,
+        started_ms: u64,
+    ) -> Result<Relay, ApiError> {
+        let scan = Rc::new(RefCell::new(Scan {
+            scanner,
+            started_ms,
+            ttft_ms: None,
+            last_chunk_ms: started_ms,
+            bytes_in: 0,
+            bytes_rewritten: 0,
+            closing: false,
+            client_left: false,
+        }));
+        let on_chunk = scan.clone();
+        let transform: TransformFn = Closure::new(move |chunk: JsValue, controller: TransformController| {
+            let chunk = chunk.dyn_into::<Uint8Array>().unwrap_or_else(|v| Uint8Array::new(&v));
+            on_chunk.borrow_mut().chunk(&chunk, &controller)
+        });
+        let on_end = scan.clone();
+        let flush: FlushFn = Closure::new(move |controller: TransformController| {
+            match on_end.borrow_mut().tail(false) {
+                Some(tail) => controller.enqueue(&tail),
+                None => Ok(()),
+            }
+        });
+        let on_cancel = scan.clone();
+        let cancel: CancelFn = Closure::new(move |_reason: JsValue| on_cancel.borrow_mut().client_left = true);
+        let setup = || -> Result<TransformStream, JsValue> {
+            let transformer = Object::new();
+            Reflect::set(&transformer, &"transform".into(), transform.as_ref())?;
+            Reflect::set(&transformer, &"flush".into(), flush.as_ref())?;
+            // Called when the client cancels its side: it went away.
+            Reflect::set(&transformer, &"cancel".into(), cancel.as_ref())?;
+            TransformStream::new_with_transformer(&transformer)
         };
-        setup().map_err(|_| ApiError::internal("relay_setup_failed"))
+        let pipe = setup().map_err(|_| ApiError::internal("relay_setup_failed"))?;
+        Ok(Relay {
+            client_body: pipe.readable(),
+            upstream: upstream.clone(),
+            upstream_abort: RefCell::new(Some(upstream_abort)),
+            client_side: pipe.writable(),
+            scan,
+            _transform: transform,
+            _flush: flush,
+            _cancel: cancel,
+        })
     }
 
-    /// Runs the relay to the end of the stream. `idle_timeout_secs` bounds the wait for each upstream chunk.
+    /// Runs the relay to the end of the stream. `idle_timeout_secs` bounds the silence between upstream chunks.
     /// When the client leaves, the upstream is cancelled — or, with `drain_on_abort`, read to its end without
     /// forwarding, so its usage report can still be billed exactly.
-    pub async fn run(self, mut scanner: SseScanner, started_ms: u64, idle_timeout_secs: u64, drain_on_abort: bool) -> RelayOutcome {
-        let Relay { reader, writer, .. } = self;
-        let mut ttft_ms = None;
-        let mut bytes_in = 0;
-        let mut bytes_rewritten = 0;
-        // Settles (rejects) as soon as the client cancels its side, even while we wait for the upstream.
-        let mut client_gone = Some(JsFuture::from(writer.closed()));
-        let mut abandoned = false;
-        // A read in flight must be awaited to its end: a stream allows one pending read, so dropping it would
-        // make the next one fail.
-        let mut pending_read = None;
-        let end = loop {
-            let read_future = pending_read.get_or_insert_with(|| Box::pin(read_chunk(&reader, idle_timeout_secs)));
-            let read = match client_gone.as_mut() {
-                Some(gone) => match select(read_future, gone).await {
-                    Either::Left((read, _)) => read,
-                    Either::Right(_) => {
-                        client_gone = None;
-                        abandoned = true;
-                        if !drain_on_abort {
-                            cancel(&reader);
-                            break StreamEnd::ClientAbort;
-                        }
-                        continue;
-                    }
-                },
-                None => read_future.await,
-            };
-            pending_read = None;
-            let chunk = match read {
-                Ok(Some(chunk)) => chunk,
-                Ok(None) => break finish(&mut scanner, &writer, false, &mut bytes_rewritten).await,
-                Err(()) => {
-                    cancel(&reader);
-                    break finish(&mut scanner, &writer, true, &mut bytes_rewritten).await;
+    pub async fn run(self, idle_timeout_secs: u64, drain_on_abort: bool) -> RelayOutcome {
+        let options = Object::new();
+        let set = |key: &str, value: &JsValue| {
+            let _ = Reflect::set(&options, &key.into(), value);
+        };
+        // Keep the client's side open when the upstream fails, to tell the client so; keep the upstream open when
+        // the client leaves only if it is to be drained.
+        set("preventAbort", &JsValue::TRUE);
+        set("preventCancel", &JsValue::from_bool(drain_on_abort));
+        let source: &PipeSource = self.upstream.unchecked_ref();
+        let piped = JsFuture::from(source.pipe_to(&self.client_side, &options));
+        let idle = watch_idle(&self.scan, idle_timeout_secs);
+        let pipe_result = match select(std::pin::pin!(piped), std::pin::pin!(idle)).await {
+            Either::Left((result, _)) => result.map(|_| ()),
+            Either::Right(((), piped)) => {
+                // Abort the upstream request: its body fails, and the pipe lets go of both streams.
+                if let Some(abort) = self.upstream_abort.borrow_mut().take() {
+                    abort.abort();
                 }
-            };
-            let bytes = chunk.to_vec();
-            bytes_in += bytes.len();
-            let step = scanner.push(&bytes);
-            if step.first_token {
-                ttft_ms = Some(now_ms().saturating_sub(started_ms));
-            }
-            if !abandoned {
-                let written = match step.output {
-                    Output::Same => write(&writer, &chunk).await,
-                    Output::Rewritten(out) if out.is_empty() => true,
-                    Output::Rewritten(out) => {
-                        bytes_rewritten += out.len();
-                        write(&writer, &Uint8Array::from(out.as_slice())).await
-                    }
-                };
-                if !written {
-                    client_gone = None;
-                    abandoned = true;
-                    if !drain_on_abort {
-                        cancel(&reader);
-                        break StreamEnd::ClientAbort;
-                    }
-                }
-            }
-            if step.stop {
-                cancel(&reader);
-                break StreamEnd::Malformed;
+                let _ = piped.await;
+                Err(JsValue::from_str("upstream idle"))
             }
         };
-        // Rejects when the client has gone; there is nobody left to tell.
+
+        let client_left = self.scan.borrow().client_left;
+        let end = match pipe_result {
+            _ if client_left => {
+                if drain_on_abort {
+                    self.drain().await;
+                }
+                StreamEnd::ClientAbort
+            }
+            // The upstream ended and `flush` sent what was owed.
+            Ok(()) => self.upstream_end(),
+            Err(_) if self.scan.borrow().scanner.summary().gateway_stop == Some(GatewayStop::Malformed) => {
+                StreamEnd::Malformed
+            }
+            Err(_) => self.after_broken_pipe().await,
+        };
+        // The pipe is over: the runtime will not call the closures again, so the scan is ours alone.
+        let Relay { scan, _transform, _flush, _cancel, .. } = self;
+        drop((_transform, _flush, _cancel));
+        let scan = match Rc::try_unwrap(scan) {
+            Ok(scan) => scan.into_inner(),
+            Err(shared) => shared.replace(Scan::empty()),
+        };
+        RelayOutcome {
+            summary: scan.scanner.into_summary(),
+            end,
+            ttft_ms: scan.ttft_ms,
+            bytes_in: scan.bytes_in,
+            bytes_rewritten: scan.bytes_rewritten,
+        }
+    }
+
+    /// The upstream broke or went silent: the client is told with an error event (unless it has gone too).
+    async fn after_broken_pipe(&self) -> StreamEnd {
+        let tail = self.scan.borrow_mut().tail(true);
+        let Ok(writer) = self.client_side.get_writer() else { return StreamEnd::ClientAbort };
+        let told = match &tail {
+            Some(tail) => JsFuture::from(writer.write_with_chunk(tail)).await.is_ok(),
+            None => true,
+        };
         let _ = JsFuture::from(writer.close()).await;
-        let end = if abandoned { StreamEnd::ClientAbort } else { end };
-        RelayOutcome { summary: scanner.into_summary(), end, ttft_ms, bytes_in, bytes_rewritten }
+        // Make sure the broken upstream is released.
+        let _ = self.upstream.cancel();
+        if told {
+            self.upstream_end()
+        } else {
+            StreamEnd::ClientAbort
+        }
+    }
+
+    /// Reads what is left of the upstream without forwarding it, for its usage report.
+    async fn drain(&self) {
+        let Ok(reader) = ReadableStreamDefaultReader::new(&self.upstream) else { return };
+        while let Ok(result) = JsFuture::from(reader.read()).await {
+            if Reflect::get(&result, &"done".into()).ok().and_then(|d| d.as_bool()) != Some(false) {
+                break;
+            }
+            let Ok(value) = Reflect::get(&result, &"value".into()) else { break };
+            let chunk = Uint8Array::new(&value).to_vec();
+            let mut scan = self.scan.borrow_mut();
+            scan.bytes_in += chunk.len();
+            scan.scanner.push(&chunk);
+        }
+    }
+
+    fn upstream_end(&self) -> StreamEnd {
+        let scan = self.scan.borrow();
+        let summary = scan.scanner.summary();
+        if summary.done {
+            StreamEnd::Done
+        } else if summary.upstream_error.is_some() {
+            StreamEnd::UpstreamError
+        } else if summary.gateway_stop == Some(GatewayStop::Malformed) {
+            StreamEnd::Malformed
+        } else {
+            StreamEnd::CutOff
+        }
     }
 }
 
-/// The upstream body ended (`interrupted`: it broke or went silent): send what is still owed, say how it ended.
-async fn finish(
-    scanner: &mut SseScanner,
-    writer: &WritableStreamDefaultWriter,
-    interrupted: bool,
-    bytes_rewritten: &mut usize,
-) -> StreamEnd {
-    if let Some(tail) = scanner.finish(interrupted) {
-        *bytes_rewritten += tail.len();
-        write(writer, &Uint8Array::from(tail.as_slice())).await;
+/// Resolves when no chunk has arrived for `idle_timeout_secs`. One timer per idle period, not one per chunk.
+async fn watch_idle(scan: &Rc<RefCell<Scan>>, idle_timeout_secs: u64) {
+    let idle_ms = idle_timeout_secs * 1000;
+    let mut wait_ms = idle_ms;
+    loop {
+        Delay::from(Duration::from_millis(wait_ms)).await;
+        let silent_for = now_ms().saturating_sub(scan.borrow().last_chunk_ms);
+        if silent_for >= idle_ms {
+            return;
+        }
+        wait_ms = idle_ms - silent_for;
     }
-    let summary = scanner.summary();
-    if summary.done {
-        StreamEnd::Done
-    } else if summary.upstream_error.is_some() {
-        StreamEnd::UpstreamError
-    } else if summary.gateway_stop == Some(GatewayStop::Malformed) {
-        StreamEnd::Malformed
-    } else {
-        StreamEnd::CutOff
-    }
-}
-
-/// The next upstream chunk; `Ok(None)` at the end; `Err` when the upstream broke or stayed silent too long.
-async fn read_chunk(reader: &ReadableStreamDefaultReader, idle_timeout_secs: u64) -> Result<Option<Uint8Array>, ()> {
-    let result = with_timeout(JsFuture::from(reader.read()), idle_timeout_secs).await.map_err(|_| ())?;
-    let result = result.map_err(|_| ())?;
-    let done = Reflect::get(&result, &JsValue::from_str("done")).map_err(|_| ())?;
-    if done.as_bool() == Some(true) {
-        return Ok(None);
-    }
-    let value = Reflect::get(&result, &JsValue::from_str("value")).map_err(|_| ())?;
-    Ok(Some(value.dyn_into::<Uint8Array>().unwrap_or_else(|v| Uint8Array::new(&v))))
-}
-
-async fn write(writer: &WritableStreamDefaultWriter, chunk: &JsValue) -> bool {
-    JsFuture::from(writer.write_with_chunk(chunk)).await.is_ok()
-}
-
-fn cancel(reader: &ReadableStreamDefaultReader) {
-    // The returned promise settles when the upstream connection is torn down; nothing waits for it.
-    let _ = reader.cancel();
 }
