@@ -4,6 +4,9 @@
 use std::time::Duration;
 
 use futures_util::future::{select, Either};
+use std::borrow::Cow;
+
+use serde::Deserialize;
 use serde_json::Value;
 use wasm_bindgen::JsValue;
 use worker::{AbortController, Delay, Fetch, Headers, Method, Request, RequestInit, Response};
@@ -11,6 +14,7 @@ use worker::{AbortController, Delay, Fetch, Headers, Method, Request, RequestIni
 use crate::bindings::log_error;
 use crate::config::Config;
 use crate::error::ApiError;
+use crate::usage::Usage;
 
 /// Upstream error bodies are read up to this size; the rest is not worth holding.
 const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
@@ -75,9 +79,76 @@ pub fn error_from_upstream(status: u16, body: &[u8], retry_after: Option<&str>) 
     }
 }
 
-/// An error that OpenRouter reports inside a 200 body (it does for some provider failures).
-pub fn error_in_body(body: &Value) -> Option<ApiError> {
-    let error = body.get("error").filter(|e| !e.is_null())?;
+/// What the gateway needs from a non-streamed completion body.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Completion {
+    pub served_model: Option<String>,
+    pub usage: Option<Usage>,
+    pub content: String,
+    pub finish_reason: Option<String>,
+}
+
+/// Reads a 200 completion body: only the fields the gateway needs are decoded (not a whole JSON tree). An error
+/// inside the body (OpenRouter reports some provider failures that way) or a body that is not a completion
+/// object is the client's error.
+pub fn read_completion(body: &[u8]) -> Result<Completion, ApiError> {
+    #[derive(Deserialize)]
+    struct Body<'a> {
+        #[serde(borrow)]
+        model: Option<Cow<'a, str>>,
+        usage: Option<Value>,
+        error: Option<Value>,
+        #[serde(borrow, default)]
+        choices: Vec<Choice<'a>>,
+    }
+    #[derive(Deserialize)]
+    struct Choice<'a> {
+        #[serde(borrow)]
+        message: Option<Message<'a>>,
+        #[serde(borrow)]
+        finish_reason: Option<Cow<'a, str>>,
+    }
+    #[derive(Deserialize)]
+    struct Message<'a> {
+        #[serde(borrow)]
+        content: Option<Cow<'a, str>>,
+    }
+    // Odd shapes (a non-string content, a non-list of choices) are read loosely, as a JSON tree.
+    let parsed = match serde_json::from_slice::<Body>(body) {
+        Ok(parsed) => parsed,
+        Err(_) => return read_completion_loosely(body),
+    };
+    if let Some(error) = error_in_body(parsed.error.as_ref()) {
+        return Err(error);
+    }
+    let first = parsed.choices.into_iter().next();
+    Ok(Completion {
+        served_model: parsed.model.map(Cow::into_owned),
+        usage: parsed.usage.as_ref().and_then(Usage::from_json),
+        content: first.as_ref().and_then(|c| c.message.as_ref()?.content.as_deref()).unwrap_or_default().to_owned(),
+        finish_reason: first.and_then(|c| c.finish_reason).map(Cow::into_owned),
+    })
+}
+
+fn read_completion_loosely(body: &[u8]) -> Result<Completion, ApiError> {
+    let parsed: Value = serde_json::from_slice(body).map_err(|_| ApiError::upstream_malformed())?;
+    if let Some(error) = error_in_body(parsed.get("error")) {
+        return Err(error);
+    }
+    if !parsed.is_object() {
+        return Err(ApiError::upstream_malformed());
+    }
+    Ok(Completion {
+        served_model: parsed.get("model").and_then(Value::as_str).map(str::to_owned),
+        usage: parsed.get("usage").and_then(Usage::from_json),
+        content: parsed.pointer("/choices/0/message/content").and_then(Value::as_str).unwrap_or_default().to_owned(),
+        finish_reason: parsed.pointer("/choices/0/finish_reason").and_then(Value::as_str).map(str::to_owned),
+    })
+}
+
+/// An error that OpenRouter reports inside a 200 body (the body's `error` field).
+fn error_in_body(error: Option<&Value>) -> Option<ApiError> {
+    let error = error.filter(|e| !e.is_null())?;
     let message = error.get("message").and_then(Value::as_str).unwrap_or("upstream error");
     let status = error
         .get("code")
@@ -161,12 +232,36 @@ mod tests {
         assert!(e.message.contains("HTTP 503"));
     }
 
+    fn read(body: Value) -> Result<Completion, ApiError> {
+        read_completion(body.to_string().as_bytes())
+    }
+
     #[test]
     fn errors_inside_200_bodies_are_detected() {
-        let e = error_in_body(&json!({"error": {"code": 502, "message": "Provider returned error"}}));
-        assert_eq!(e.map(|e| e.status), Some(502));
-        assert_eq!(error_in_body(&json!({"error": {"code": "weird"}})).map(|e| e.status), Some(502));
-        assert!(error_in_body(&json!({"choices": []})).is_none());
-        assert!(error_in_body(&json!({"error": null})).is_none());
+        let e = read(json!({"error": {"code": 502, "message": "Provider returned error"}}));
+        assert_eq!(e.err().map(|e| e.status), Some(502));
+        assert_eq!(read(json!({"error": {"code": "weird"}})).err().map(|e| e.status), Some(502));
+        assert!(read(json!({"choices": []})).is_ok());
+        assert!(read(json!({"error": null, "choices": []})).is_ok());
+    }
+
+    #[test]
+    fn completion_facts_are_read_strictly_or_loosely() {
+        let body = json!({"id": "x", "model": "m/served", "choices": [{"index": 0, "message": {"role": "assistant",
+            "content": "héllo"}, "finish_reason": "stop"}], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "cost": 0.5}});
+        let c = read(body).expect("completion");
+        assert_eq!(c.served_model.as_deref(), Some("m/served"));
+        assert_eq!(c.content, "héllo");
+        assert_eq!(c.finish_reason.as_deref(), Some("stop"));
+        assert_eq!(c.usage.map(|u| u.total_tokens()), Some(5));
+        // Tool calls: no content at all.
+        let tools = read(json!({"choices": [{"message": {"content": null, "tool_calls": []}, "finish_reason": "tool_calls"}]}));
+        assert_eq!(tools.expect("completion").finish_reason.as_deref(), Some("tool_calls"));
+        // An odd shape is still read, loosely.
+        let odd = read(json!({"model": "m", "choices": "not a list"})).expect("completion");
+        assert_eq!(odd.served_model.as_deref(), Some("m"));
+        for bad in [&b"<html>"[..], b"[1,2]", b"\"text\""] {
+            assert_eq!(read_completion(bad).err().map(|e| e.status), Some(502));
+        }
     }
 }

@@ -178,8 +178,7 @@ async fn chat_completions(mut req: Request, env: &Env, config: &Config, exchange
     exchange.log.streamed = chat.stream;
     admit(env, config, &key, &chat, exchange).await?;
 
-    let body = serde_json::to_string(&chat.body).map_err(|_| ApiError::internal("body_serialize_failed"))?;
-    let forward::Upstream { response: mut upstream, abort } = forward::post_chat(config, &body).await?;
+    let forward::Upstream { response: mut upstream, abort } = forward::post_chat(config, &chat.forward_body).await?;
     let status = upstream.status_code();
     exchange.log.upstream_status = Some(status);
     if !(200..300).contains(&status) {
@@ -231,8 +230,8 @@ async fn admit(env: &Env, config: &Config, key: &KeyRecord, chat: &ChatRequest, 
     exchange.chat = Some(ChatFacts {
         prompt_estimate,
         max_tokens: chat.max_tokens,
-        temperature: chat.body.get("temperature").and_then(Value::as_f64),
-        captured_input: capture_content(config).then(|| chat.body.get("messages").cloned()).flatten(),
+        temperature: chat.temperature,
+        captured_input: capture_content(config).then(|| serde_json::from_str(&chat.messages_json).ok()).flatten(),
     });
     Ok(())
 }
@@ -244,20 +243,13 @@ fn capture_content(config: &Config) -> bool {
 /// Non-streamed: read the whole answer, learn its usage, hand the same bytes to the client.
 async fn completion_reply(upstream: &mut Response, config: &Config, exchange: &mut Exchange) -> Result<Reply, ApiError> {
     let bytes = forward::read_body(upstream, config.upstream_timeout_secs).await?;
-    let parsed: Value = serde_json::from_slice(&bytes).map_err(|_| ApiError::upstream_malformed())?;
-    if let Some(error) = forward::error_in_body(&parsed) {
-        return Err(error);
-    }
-    if !parsed.is_object() {
-        return Err(ApiError::upstream_malformed());
-    }
-    exchange.log.served_model = parsed.get("model").and_then(Value::as_str).map(str::to_owned);
-    exchange.usage = parsed.get("usage").and_then(Usage::from_json);
-    let content = parsed.pointer("/choices/0/message/content").and_then(Value::as_str).unwrap_or_default();
-    exchange.completion_chars = content.chars().count();
-    exchange.finish_reason = parsed.pointer("/choices/0/finish_reason").and_then(Value::as_str).map(str::to_owned);
+    let completion = forward::read_completion(&bytes)?;
+    exchange.log.served_model = completion.served_model;
+    exchange.usage = completion.usage;
+    exchange.completion_chars = completion.content.chars().count();
+    exchange.finish_reason = completion.finish_reason;
     if capture_content(config) {
-        exchange.completion_text = Some(content.to_owned());
+        exchange.completion_text = Some(completion.content);
     }
     let headers = Headers::new();
     set_headers(&headers, &[("content-type", "application/json".to_owned())]);

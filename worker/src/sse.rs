@@ -15,6 +15,9 @@
 //!
 //! Events that straddle chunks are held back until complete, so dropping one never tears another.
 
+use std::borrow::Cow;
+
+use serde::de::IgnoredAny;
 use serde_json::Value;
 
 use crate::error::ApiError;
@@ -202,8 +205,11 @@ fn next_event_len(buf: &[u8]) -> Option<usize> {
 /// Decides what happens to one complete event and records what it says.
 fn classify(event: &[u8], include_usage: bool, summary: &mut StreamSummary) -> Verdict {
     let Some(data) = event_data(event) else { return Verdict::Keep }; // comments and keep-alives
-    if data.as_slice() == b"[DONE]" {
+    if data.as_ref() == b"[DONE]" {
         summary.done = true;
+        return Verdict::Keep;
+    }
+    if record_content_chunk(&data, summary) {
         return Verdict::Keep;
     }
     let Ok(Value::Object(chunk)) = serde_json::from_slice::<Value>(&data) else {
@@ -237,6 +243,61 @@ fn classify(event: &[u8], include_usage: bool, summary: &mut StreamSummary) -> V
     }
 }
 
+/// The common event — a content delta — read without building a JSON tree: only the fields the summary needs are
+/// decoded (borrowed where possible), the rest is skipped. Returns false for anything else (usage, errors, odd
+/// shapes), which the full reading handles.
+fn record_content_chunk(data: &[u8], summary: &mut StreamSummary) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Chunk<'a> {
+        #[serde(borrow)]
+        model: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        choices: Vec<Choice<'a>>,
+        usage: Option<IgnoredAny>,
+        error: Option<IgnoredAny>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Choice<'a> {
+        #[serde(borrow)]
+        delta: Option<Delta<'a>>,
+        #[serde(borrow)]
+        finish_reason: Option<Cow<'a, str>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Delta<'a> {
+        #[serde(borrow)]
+        content: Option<Cow<'a, str>>,
+        #[serde(borrow)]
+        reasoning: Option<Cow<'a, str>>,
+        tool_calls: Option<IgnoredAny>,
+    }
+    let Ok(chunk) = serde_json::from_slice::<Chunk>(data) else { return false };
+    if chunk.choices.is_empty() || chunk.usage.is_some() || chunk.error.is_some() {
+        return false;
+    }
+    if let Some(model) = chunk.model {
+        if summary.served_model.as_deref() != Some(model.as_ref()) {
+            summary.served_model = Some(model.into_owned());
+        }
+    }
+    for choice in chunk.choices {
+        if let Some(reason) = choice.finish_reason {
+            summary.finish_reason = Some(reason.into_owned());
+        }
+        let Some(delta) = choice.delta else { continue };
+        let content = delta.content.as_deref().unwrap_or_default();
+        if let Some(text) = summary.completion_text.as_mut() {
+            text.push_str(content);
+        }
+        let text_chars = content.chars().count() + delta.reasoning.as_deref().map_or(0, |r| r.chars().count());
+        summary.completion_chars += text_chars;
+        if text_chars > 0 || delta.tool_calls.is_some() {
+            summary.first_token_seen = true;
+        }
+    }
+    true
+}
+
 fn record_choice(choice: &Value, summary: &mut StreamSummary) {
     if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
         summary.finish_reason = Some(reason.to_owned());
@@ -257,19 +318,21 @@ fn record_choice(choice: &Value, summary: &mut StreamSummary) {
     }
 }
 
-/// The event's `data` (multiple `data:` lines joined by `\n`), or `None` for an event without data.
-fn event_data(event: &[u8]) -> Option<Vec<u8>> {
-    let mut data: Option<Vec<u8>> = None;
+/// The event's `data` (multiple `data:` lines joined by `\n`), or `None` for an event without data. A single
+/// `data:` line — the usual case — is borrowed, not copied.
+fn event_data(event: &[u8]) -> Option<Cow<'_, [u8]>> {
+    let mut data: Option<Cow<'_, [u8]>> = None;
     for line in event.split(|&b| b == b'\n') {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         let Some(rest) = line.strip_prefix(b"data:") else { continue };
         let rest = rest.strip_prefix(b" ").unwrap_or(rest);
         match data.as_mut() {
             Some(d) => {
+                let d = d.to_mut();
                 d.push(b'\n');
                 d.extend_from_slice(rest);
             }
-            None => data = Some(rest.to_vec()),
+            None => data = Some(Cow::Borrowed(rest)),
         }
     }
     data

@@ -5,7 +5,12 @@
 //! gateway has never heard of — passes through untouched. The rewrite fills in `model` and the effective
 //! `max_tokens`, so the upstream can never generate more than the limiter reserved.
 
-use serde_json::{Map, Value};
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::Value;
 
 use crate::config::Config;
 use crate::error::ApiError;
@@ -16,8 +21,8 @@ const MAX_MODEL_NAME_CHARS: usize = 256;
 /// A validated request, ready to forward.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChatRequest {
-    /// The body to send upstream (the client's, with `model` and `max_tokens` filled in).
-    pub body: Map<String, Value>,
+    /// The body to send upstream: the client's fields as sent, with `model` and `max_tokens` filled in.
+    pub forward_body: String,
     /// The model asked for (explicit, first of `models`, or the default); for logs, billing and limits.
     pub model: String,
     pub stream: bool,
@@ -25,50 +30,51 @@ pub struct ChatRequest {
     pub include_usage: bool,
     /// Upper bound on output tokens, as forwarded upstream.
     pub max_tokens: u32,
+    pub temperature: Option<f64>,
     /// Characters of message content, for the prompt-token estimate.
     pub prompt_chars: usize,
     pub message_count: usize,
+    /// The `messages` array as the client sent it (JSON), for content capture.
+    pub messages_json: String,
     /// Every model that may serve the request: `model`, then OpenRouter's `models` fallbacks.
     pub models: Vec<String>,
 }
 
+/// The body's top-level fields, each kept as the client's raw JSON: only the fields the gateway checks are
+/// decoded, so large message contents (images as base64, long documents) are never built into a JSON tree.
+type Fields<'a> = BTreeMap<Cow<'a, str>, &'a RawValue>;
+
 pub fn validate_chat(raw: &[u8], config: &Config) -> Result<ChatRequest, ApiError> {
-    let value: Value = serde_json::from_slice(raw).map_err(|e| {
-        ApiError::invalid_request(format!(
+    let text = std::str::from_utf8(raw).map_err(|_| ApiError::invalid_request("The request body must be UTF-8 encoded JSON."))?;
+    let fields: Fields = serde_json::from_str(text).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => ApiError::invalid_request("The request body must be a JSON object."),
+        _ => ApiError::invalid_request(format!(
             "We could not parse the JSON body of your request ({e}). The body must be a JSON object."
-        ))
+        )),
     })?;
-    let Value::Object(mut body) = value else {
-        return Err(ApiError::invalid_request("The request body must be a JSON object."));
-    };
 
-    let (message_count, prompt_chars) = check_messages(body.get("messages"))?;
-    check_temperature(body.get("temperature"))?;
-    let stream = optional_bool(&body, "stream")?.unwrap_or(false);
-    let include_usage = check_stream_options(body.get("stream_options"))?;
+    let (message_count, prompt_chars) = check_messages(fields.get("messages").copied())?;
+    let temperature = check_temperature(small(&fields, "temperature")?)?;
+    let stream = optional_bool(&fields, "stream")?.unwrap_or(false);
+    let include_usage = check_stream_options(small(&fields, "stream_options")?)?;
 
-    let max_tokens = optional_token_count(&body, "max_tokens", config.max_tokens_limit)?;
-    let max_completion_tokens = optional_token_count(&body, "max_completion_tokens", config.max_tokens_limit)?;
+    let max_tokens = optional_token_count(&fields, "max_tokens", config.max_tokens_limit)?;
+    let max_completion_tokens = optional_token_count(&fields, "max_completion_tokens", config.max_tokens_limit)?;
     let effective_max_tokens = match (max_tokens, max_completion_tokens) {
         (Some(a), Some(b)) => a.min(b),
         (Some(a), None) | (None, Some(a)) => a,
         (None, None) => config.max_tokens_default,
     };
-    body.insert("max_tokens".to_owned(), Value::from(effective_max_tokens));
-    if max_completion_tokens.is_some() {
-        body.insert("max_completion_tokens".to_owned(), Value::from(effective_max_tokens));
-    }
 
-    let model = match body.get("model") {
-        None | Some(Value::Null) => match first_fallback_model(&body) {
+    let fallbacks = small(&fields, "models")?;
+    let first_fallback = fallbacks.as_ref().and_then(|m| m.as_array()?.first()?.as_str().map(str::to_owned));
+    let (model, inject_model) = match small(&fields, "model")? {
+        None | Some(Value::Null) => match first_fallback {
             // OpenRouter routes by `models` alone; injecting a default would change which model is tried first.
-            Some(first) => first,
-            None => {
-                body.insert("model".to_owned(), Value::from(config.default_model.clone()));
-                config.default_model.clone()
-            }
+            Some(first) => (first, false),
+            None => (config.default_model.clone(), true),
         },
-        Some(Value::String(m)) if !m.trim().is_empty() && m.chars().count() <= MAX_MODEL_NAME_CHARS => m.clone(),
+        Some(Value::String(m)) if !m.trim().is_empty() && m.chars().count() <= MAX_MODEL_NAME_CHARS => (m, false),
         Some(Value::String(_)) => {
             return Err(ApiError::invalid_param(
                 "model",
@@ -79,39 +85,88 @@ pub fn validate_chat(raw: &[u8], config: &Config) -> Result<ChatRequest, ApiErro
     };
 
     let mut models = vec![model.clone()];
-    if let Some(fallbacks) = body.get("models").and_then(Value::as_array) {
-        models.extend(fallbacks.iter().filter_map(Value::as_str).filter(|m| !models.iter().any(|x| x == m)).map(str::to_owned).collect::<Vec<_>>());
+    if let Some(list) = fallbacks.as_ref().and_then(Value::as_array) {
+        for m in list.iter().filter_map(Value::as_str) {
+            if !models.iter().any(|x| x == m) {
+                models.push(m.to_owned());
+            }
+        }
+    }
+
+    let mut overrides = vec![("max_tokens", effective_max_tokens.to_string())];
+    if max_completion_tokens.is_some() {
+        overrides.push(("max_completion_tokens", effective_max_tokens.to_string()));
+    }
+    if inject_model {
+        overrides.push(("model", Value::from(model.as_str()).to_string()));
     }
     Ok(ChatRequest {
-        body,
+        forward_body: rewrite(&fields, &overrides),
         model,
         stream,
         include_usage,
         max_tokens: effective_max_tokens,
+        temperature,
         prompt_chars,
         message_count,
+        messages_json: fields.get("messages").map(|m| m.get().to_owned()).unwrap_or_default(),
         models,
     })
 }
 
+/// The client's object with some fields replaced: untouched fields are copied as the client wrote them.
+fn rewrite(fields: &Fields, overrides: &[(&str, String)]) -> String {
+    let mut out = String::with_capacity(fields.values().map(|v| v.get().len() + 16).sum::<usize>() + 64);
+    out.push('{');
+    let kept = fields.iter().filter(|(k, _)| !overrides.iter().any(|(o, _)| o == k));
+    for (key, value) in kept {
+        out.push_str(&Value::from(key.as_ref()).to_string());
+        out.push(':');
+        out.push_str(value.get());
+        out.push(',');
+    }
+    for (key, value) in overrides {
+        out.push_str(&Value::from(*key).to_string());
+        out.push(':');
+        out.push_str(value);
+        out.push(',');
+    }
+    out.pop();
+    out.push('}');
+    out
+}
+
+/// A small top-level field (a number, a flag, a short list) decoded as JSON.
+fn small(fields: &Fields, field: &str) -> Result<Option<Value>, ApiError> {
+    match fields.get(field) {
+        None => Ok(None),
+        Some(raw) => serde_json::from_str(raw.get())
+            .map(Some)
+            .map_err(|_| ApiError::invalid_param(field, format!("'{field}' could not be read."))),
+    }
+}
+
 /// Checks the messages array; returns how many messages and characters of content (strings and text parts).
-fn check_messages(messages: Option<&Value>) -> Result<(usize, usize), ApiError> {
-    let messages = match messages {
-        None | Some(Value::Null) => {
+fn check_messages(messages: Option<&RawValue>) -> Result<(usize, usize), ApiError> {
+    let raw = match messages {
+        None => return Err(ApiError::invalid_param("messages", "Missing required parameter: 'messages'.")),
+        Some(raw) if raw.get() == "null" => {
             return Err(ApiError::invalid_param("messages", "Missing required parameter: 'messages'."))
         }
-        Some(Value::Array(list)) if list.is_empty() => {
-            return Err(ApiError::invalid_param("messages", "'messages' must contain at least one message."))
-        }
-        Some(Value::Array(list)) => list,
-        Some(_) => return Err(ApiError::invalid_param("messages", "'messages' must be an array.")),
+        Some(raw) => raw,
     };
+    let list: Vec<&RawValue> =
+        serde_json::from_str(raw.get()).map_err(|_| ApiError::invalid_param("messages", "'messages' must be an array."))?;
+    if list.is_empty() {
+        return Err(ApiError::invalid_param("messages", "'messages' must contain at least one message."));
+    }
     let mut chars = 0;
-    for (i, message) in messages.iter().enumerate() {
-        let Value::Object(message) = message else {
-            return Err(ApiError::invalid_param(format!("messages[{i}]"), format!("messages[{i}] must be an object.")));
-        };
-        match message.get("role") {
+    for (i, message) in list.iter().enumerate() {
+        let message: Fields = serde_json::from_str(message.get()).map_err(|_| {
+            ApiError::invalid_param(format!("messages[{i}]"), format!("messages[{i}] must be an object."))
+        })?;
+        let role = message.get("role").map(|r| serde_json::from_str::<Value>(r.get()).unwrap_or(Value::Null));
+        match role {
             Some(Value::String(role)) if VALID_ROLES.contains(&role.as_str()) => {}
             Some(Value::String(role)) => {
                 let shown: String = role.chars().take(40).collect();
@@ -133,43 +188,52 @@ fn check_messages(messages: Option<&Value>) -> Result<(usize, usize), ApiError> 
                 ))
             }
         }
-        chars += content_chars(message.get("content"));
+        chars += content_chars(message.get("content").copied());
     }
-    Ok((messages.len(), chars))
+    Ok((list.len(), chars))
 }
 
-fn content_chars(content: Option<&Value>) -> usize {
-    match content {
-        Some(Value::String(s)) => s.chars().count(),
-        Some(Value::Array(parts)) => parts
-            .iter()
-            .filter_map(|p| p.get("text").and_then(Value::as_str))
-            .map(|t| t.chars().count())
-            .sum(),
-        _ => 0,
+/// Characters of a message's text: a string, or the `text` of each part of a multimodal list (other parts —
+/// images, audio — are skipped without being decoded).
+fn content_chars(content: Option<&RawValue>) -> usize {
+    #[derive(Deserialize)]
+    struct Part<'a> {
+        #[serde(borrow)]
+        text: Option<Cow<'a, str>>,
     }
+    let Some(content) = content else { return 0 };
+    let raw = content.get();
+    if let Ok(text) = serde_json::from_str::<Cow<str>>(raw) {
+        return text.chars().count();
+    }
+    let Ok(parts) = serde_json::from_str::<Vec<&RawValue>>(raw) else { return 0 };
+    parts
+        .iter()
+        .filter_map(|p| serde_json::from_str::<Part>(p.get()).ok()?.text)
+        .map(|t| t.chars().count())
+        .sum()
 }
 
-fn check_temperature(value: Option<&Value>) -> Result<(), ApiError> {
+fn check_temperature(value: Option<Value>) -> Result<Option<f64>, ApiError> {
     match value {
-        None | Some(Value::Null) => Ok(()),
+        None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => match n.as_f64() {
-            Some(t) if (0.0..=2.0).contains(&t) => Ok(()),
+            Some(t) if (0.0..=2.0).contains(&t) => Ok(Some(t)),
             _ => Err(ApiError::invalid_param("temperature", format!("'temperature' must be between 0 and 2, got {n}."))),
         },
         Some(_) => Err(ApiError::invalid_param("temperature", "'temperature' must be a number between 0 and 2.")),
     }
 }
 
-fn optional_bool(body: &Map<String, Value>, field: &str) -> Result<Option<bool>, ApiError> {
-    match body.get(field) {
+fn optional_bool(fields: &Fields, field: &str) -> Result<Option<bool>, ApiError> {
+    match small(fields, field)? {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(Value::Bool(b)) => Ok(Some(b)),
         Some(_) => Err(ApiError::invalid_param(field, format!("'{field}' must be a boolean."))),
     }
 }
 
-fn check_stream_options(value: Option<&Value>) -> Result<bool, ApiError> {
+fn check_stream_options(value: Option<Value>) -> Result<bool, ApiError> {
     match value {
         None | Some(Value::Null) => Ok(false),
         Some(Value::Object(options)) => match options.get("include_usage") {
@@ -184,8 +248,8 @@ fn check_stream_options(value: Option<&Value>) -> Result<bool, ApiError> {
     }
 }
 
-fn optional_token_count(body: &Map<String, Value>, field: &str, ceiling: u32) -> Result<Option<u32>, ApiError> {
-    let value = match body.get(field) {
+fn optional_token_count(fields: &Fields, field: &str, ceiling: u32) -> Result<Option<u32>, ApiError> {
+    let value = match small(fields, field)? {
         None | Some(Value::Null) => return Ok(None),
         Some(v) => v,
     };
@@ -200,9 +264,6 @@ fn optional_token_count(body: &Map<String, Value>, field: &str, ceiling: u32) ->
     }
 }
 
-fn first_fallback_model(body: &Map<String, Value>) -> Option<String> {
-    body.get("models")?.as_array()?.first()?.as_str().map(str::to_owned)
-}
 
 #[cfg(test)]
 mod tests {
@@ -223,6 +284,11 @@ mod tests {
         validate_chat(body.to_string().as_bytes(), &config())
     }
 
+    /// What would be sent upstream, as JSON.
+    fn sent(r: &ChatRequest) -> Value {
+        serde_json::from_str(&r.forward_body).expect("the forwarded body is JSON")
+    }
+
     fn param_of(body: Value) -> Option<String> {
         check(body).err().and_then(|e| {
             assert_eq!(e.status, 400);
@@ -238,9 +304,9 @@ mod tests {
     fn minimal_request_gets_default_model_and_max_tokens() {
         let r = check(json!({"messages": hello()})).expect("valid");
         assert_eq!(r.model, "default/model");
-        assert_eq!(r.body["model"], "default/model");
+        assert_eq!(sent(&r)["model"], "default/model");
         assert_eq!(r.max_tokens, 1000);
-        assert_eq!(r.body["max_tokens"], 1000);
+        assert_eq!(sent(&r)["max_tokens"], 1000);
         assert!(!r.stream);
         assert!(!r.include_usage);
         assert_eq!(r.prompt_chars, 5);
@@ -259,7 +325,7 @@ mod tests {
         });
         let r = check(body.clone()).expect("valid");
         for (k, v) in body.as_object().expect("object") {
-            assert_eq!(&r.body[k], v, "field {k} changed");
+            assert_eq!(&sent(&r)[k], v, "field {k} changed");
         }
         assert!(r.stream && r.include_usage);
         assert_eq!(r.prompt_chars, 2);
@@ -269,7 +335,7 @@ mod tests {
     fn models_fallback_list_is_respected_without_injecting_a_default() {
         let r = check(json!({"messages": hello(), "models": ["a/one", "b/two"]})).expect("valid");
         assert_eq!(r.model, "a/one");
-        assert!(!r.body.contains_key("model"));
+        assert!(sent(&r).get("model").is_none());
         assert_eq!(r.models, vec!["a/one", "b/two"]);
         let r = check(json!({"messages": hello(), "model": "c/x", "models": ["a/one", "c/x"]})).expect("valid");
         assert_eq!(r.models, vec!["c/x", "a/one"], "every model that may serve, once");
@@ -318,10 +384,10 @@ mod tests {
     fn the_smaller_of_both_token_fields_is_forwarded_in_both() {
         let r = check(json!({"messages": hello(), "max_tokens": 300, "max_completion_tokens": 200})).expect("valid");
         assert_eq!(r.max_tokens, 200);
-        assert_eq!(r.body["max_tokens"], 200);
-        assert_eq!(r.body["max_completion_tokens"], 200);
+        assert_eq!(sent(&r)["max_tokens"], 200);
+        assert_eq!(sent(&r)["max_completion_tokens"], 200);
         let r = check(json!({"messages": hello(), "max_completion_tokens": 50})).expect("valid");
-        assert_eq!(r.body["max_tokens"], 50);
+        assert_eq!(sent(&r)["max_tokens"], 50);
     }
 
     #[test]
@@ -355,5 +421,21 @@ mod tests {
     fn deeply_nested_json_is_an_error_not_a_crash() {
         let raw = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
         assert_eq!(validate_chat(raw.as_bytes(), &config()).err().map(|e| e.status), Some(400));
+        let raw = format!("{{\"x\":{}{}}}", "[".repeat(100_000), "]".repeat(100_000));
+        assert_eq!(validate_chat(raw.as_bytes(), &config()).err().map(|e| e.status), Some(400));
+    }
+
+    #[test]
+    fn raw_fields_keep_their_exact_text_and_big_contents_are_counted_not_built() {
+        let image = "A".repeat(1_000_000);
+        let raw = format!(
+            r#"{{"messages":[{{"role":"user","content":[{{"type":"text","text":"héllo"}},{{"type":"image_url","image_url":{{"url":"data:image/png;base64,{image}"}}}}]}}],"seed":1.50,"x":"\u00e9"}}"#
+        );
+        let r = validate_chat(raw.as_bytes(), &config()).expect("valid");
+        assert_eq!(r.prompt_chars, 5);
+        assert!(r.forward_body.contains(r#""seed":1.50"#), "numbers keep their spelling");
+        assert!(r.forward_body.contains(r#""x":"\u00e9""#), "escapes are kept as sent");
+        assert!(r.forward_body.contains(&image));
+        assert_eq!(r.messages_json.len(), raw.len() - r#"{"messages":,"seed":1.50,"x":"\u00e9"}"#.len());
     }
 }
