@@ -83,7 +83,6 @@ impl DurableObject for KeyLimiter {
                 let newer = self.configure(store, control)?;
                 Response::from_json(&newer)
             }
-            "/storage-rows" => Response::from_json(&store.row_count()?),
             _ => Response::error("not found", 404),
         }
     }

@@ -132,22 +132,6 @@ impl Store {
         self.exec("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", vec![name.into(), json.into()])
     }
 
-    /// Rows stored, for the steady-state storage figure.
-    pub fn row_count(&self) -> Result<u64> {
-        #[derive(Deserialize)]
-        struct Count {
-            n: f64,
-        }
-        let count = self
-            .sql
-            .exec(
-                "SELECT (SELECT COUNT(*) FROM requests) + (SELECT COUNT(*) FROM budget) + (SELECT COUNT(*) FROM meta) AS n",
-                None,
-            )?
-            .to_array::<Count>()?;
-        Ok(count.first().map_or(0, |c| c.n as u64))
-    }
-
     fn exec(&self, query: &str, bindings: Vec<SqlStorageValue>) -> Result<()> {
         self.sql.exec(query, bindings)?;
         Ok(())
