@@ -16,8 +16,8 @@ use std::cell::{Cell, RefCell};
 use worker::{durable_object, DurableObject, Env, Request, Response, Result, ScheduledTime, State};
 
 use crate::protocol::{
-    AdmitRequest, AdmitResponse, DenyReason, KeyControl, Limits, SettleBatch, SettleRequest, SettleResponse, StateRequest,
-    StateResponse,
+    AdmitRequest, AdmitResponse, DenyReason, KeyControl, Limits, SettleBatch, SettleRequest, SettleResponse,
+    StateRequest, StateResponse,
 };
 use crate::quota::{Change, Decision, Quota};
 use crate::store::Store;

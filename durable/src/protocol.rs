@@ -155,7 +155,10 @@ pub enum DenyReason {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "decision", rename_all = "snake_case")]
 pub enum AdmitResponse {
-    Admitted { state: Snapshot, limits: Limits },
+    Admitted {
+        state: Snapshot,
+        limits: Limits,
+    },
     Denied {
         reason: DenyReason,
         retry_after_ms: Option<u64>,

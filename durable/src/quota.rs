@@ -46,9 +46,14 @@ pub struct BudgetSpend {
 /// window and its reservation, so an admission is one INSERT and a settlement one UPDATE.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
-    Admitted { reservation: Reservation },
+    Admitted {
+        reservation: Reservation,
+    },
     /// The request settled (or its lease expired): it holds `tokens` in the window and no longer a reservation.
-    Settled { request_id: String, tokens: u64 },
+    Settled {
+        request_id: String,
+        tokens: u64,
+    },
     /// Settled requests admitted at or before this time have left every window. Issued in batches, so storage
     /// holds at most `PURGE_BATCH` such rows beyond the window.
     ForgetUpTo(u64),
@@ -141,7 +146,11 @@ impl Quota {
         };
         self.outstanding = sub(self.outstanding, reservation.reserved);
         let first_at_that_time = self.admissions.partition_point(|a| a.at_ms < reservation.at_ms);
-        let admission = self.admissions.range_mut(first_at_that_time..).take_while(|a| a.at_ms == reservation.at_ms).find(|a| a.request_id == request_id);
+        let admission = self
+            .admissions
+            .range_mut(first_at_that_time..)
+            .take_while(|a| a.at_ms == reservation.at_ms)
+            .find(|a| a.request_id == request_id);
         if let Some(admission) = admission {
             self.admitted_tokens = self.admitted_tokens - admission.tokens + actual.tokens;
             admission.tokens = actual.tokens;
@@ -185,14 +194,17 @@ impl Quota {
             remaining: u64::from(limits.requests_per_window).saturating_sub(requests_used),
             reset_ms,
         };
-        let tokens = limits
-            .tokens_per_window
-            .map(|limit| WindowState { limit, remaining: limit.saturating_sub(tokens_used), reset_ms });
-        let spent_this_period = if limits.budget.as_ref().is_some_and(|b| self.budget.period_key == period_key(now, b.period)) {
-            self.budget.spent
-        } else {
-            Amount::default()
-        };
+        let tokens = limits.tokens_per_window.map(|limit| WindowState {
+            limit,
+            remaining: limit.saturating_sub(tokens_used),
+            reset_ms,
+        });
+        let spent_this_period =
+            if limits.budget.as_ref().is_some_and(|b| self.budget.period_key == period_key(now, b.period)) {
+                self.budget.spent
+            } else {
+                Amount::default()
+            };
         Snapshot { requests, tokens, in_flight: self.reservations.len() as u64, budget_used: spent_this_period }
     }
 
@@ -250,7 +262,8 @@ impl Quota {
         if let Some(budget) = &limits.budget {
             let outstanding = self.outstanding;
             let until_next_period = period_end(now, budget.period).map(|end| end.saturating_sub(now));
-            if budget_tokens.is_some_and(|limit| self.budget.spent.tokens + outstanding.tokens + reserve.tokens > limit) {
+            if budget_tokens.is_some_and(|limit| self.budget.spent.tokens + outstanding.tokens + reserve.tokens > limit)
+            {
                 block(DenyReason::BudgetTokens, until_next_period);
             }
             if let Some(limit) = budget.usd {
@@ -371,7 +384,14 @@ mod tests {
     const W: u64 = 60_000;
 
     fn limits(rpm: u32) -> Limits {
-        Limits { requests_per_window: rpm, tokens_per_window: None, window_ms: W, budget: None, max_concurrency: None, lease_ms: 600_000 }
+        Limits {
+            requests_per_window: rpm,
+            tokens_per_window: None,
+            window_ms: W,
+            budget: None,
+            max_concurrency: None,
+            lease_ms: 600_000,
+        }
     }
 
     fn tokens(n: u64) -> Amount {
@@ -437,7 +457,8 @@ mod tests {
         let mut q = Quota::default();
         let l = Limits { tokens_per_window: Some(1_000), ..limits(100) };
         assert_eq!(denied(&q.admit(T0, &l, "a", tokens(1_001)).0), (DenyReason::TooLargeForTokensPerWindow, None));
-        let l = Limits { budget: Some(Budget { period: Period::Lifetime, tokens: Some(50), usd: None }), ..limits(100) };
+        let l =
+            Limits { budget: Some(Budget { period: Period::Lifetime, tokens: Some(50), usd: None }), ..limits(100) };
         assert_eq!(denied(&q.admit(T0, &l, "a", tokens(51)).0), (DenyReason::TooLargeForBudget, None));
     }
 
@@ -455,7 +476,8 @@ mod tests {
     #[test]
     fn budget_counts_settled_and_outstanding_and_resets_with_the_day() {
         let mut q = Quota::default();
-        let l = Limits { budget: Some(Budget { period: Period::Day, tokens: Some(1_000), usd: None }), ..limits(1_000) };
+        let l =
+            Limits { budget: Some(Budget { period: Period::Day, tokens: Some(1_000), usd: None }), ..limits(1_000) };
         let day_start = (T0 / DAY_MS) * DAY_MS;
         let t = day_start + 1_000;
         assert!(admitted(&q.admit(t, &l, "a", tokens(400)).0));
@@ -475,7 +497,8 @@ mod tests {
     #[test]
     fn usd_budget_denies_once_spent_even_without_a_price() {
         let mut q = Quota::default();
-        let l = Limits { budget: Some(Budget { period: Period::Lifetime, tokens: None, usd: Some(1.0) }), ..limits(1_000) };
+        let l =
+            Limits { budget: Some(Budget { period: Period::Lifetime, tokens: None, usd: Some(1.0) }), ..limits(1_000) };
         assert!(admitted(&q.admit(T0, &l, "a", Amount::default()).0));
         q.settle(T0 + 1, &l, "a", Amount { tokens: 10, usd: 1.0 });
         let (reason, retry) = denied(&q.admit(T0 + 2, &l, "b", Amount::default()).0);
@@ -506,7 +529,8 @@ mod tests {
     #[test]
     fn settling_twice_charges_once() {
         let mut q = Quota::default();
-        let l = Limits { budget: Some(Budget { period: Period::Lifetime, tokens: Some(1_000), usd: None }), ..limits(10) };
+        let l =
+            Limits { budget: Some(Budget { period: Period::Lifetime, tokens: Some(1_000), usd: None }), ..limits(10) };
         q.admit(T0, &l, "a", tokens(100));
         assert!(q.settle(T0, &l, "a", tokens(50)).0);
         assert!(!q.settle(T0, &l, "a", tokens(50)).0);
@@ -627,7 +651,8 @@ mod model_tests {
         }
 
         fn expire(&mut self, now: u64) {
-            let expired: Vec<String> = self.outstanding.iter().filter(|(_, (_, e))| *e <= now).map(|(k, _)| k.clone()).collect();
+            let expired: Vec<String> =
+                self.outstanding.iter().filter(|(_, (_, e))| *e <= now).map(|(k, _)| k.clone()).collect();
             for id in expired {
                 if let Some((reserved, _)) = self.outstanding.remove(&id) {
                     self.spent.tokens += reserved.tokens;
@@ -638,10 +663,18 @@ mod model_tests {
 
     #[derive(Debug, Clone)]
     enum Op {
-        Admit { after_ms: u64, reserve: u64 },
+        Admit {
+            after_ms: u64,
+            reserve: u64,
+        },
         /// Settle the n-th outstanding reservation (if any) with this fraction of its reservation.
-        Settle { nth: usize, percent: u64 },
-        Expire { after_ms: u64 },
+        Settle {
+            nth: usize,
+            percent: u64,
+        },
+        Expire {
+            after_ms: u64,
+        },
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -653,7 +686,12 @@ mod model_tests {
     }
 
     fn limits_strategy() -> impl Strategy<Value = Limits> {
-        (1u32..8, proptest::option::of(100u64..1_500), proptest::option::of(1u32..5), proptest::option::of(500u64..5_000))
+        (
+            1u32..8,
+            proptest::option::of(100u64..1_500),
+            proptest::option::of(1u32..5),
+            proptest::option::of(500u64..5_000),
+        )
             .prop_map(|(rpm, tpm, conc, budget)| Limits {
                 requests_per_window: rpm,
                 tokens_per_window: tpm,

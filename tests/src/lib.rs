@@ -130,7 +130,9 @@ impl Standin {
         self.requests()
             .await
             .into_iter()
-            .filter(|r| r["path"] == "/api/v1/chat/completions" && r["raw_body"].as_str().is_some_and(|b| b.contains(marker)))
+            .filter(|r| {
+                r["path"] == "/api/v1/chat/completions" && r["raw_body"].as_str().is_some_and(|b| b.contains(marker))
+            })
             .collect()
     }
 
@@ -369,7 +371,8 @@ fn prepare_database(state_dir: &Path, keys: &HashMap<String, (TestKey, Vec<(Stri
         .values()
         .map(|(k, columns)| {
             let mut names = vec!["id".to_owned(), "key_hash".to_owned(), "user_id".to_owned()];
-            let mut values = vec![format!("'{}'", k.id), format!("'{}'", sha256_hex(&k.secret)), format!("'{}'", k.user_id)];
+            let mut values =
+                vec![format!("'{}'", k.id), format!("'{}'", sha256_hex(&k.secret)), format!("'{}'", k.user_id)];
             for (column, value) in columns {
                 names.push(column.clone());
                 values.push(value.clone());
@@ -419,7 +422,8 @@ pub async fn sse_events(response: reqwest::Response) -> Vec<String> {
 pub fn parse_sse(text: &str) -> Vec<String> {
     text.split("\n\n")
         .filter_map(|event| {
-            let data: Vec<&str> = event.lines().filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:"))).collect();
+            let data: Vec<&str> =
+                event.lines().filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:"))).collect();
             (!data.is_empty()).then(|| data.join("\n"))
         })
         .collect()

@@ -14,9 +14,7 @@ const ADMIN_KEY: &str = "adm-test-key-7f3e9c1b";
 
 fn gateway() -> &'static Gateway {
     static GATEWAY: OnceLock<Gateway> = OnceLock::new();
-    GATEWAY.get_or_init(|| {
-        Gateway::start(GatewayOptions::default().var("ADMIN_API_KEY", ADMIN_KEY).keys(&["regular"]))
-    })
+    GATEWAY.get_or_init(|| Gateway::start(GatewayOptions::default().var("ADMIN_API_KEY", ADMIN_KEY).keys(&["regular"])))
 }
 
 async fn admin(method: reqwest::Method, path: &str, body: Option<Value>) -> reqwest::Response {
@@ -37,7 +35,9 @@ async fn chat(key: &str, model: &str) -> reqwest::Response {
     client()
         .post(gateway().url("/v1/chat/completions"))
         .bearer_auth(key)
-        .json(&json!({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16, "standin": {}}))
+        .json(
+            &json!({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16, "standin": {}}),
+        )
         .send()
         .await
         .expect("gateway reachable")
@@ -60,7 +60,8 @@ async fn key_lifecycle_create_use_limit_revoke() {
     assert_eq!(stored[0]["key_hash"], sha256_hex(&key).as_str(), "only the hash is stored");
 
     assert_eq!(chat(&key, "openai/gpt-4o-mini").await.status(), 200);
-    let shown: Value = admin(reqwest::Method::GET, &format!("/admin/keys/{id}"), None).await.json().await.expect("json");
+    let shown: Value =
+        admin(reqwest::Method::GET, &format!("/admin/keys/{id}"), None).await.json().await.expect("json");
     assert!(shown.get("key").is_none(), "the plaintext is never shown again");
 
     // Lower the limit: the very next requests see it (one more fits in a window of 2), no cache TTL involved.
@@ -143,9 +144,13 @@ async fn usage_aggregates_the_ledger_and_exports_csv() {
     // The ledger is written by the queue consumer, a few seconds later.
     let deadline = Instant::now() + Duration::from_secs(30);
     let report = loop {
-        let report: Value =
-            admin(reqwest::Method::GET, &format!("/admin/usage?user_id={owner}&group_by=model"), None).await.json().await.expect("json");
-        let requests: u64 = report["data"].as_array().map_or(0, |rows| rows.iter().filter_map(|r| r["requests"].as_u64()).sum());
+        let report: Value = admin(reqwest::Method::GET, &format!("/admin/usage?user_id={owner}&group_by=model"), None)
+            .await
+            .json()
+            .await
+            .expect("json");
+        let requests: u64 =
+            report["data"].as_array().map_or(0, |rows| rows.iter().filter_map(|r| r["requests"].as_u64()).sum());
         if requests == 3 || Instant::now() > deadline {
             break report;
         }
@@ -215,7 +220,13 @@ async fn admin_auth_is_required() {
     assert_eq!(no_key.status(), 401);
     assert_openai_error(&no_key.json().await.expect("json"));
     for wrong in ["adm-test-key-7f3e9c1", "adm-test-key-7f3e9c1bX", "", gateway().key("regular").secret.as_str()] {
-        let response = client().post(gateway().url("/admin/keys")).bearer_auth(wrong).json(&json!({"user_id": "x"})).send().await.expect("reachable");
+        let response = client()
+            .post(gateway().url("/admin/keys"))
+            .bearer_auth(wrong)
+            .json(&json!({"user_id": "x"}))
+            .send()
+            .await
+            .expect("reachable");
         assert_eq!(response.status(), 401, "{wrong:?}");
     }
 }
@@ -249,7 +260,8 @@ async fn allowed_models_are_enforced_and_changes_apply_at_once() {
     assert_eq!(fallback.status(), 403, "a fallback model must be allowed too");
 
     let id = created["id"].as_str().expect("id");
-    let cleared = admin(reqwest::Method::PATCH, &format!("/admin/keys/{id}"), Some(json!({"allowed_models": null}))).await;
+    let cleared =
+        admin(reqwest::Method::PATCH, &format!("/admin/keys/{id}"), Some(json!({"allowed_models": null}))).await;
     assert_eq!(cleared.status(), 200);
     assert_eq!(chat(key, "anthropic/claude-3.5-sonnet").await.status(), 200);
 }
@@ -272,7 +284,13 @@ async fn bad_admin_input_is_a_400_and_unknown_keys_a_404() {
         let error = response.json::<Value>().await.expect("json");
         assert!(assert_openai_error(&error)["param"].is_string(), "{error}");
     }
-    let raw = client().post(gateway().url("/admin/keys")).bearer_auth(ADMIN_KEY).body("{oops").send().await.expect("reachable");
+    let raw = client()
+        .post(gateway().url("/admin/keys"))
+        .bearer_auth(ADMIN_KEY)
+        .body("{oops")
+        .send()
+        .await
+        .expect("reachable");
     assert_eq!(raw.status(), 400);
     assert_eq!(admin(reqwest::Method::GET, "/admin/keys/no-such-key", None).await.status(), 404);
     assert_eq!(admin(reqwest::Method::DELETE, "/admin/keys/no-such-key", None).await.status(), 404);
@@ -293,7 +311,11 @@ fn cli(args: &[&str]) -> (bool, String, String) {
         .env("ADMIN_API_KEY", ADMIN_KEY)
         .output()
         .expect("node");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[tokio::test]

@@ -27,12 +27,16 @@ fn gateway() -> &'static Gateway {
 fn faulty() -> &'static Gateway {
     static GATEWAY: OnceLock<Gateway> = OnceLock::new();
     GATEWAY.get_or_init(|| {
-        Gateway::start(
-            GatewayOptions::default()
-                .var("RATE_LIMIT_PER_MINUTE", 100_000)
-                .keys(&["unlucky"])
-                .posthog(&["--fail-rate", "0.2", "--timeout-rate", "0.1", "--timeout-ms", "11000", "--seed", "7"]),
-        )
+        Gateway::start(GatewayOptions::default().var("RATE_LIMIT_PER_MINUTE", 100_000).keys(&["unlucky"]).posthog(&[
+            "--fail-rate",
+            "0.2",
+            "--timeout-rate",
+            "0.1",
+            "--timeout-ms",
+            "11000",
+            "--seed",
+            "7",
+        ]))
     })
 }
 
@@ -214,10 +218,12 @@ async fn every_admitted_request_gets_exactly_one_ledger_row_and_one_posthog_even
     assert_eq!(p["$ai_max_tokens"], 64);
     assert_eq!(p["$ai_http_status"], 200);
     let total = p["$ai_total_cost_usd"].as_f64().expect("total cost");
-    let parts = p["$ai_input_cost_usd"].as_f64().expect("input cost") + p["$ai_output_cost_usd"].as_f64().expect("output cost");
+    let parts =
+        p["$ai_input_cost_usd"].as_f64().expect("input cost") + p["$ai_output_cost_usd"].as_f64().expect("output cost");
     assert!((total - row["cost"].as_f64().unwrap_or(0.0)).abs() < 1e-12 && (parts - total).abs() < 1e-12);
     assert!(p.get("$ai_input").is_none() && p.get("$ai_output_choices").is_none(), "content capture is off by default");
-    let error_event = events.iter().find(|e| e["properties"]["$ai_trace_id"] == id("upstream-error", 0).as_str()).expect("event");
+    let error_event =
+        events.iter().find(|e| e["properties"]["$ai_trace_id"] == id("upstream-error", 0).as_str()).expect("event");
     assert_eq!(error_event["properties"]["$ai_is_error"], true);
 }
 
@@ -277,7 +283,10 @@ async fn failing_sinks_lose_nothing_and_never_duplicate_ledger_rows() {
         stats["batches_failed"],
         stats["batches_timed_out"]
     );
-    assert!(stats["batches_failed"].as_u64().unwrap_or(0) + stats["batches_timed_out"].as_u64().unwrap_or(0) > 0, "faults were injected");
+    assert!(
+        stats["batches_failed"].as_u64().unwrap_or(0) + stats["batches_timed_out"].as_u64().unwrap_or(0) > 0,
+        "faults were injected"
+    );
     let ledger_failures = gw.logs().matches("ledger_write_failed").count();
     println!("faults: {ledger_failures} ledger batch writes failed in D1 and were retried");
     assert!(ledger_failures > 0, "D1 faults were injected");
@@ -309,7 +318,10 @@ async fn a_stalled_sink_does_not_delay_responses() {
     posthog.set_faults(json!({"stall_ms": 0})).await;
     println!("median latency: {normal:?} with PostHog answering, {stalled:?} with PostHog stalled for 8 s");
     // A design that waited for the sink would add seconds; allow generous noise.
-    assert!(stalled < normal + Duration::from_millis(1500), "the stalled sink slowed clients: {normal:?} → {stalled:?}");
+    assert!(
+        stalled < normal + Duration::from_millis(1500),
+        "the stalled sink slowed clients: {normal:?} → {stalled:?}"
+    );
     // And the stalled events still arrive.
     let events = posthog_events(gw, &format!("{prefix}stalled"), 9, Duration::from_secs(60)).await;
     let uuids: HashSet<&str> = events.iter().filter_map(|e| e["uuid"].as_str()).collect();
@@ -324,9 +336,7 @@ async fn client_abort_policies_trade_upstream_cost_against_exact_billing() {
     const ANSWER_TOKENS: u64 = 40;
     let mut figures = Vec::new();
     for policy in ["cancel", "drain"] {
-        let gw = Gateway::start(
-            GatewayOptions::default().var("CLIENT_ABORT_POLICY", policy).keys(&["leaver"]),
-        );
+        let gw = Gateway::start(GatewayOptions::default().var("CLIENT_ABORT_POLICY", policy).keys(&["leaver"]));
         let key = gw.key("leaver").secret.clone();
         let prefix = format!("{policy}-{}-", random_hex(4));
         let before = gw.upstream.stats().await["completion_tokens_streamed"].as_u64().unwrap_or(0);
@@ -359,5 +369,8 @@ async fn client_abort_policies_trade_upstream_cost_against_exact_billing() {
         }
         figures.push(format!("{policy}: upstream generated {generated} completion tokens, ledger billed {billed}"));
     }
-    println!("client aborts ({STREAMS} streams of {ANSWER_TOKENS} tokens, left after the first token): {}", figures.join("; "));
+    println!(
+        "client aborts ({STREAMS} streams of {ANSWER_TOKENS} tokens, left after the first token): {}",
+        figures.join("; ")
+    );
 }

@@ -55,7 +55,8 @@ async fn unknown_paths_and_wrong_methods_are_openai_errors() {
     assert_eq!(response.status(), 404);
     assert_openai_error(&response.json().await.expect("json"));
 
-    let response = client().get(gateway().url("/v1/chat/completions")).bearer_auth(carol()).send().await.expect("reachable");
+    let response =
+        client().get(gateway().url("/v1/chat/completions")).bearer_auth(carol()).send().await.expect("reachable");
     assert_eq!(response.status(), 405);
     assert_eq!(response.headers()["allow"], "POST");
     assert_openai_error(&response.json().await.expect("json"));
@@ -69,7 +70,13 @@ async fn unknown_paths_and_wrong_methods_are_openai_errors() {
 async fn oversized_bodies_are_refused_with_413_declared_or_not() {
     let mut body = chat_body();
     body["padding"] = json!("x".repeat(70_000));
-    let response = client().post(gateway().url("/v1/chat/completions")).bearer_auth(carol()).json(&body).send().await.expect("reachable");
+    let response = client()
+        .post(gateway().url("/v1/chat/completions"))
+        .bearer_auth(carol())
+        .json(&body)
+        .send()
+        .await
+        .expect("reachable");
     assert_eq!(response.status(), 413);
     assert_eq!(assert_openai_error(&response.json().await.expect("json"))["code"], "request_too_large");
 
@@ -91,7 +98,13 @@ async fn oversized_bodies_are_refused_with_413_declared_or_not() {
 async fn an_upstream_that_never_answers_is_a_504() {
     let mut body = chat_body();
     body["standin"] = json!({"scenario": "hang"});
-    let response = client().post(gateway().url("/v1/chat/completions")).bearer_auth(carol()).json(&body).send().await.expect("reachable");
+    let response = client()
+        .post(gateway().url("/v1/chat/completions"))
+        .bearer_auth(carol())
+        .json(&body)
+        .send()
+        .await
+        .expect("reachable");
     assert_eq!(response.status(), 504);
     assert_eq!(assert_openai_error(&response.json().await.expect("json"))["code"], "upstream_timeout");
 }
@@ -101,7 +114,10 @@ async fn an_unreachable_upstream_is_a_502() {
     // A second gateway whose upstream address refuses connections.
     let closed_port = free_port();
     let gw = Gateway::start(
-        GatewayOptions::default().var("RATE_LIMIT_PER_MINUTE", 100_000).keys(&["erin"]).var("OPENROUTER_BASE_URL", format!("http://127.0.0.1:{closed_port}/api/v1")),
+        GatewayOptions::default()
+            .var("RATE_LIMIT_PER_MINUTE", 100_000)
+            .keys(&["erin"])
+            .var("OPENROUTER_BASE_URL", format!("http://127.0.0.1:{closed_port}/api/v1")),
     );
     let response = client()
         .post(gw.url("/v1/chat/completions"))
@@ -117,14 +133,25 @@ async fn an_unreachable_upstream_is_a_502() {
 #[tokio::test]
 async fn a_revoked_key_stops_working_within_the_auth_cache_ttl() {
     let dave = gateway().key("dave").clone();
-    let ok = client().post(gateway().url("/v1/chat/completions")).bearer_auth(&dave.secret).json(&chat_body()).send().await.expect("reachable");
+    let ok = client()
+        .post(gateway().url("/v1/chat/completions"))
+        .bearer_auth(&dave.secret)
+        .json(&chat_body())
+        .send()
+        .await
+        .expect("reachable");
     assert_eq!(ok.status(), 200, "the key works (and is now cached)");
 
     gateway().d1(&format!("UPDATE api_keys SET active = 0 WHERE id = '{}'", dave.id));
     let revoked_at = tokio::time::Instant::now();
     loop {
-        let response =
-            client().post(gateway().url("/v1/chat/completions")).bearer_auth(&dave.secret).json(&chat_body()).send().await.expect("reachable");
+        let response = client()
+            .post(gateway().url("/v1/chat/completions"))
+            .bearer_auth(&dave.secret)
+            .json(&chat_body())
+            .send()
+            .await
+            .expect("reachable");
         if response.status() == 401 {
             break;
         }
@@ -235,9 +262,11 @@ async fn every_response_carries_security_headers_and_a_request_id() {
         assert!(ids.insert(id), "request ids are unique");
     }
 
-    let echoed = c.get(gateway().url("/health")).header("x-request-id", "client-id-42").send().await.expect("reachable");
+    let echoed =
+        c.get(gateway().url("/health")).header("x-request-id", "client-id-42").send().await.expect("reachable");
     assert_eq!(echoed.headers()["x-request-id"], "client-id-42");
-    let replaced = c.get(gateway().url("/health")).header("x-request-id", "bad id; with spaces").send().await.expect("reachable");
+    let replaced =
+        c.get(gateway().url("/health")).header("x-request-id", "bad id; with spaces").send().await.expect("reachable");
     assert!(replaced.headers()["x-request-id"].to_str().unwrap_or("").starts_with("req_"));
 }
 
@@ -246,7 +275,13 @@ async fn a_stream_that_goes_silent_ends_with_an_error_event() {
     // UPSTREAM_TIMEOUT_SECONDS is 2 here; the stand-in falls silent for 30 s after two deltas.
     let body = json!({"messages": [{"role": "user", "content": "hi"}], "stream": true,
         "standin": {"chunks": 5, "pause_after": 2, "pause_ms": 30000}});
-    let response = client().post(gateway().url("/v1/chat/completions")).bearer_auth(carol()).json(&body).send().await.expect("reachable");
+    let response = client()
+        .post(gateway().url("/v1/chat/completions"))
+        .bearer_auth(carol())
+        .json(&body)
+        .send()
+        .await
+        .expect("reachable");
     assert_eq!(response.status(), 200);
     let events = tokio::time::timeout(Duration::from_secs(20), sse_events(response)).await.expect("the stream ends");
     let last: Value = serde_json::from_str(events.last().expect("events")).expect("JSON");

@@ -66,7 +66,8 @@ fn header_u64(response: &reqwest::Response, name: &str) -> Option<u64> {
 
 /// Fires `n` requests at once for one key; returns the statuses.
 async fn burst(gw: &Gateway, key: &str, n: usize, body: &Value) -> Vec<u16> {
-    let client = reqwest::Client::builder().pool_max_idle_per_host(0).timeout(Duration::from_secs(120)).build().expect("client");
+    let client =
+        reqwest::Client::builder().pool_max_idle_per_host(0).timeout(Duration::from_secs(120)).build().expect("client");
     let requests = (0..n).map(|_| {
         let client = client.clone();
         async move { send(gw, &client, key, body).await.status().as_u16() }
@@ -89,10 +90,8 @@ async fn a_burst_of_500_admits_exactly_the_limit_every_time_and_keys_are_indepen
     }
     // Two keys bursting at the same time do not affect each other.
     let body = chat(16);
-    let (a, b) = tokio::join!(
-        burst(gw, &gw.key("burst3").secret, 500, &body),
-        burst(gw, &gw.key("burst4").secret, 500, &body)
-    );
+    let (a, b) =
+        tokio::join!(burst(gw, &gw.key("burst3").secret, 500, &body), burst(gw, &gw.key("burst4").secret, 500, &body));
     assert_eq!((count(&a, 200), count(&b, 200)), (60, 60));
     assert_eq!((count(&a, 429), count(&b, 429)), (440, 440));
 }
@@ -116,7 +115,10 @@ async fn the_window_slides_admissions_resume_exactly_when_the_oldest_leaves() {
     assert_eq!(retry_s, retry_ms.div_ceil(1000), "Retry-After is retry-after-ms rounded up");
     // The oldest admission happened between first_sent and the first response; it leaves WINDOW_SECS later.
     let leaves_at_latest = first_sent + Duration::from_secs(WINDOW_SECS) + Duration::from_millis(500);
-    assert!(denied_received + Duration::from_millis(retry_ms) <= leaves_at_latest, "retry-after too long: {retry_ms} ms");
+    assert!(
+        denied_received + Duration::from_millis(retry_ms) <= leaves_at_latest,
+        "retry-after too long: {retry_ms} ms"
+    );
     let body: Value = denied.json().await.expect("json");
     assert_eq!(assert_openai_error(&body)["code"], "rate_limit_exceeded");
     assert_eq!(body["error"]["type"], "requests");
@@ -208,7 +210,8 @@ async fn a_budget_is_never_overspent_under_concurrency() {
     let gw = gateway();
     let key = gw.key("budget").secret.clone();
     // 1500-token lifetime budget; each request reserves 9 + 291 = 300 tokens.
-    let body = json!({"messages": [{"role": "user", "content": "count me"}], "max_tokens": 291, "standin": {"delay_ms": 300}});
+    let body =
+        json!({"messages": [{"role": "user", "content": "count me"}], "max_tokens": 291, "standin": {"delay_ms": 300}});
     let statuses = burst(gw, &key, 30, &body).await;
     assert_eq!(count(&statuses, 200), 5, "{statuses:?}");
 

@@ -9,7 +9,11 @@ use serde_json::Value;
 
 fn gateway() -> &'static Gateway {
     static GATEWAY: OnceLock<Gateway> = OnceLock::new();
-    GATEWAY.get_or_init(|| Gateway::start(GatewayOptions::default().var("RATE_LIMIT_PER_MINUTE", 100_000).keys(&["alice", "bob", "revoked"])))
+    GATEWAY.get_or_init(|| {
+        Gateway::start(
+            GatewayOptions::default().var("RATE_LIMIT_PER_MINUTE", 100_000).keys(&["alice", "bob", "revoked"]),
+        )
+    })
 }
 
 fn revoked_key() -> &'static TestKey {
@@ -109,10 +113,14 @@ async fn stream_delivers_events_in_order_and_hides_the_usage_chunk_unless_asked(
     assert!(plain.headers()["content-type"].to_str().unwrap_or("").starts_with("text/event-stream"));
     let events = sse_events(plain).await;
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
-    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).expect("JSON event")).collect();
+    let chunks: Vec<Value> =
+        events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).expect("JSON event")).collect();
     assert!(chunks.len() >= 3);
     for chunk in &chunks {
-        assert!(!chunk["choices"].as_array().expect("choices").is_empty(), "a client indexing choices[0] would crash on {chunk}");
+        assert!(
+            !chunk["choices"].as_array().expect("choices").is_empty(),
+            "a client indexing choices[0] would crash on {chunk}"
+        );
     }
     let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
     assert!(text.contains(&m));
@@ -171,8 +179,12 @@ async fn auth_rejects_missing_malformed_unknown_and_revoked_keys() {
     let m = marker();
     let body = json!({"messages": hello(&m)});
     let revoked = revoked_key().secret.clone();
-    let cases: [(Option<&str>, &str); 4] =
-        [(None, "missing"), (Some("not-a-real-key"), "unknown"), (Some(&revoked), "revoked"), (Some("sk-gw-x y"), "malformed")];
+    let cases: [(Option<&str>, &str); 4] = [
+        (None, "missing"),
+        (Some("not-a-real-key"), "unknown"),
+        (Some(&revoked), "revoked"),
+        (Some("sk-gw-x y"), "malformed"),
+    ];
     for (key, case) in cases {
         let response = post(key, &body).await;
         assert_eq!(response.status(), 401, "{case}");
@@ -210,7 +222,10 @@ async fn every_validation_error_is_a_400_naming_the_parameter() {
         (json!({"messages": ok_messages, "max_completion_tokens": -3}), Some("max_completion_tokens")),
         (json!({"messages": ok_messages, "model": 7}), Some("model")),
         (json!({"messages": ok_messages, "stream": "yes"}), Some("stream")),
-        (json!({"messages": ok_messages, "stream_options": {"include_usage": "yes"}}), Some("stream_options.include_usage")),
+        (
+            json!({"messages": ok_messages, "stream_options": {"include_usage": "yes"}}),
+            Some("stream_options.include_usage"),
+        ),
         (json!([1, 2, 3]), None),
     ];
     for (body, param) in cases {
@@ -238,7 +253,9 @@ async fn every_validation_error_is_a_400_naming_the_parameter() {
 
 #[tokio::test]
 async fn upstream_errors_keep_their_status_as_openai_errors() {
-    for (status, retry_after) in [(429u16, Some(7u64)), (400, None), (402, None), (404, None), (502, None), (503, Some(2))] {
+    for (status, retry_after) in
+        [(429u16, Some(7u64)), (400, None), (402, None), (404, None), (502, None), (503, Some(2))]
+    {
         let mut standin = json!({"scenario": "error", "status": status});
         if let Some(secs) = retry_after {
             standin["retry_after"] = json!(secs);
@@ -255,14 +272,17 @@ async fn upstream_errors_keep_their_status_as_openai_errors() {
         assert!(error["message"].as_str().unwrap_or("").contains("Upstream provider error"), "{body}");
     }
     // The provider rejecting the gateway's own key is not the client's authentication failure.
-    let response = post(Some(alice()), &json!({"messages": hello(&marker()), "standin": {"scenario": "error", "status": 401}})).await;
+    let response =
+        post(Some(alice()), &json!({"messages": hello(&marker()), "standin": {"scenario": "error", "status": 401}}))
+            .await;
     assert_eq!(response.status(), 502);
     assert_eq!(assert_openai_error(&json_of(response).await)["code"], "upstream_auth_failed");
 }
 
 #[tokio::test]
 async fn garbage_from_the_upstream_is_a_502_or_an_error_event() {
-    let response = post(Some(alice()), &json!({"messages": hello(&marker()), "standin": {"scenario": "garbage"}})).await;
+    let response =
+        post(Some(alice()), &json!({"messages": hello(&marker()), "standin": {"scenario": "garbage"}})).await;
     assert_eq!(response.status(), 502);
     assert_eq!(assert_openai_error(&json_of(response).await)["code"], "upstream_malformed_response");
 
@@ -273,7 +293,8 @@ async fn garbage_from_the_upstream_is_a_502_or_an_error_event() {
     .await;
     assert_eq!(response.status(), 200);
     let events = sse_events(response).await;
-    let parsed: Vec<Value> = events.iter().map(|e| serde_json::from_str(e).expect("every event the client sees is JSON")).collect();
+    let parsed: Vec<Value> =
+        events.iter().map(|e| serde_json::from_str(e).expect("every event the client sees is JSON")).collect();
     assert_eq!(parsed.len(), 3, "two good chunks, then the error: {events:?}");
     assert_eq!(parsed[2]["error"]["code"], "upstream_malformed_response");
 }
@@ -305,7 +326,8 @@ async fn upstream_disconnects_are_reported_not_silently_truncated() {
     let last: Value = serde_json::from_str(events.last().expect("events")).expect("JSON");
     assert_eq!(last["error"]["code"], "upstream_cut_off");
 
-    let response = post(Some(alice()), &json!({"messages": hello(&marker()), "standin": {"scenario": "disconnect"}})).await;
+    let response =
+        post(Some(alice()), &json!({"messages": hello(&marker()), "standin": {"scenario": "disconnect"}})).await;
     assert_eq!(response.status(), 502);
     assert_openai_error(&json_of(response).await);
 }
@@ -328,7 +350,8 @@ async fn each_request_logs_one_structured_line_and_no_secret_anywhere() {
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let line = loop {
-        let lines: Vec<Value> = gateway().request_logs().into_iter().filter(|l| l["request_id"] == id.as_str()).collect();
+        let lines: Vec<Value> =
+            gateway().request_logs().into_iter().filter(|l| l["request_id"] == id.as_str()).collect();
         if let Some(line) = lines.first() {
             assert_eq!(lines.len(), 1, "exactly one line per request");
             break line.clone();

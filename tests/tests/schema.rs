@@ -28,7 +28,9 @@ fn schema_sql_is_the_concatenation_of_the_migrations() {
 #[test]
 fn seed_column_names_are_kept() {
     let schema = std::fs::read_to_string(repo_root().join("schema.sql")).expect("schema.sql");
-    for column in ["key_hash", "user_id", "usage_limit", "active", "model", "input_tokens", "output_tokens", "cost", "created_at"] {
+    for column in
+        ["key_hash", "user_id", "usage_limit", "active", "model", "input_tokens", "output_tokens", "cost", "created_at"]
+    {
         assert!(schema.contains(&format!("  {column} ")), "column {column} missing");
     }
 }

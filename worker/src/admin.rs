@@ -27,7 +27,13 @@ pub enum AdminReply {
 }
 
 /// Checks the admin key, then runs the admin route. Without `ADMIN_API_KEY` the admin API does not exist (404).
-pub async fn handle(route: &AdminRoute, req: &mut Request, env: &Env, config: &Config, path: &str) -> Result<AdminReply, ApiError> {
+pub async fn handle(
+    route: &AdminRoute,
+    req: &mut Request,
+    env: &Env,
+    config: &Config,
+    path: &str,
+) -> Result<AdminReply, ApiError> {
     let Some(admin_key) = &config.admin_api_key else {
         return Err(ApiError::not_found(path));
     };
@@ -100,7 +106,12 @@ async fn apply_update(id: &str, fields: KeyFields, env: &Env, config: &Config) -
     if let Some(name) = &fields.name {
         set("name", text_param(name.as_deref()));
     }
-    for (column, value) in [("rpm", fields.rpm), ("tpm", fields.tpm), ("usage_limit", fields.usage_limit), ("max_concurrency", fields.max_concurrency)] {
+    for (column, value) in [
+        ("rpm", fields.rpm),
+        ("tpm", fields.tpm),
+        ("usage_limit", fields.usage_limit),
+        ("max_concurrency", fields.max_concurrency),
+    ] {
         if let Some(value) = value {
             set(column, number_param(value.map(|n| n as f64)));
         }
@@ -166,7 +177,8 @@ async fn list_keys(query: &[(String, String)], env: &Env) -> Result<AdminReply, 
          ORDER BY id LIMIT ?3"
     );
     let params = [text_param(cursor), text_param(user_id), JsValue::from_f64((limit + 1) as f64)];
-    let mut rows: Vec<KeyRow> = bindings::d1_rows(env, &sql, &params).await.map_err(|e| storage_error("key_list_failed", &e))?;
+    let mut rows: Vec<KeyRow> =
+        bindings::d1_rows(env, &sql, &params).await.map_err(|e| storage_error("key_list_failed", &e))?;
     let has_more = rows.len() as u64 > limit;
     rows.truncate(limit as usize);
     let next_cursor = if has_more { rows.last().map(|r| r.id.clone()) } else { None };
@@ -223,9 +235,7 @@ pub async fn own_usage(key: &KeyRecord, env: &Env, config: &Config) -> Result<Va
     let from = (period != Period::Lifetime).then_some(period_key.clone());
     let filter = UsageFilter { key_id: Some(key.id.clone()), from, ..UsageFilter::default() };
     let totals = aggregate(env, GroupBy::Total, &filter).await?.into_iter().next();
-    let window = |w: &key_limiter::protocol::WindowState| {
-        json!({"limit": w.limit, "remaining": w.remaining, "reset_seconds": w.reset_ms as f64 / 1000.0})
-    };
+    let window = |w: &key_limiter::protocol::WindowState| json!({"limit": w.limit, "remaining": w.remaining, "reset_seconds": w.reset_ms as f64 / 1000.0});
     Ok(json!({
         "object": "key_usage",
         "key_id": key.id,

@@ -263,11 +263,18 @@ mod tests {
 
     #[test]
     fn control_carries_version_and_allow_list_and_fails_closed_on_a_bad_list() {
-        let k = KeyRecord { allowed_models: Some(r#"["a/b"]"#.into()), updated_at: "2026-11-27T10:00:00.000Z".into(), ..key() };
+        let k = KeyRecord {
+            allowed_models: Some(r#"["a/b"]"#.into()),
+            updated_at: "2026-11-27T10:00:00.000Z".into(),
+            ..key()
+        };
         let c = control_for(&k, &config());
         assert_eq!(c.version, "2026-11-27T10:00:00.000Z");
         assert_eq!(c.allowed_models, Some(vec!["a/b".to_owned()]));
-        assert_eq!(control_for(&KeyRecord { allowed_models: Some("not json".into()), ..key() }, &config()).allowed_models, Some(vec![]));
+        assert_eq!(
+            control_for(&KeyRecord { allowed_models: Some("not json".into()), ..key() }, &config()).allowed_models,
+            Some(vec![])
+        );
         assert_eq!(control_for(&key(), &config()).allowed_models, None);
     }
 

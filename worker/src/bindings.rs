@@ -74,7 +74,10 @@ pub fn config(env: &Env) -> Result<Rc<Config>, ApiError> {
 /// A var or secret as a string (numbers given with `--var` arrive as JS numbers).
 fn env_string(env: &Env, name: &str) -> Option<String> {
     let value = js_sys::Reflect::get(env.as_ref(), &JsValue::from_str(name)).ok()?;
-    value.as_string().or_else(|| value.as_f64().map(|n| n.to_string())).or_else(|| value.as_bool().map(|b| b.to_string()))
+    value
+        .as_string()
+        .or_else(|| value.as_f64().map(|n| n.to_string()))
+        .or_else(|| value.as_bool().map(|b| b.to_string()))
 }
 
 /// The active key with this hash, through the isolate's auth cache.
@@ -170,7 +173,11 @@ pub async fn d1_run(env: &Env, sql: &str, params: &[JsValue]) -> Result<u64, Err
 }
 
 /// Runs a D1 query and decodes every row.
-pub async fn d1_rows<T: serde::de::DeserializeOwned>(env: &Env, sql: &str, params: &[JsValue]) -> Result<Vec<T>, Error> {
+pub async fn d1_rows<T: serde::de::DeserializeOwned>(
+    env: &Env,
+    sql: &str,
+    params: &[JsValue],
+) -> Result<Vec<T>, Error> {
     env.d1(DB)?.prepare(sql).bind(params)?.all().await?.results::<T>()
 }
 
@@ -254,7 +261,10 @@ async fn send_batch(queue: &worker::Queue, events: &[String]) -> Result<(), Erro
         }
         let messages: Vec<_> = events
             .iter()
-            .map(|e| worker::RawMessageBuilder::new(JsValue::from_str(e)).build_with_content_type(worker::QueueContentType::Text))
+            .map(|e| {
+                worker::RawMessageBuilder::new(JsValue::from_str(e))
+                    .build_with_content_type(worker::QueueContentType::Text)
+            })
             .collect();
         match queue.send_raw_batch(messages).await {
             Ok(()) => return Ok(()),

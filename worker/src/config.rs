@@ -99,7 +99,9 @@ impl Config {
         if !db_provider.eq_ignore_ascii_case("d1") {
             return Err(ConfigError {
                 variable: "DB_PROVIDER",
-                problem: format!("'{db_provider}' is not supported; the gateway stores keys and usage in D1 (use 'd1')"),
+                problem: format!(
+                    "'{db_provider}' is not supported; the gateway stores keys and usage in D1 (use 'd1')"
+                ),
             });
         }
 
@@ -139,13 +141,37 @@ impl Config {
             max_tokens_default,
             max_tokens_limit,
             max_request_bytes: parse_num("MAX_REQUEST_BYTES", get("MAX_REQUEST_BYTES"), 4 << 20, 1024, 100 << 20)?,
-            upstream_timeout_secs: parse_num("UPSTREAM_TIMEOUT_SECONDS", get("UPSTREAM_TIMEOUT_SECONDS"), 120, 1, 3600)?,
+            upstream_timeout_secs: parse_num(
+                "UPSTREAM_TIMEOUT_SECONDS",
+                get("UPSTREAM_TIMEOUT_SECONDS"),
+                120,
+                1,
+                3600,
+            )?,
             referer: get("OPENROUTER_REFERER").unwrap_or_default(),
             title: get("OPENROUTER_TITLE").unwrap_or_else(|| "OpenRouter Gateway".to_owned()),
             allowed_origins: parse_origins(get("ALLOWED_ORIGINS"))?,
-            rate_limit_per_minute: parse_num("RATE_LIMIT_PER_MINUTE", get("RATE_LIMIT_PER_MINUTE"), 60, 1, 100_000_000)?,
-            rate_limit_window_secs: parse_num("RATE_LIMIT_WINDOW_SECONDS", get("RATE_LIMIT_WINDOW_SECONDS"), 60, 1, 3600)?,
-            reservation_lease_secs: parse_num("RESERVATION_LEASE_SECONDS", get("RESERVATION_LEASE_SECONDS"), 900, 1, 86_400)?,
+            rate_limit_per_minute: parse_num(
+                "RATE_LIMIT_PER_MINUTE",
+                get("RATE_LIMIT_PER_MINUTE"),
+                60,
+                1,
+                100_000_000,
+            )?,
+            rate_limit_window_secs: parse_num(
+                "RATE_LIMIT_WINDOW_SECONDS",
+                get("RATE_LIMIT_WINDOW_SECONDS"),
+                60,
+                1,
+                3600,
+            )?,
+            reservation_lease_secs: parse_num(
+                "RESERVATION_LEASE_SECONDS",
+                get("RESERVATION_LEASE_SECONDS"),
+                900,
+                1,
+                86_400,
+            )?,
             limiter_fail_open: parse_bool("LIMITER_FAIL_OPEN", get("LIMITER_FAIL_OPEN"), false)?,
             drain_on_client_abort: match get("CLIENT_ABORT_POLICY").as_deref() {
                 None | Some("cancel") => false,
@@ -159,7 +185,13 @@ impl Config {
             },
             models_cache_ttl_secs: parse_num("CACHE_TTL_SECONDS", get("CACHE_TTL_SECONDS"), 300, 0, 86_400 * 30)?,
             auth_cache_ttl_secs: parse_num("AUTH_CACHE_TTL_SECONDS", get("AUTH_CACHE_TTL_SECONDS"), 10, 0, 3600)?,
-            auth_cache_max_entries: parse_num("AUTH_CACHE_MAX_ENTRIES", get("AUTH_CACHE_MAX_ENTRIES"), 10_000, 0, 1_000_000)?,
+            auth_cache_max_entries: parse_num(
+                "AUTH_CACHE_MAX_ENTRIES",
+                get("AUTH_CACHE_MAX_ENTRIES"),
+                10_000,
+                0,
+                1_000_000,
+            )?,
             posthog,
             admin_api_key: get("ADMIN_API_KEY").map(Secret),
         })
@@ -171,10 +203,8 @@ where
     T: std::str::FromStr + PartialOrd + fmt::Display + Copy,
 {
     let Some(raw) = raw else { return Ok(default) };
-    let value: T = raw.parse().map_err(|_| ConfigError {
-        variable,
-        problem: format!("'{raw}' is not a whole number"),
-    })?;
+    let value: T =
+        raw.parse().map_err(|_| ConfigError { variable, problem: format!("'{raw}' is not a whole number") })?;
     if value < min || value > max {
         return Err(ConfigError { variable, problem: format!("{value} is outside {min}..={max}") });
     }
@@ -286,8 +316,12 @@ mod tests {
 
     #[test]
     fn secrets_do_not_print() {
-        let c = config(&[("OPENROUTER_API_KEY", "sk-or-v1-abc"), ("POSTHOG_API_KEY", "phc_secret"), ("ADMIN_API_KEY", "adm-secret")])
-            .unwrap_or_else(|e| panic!("{e}"));
+        let c = config(&[
+            ("OPENROUTER_API_KEY", "sk-or-v1-abc"),
+            ("POSTHOG_API_KEY", "phc_secret"),
+            ("ADMIN_API_KEY", "adm-secret"),
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
         let printed = format!("{c:?}");
         assert!(!printed.contains("sk-or-v1-abc"));
         assert!(!printed.contains("phc_secret"));

@@ -86,7 +86,8 @@ async fn deliver(env: &Env, config: &Config, items: &[Item]) {
     }
     let Some(posthog) = &config.posthog else { return ack(items) };
     let ids = ledger::ids_json(events.iter().map(|e| e.request_id.as_str()));
-    let pending = match bindings::d1_rows::<PendingRow>(env, ledger::PENDING_FOR_POSTHOG, &[ids.as_str().into()]).await {
+    let pending = match bindings::d1_rows::<PendingRow>(env, ledger::PENDING_FOR_POSTHOG, &[ids.as_str().into()]).await
+    {
         Ok(rows) => rows.into_iter().map(|r| r.request_id).collect::<Vec<String>>(),
         Err(e) => {
             log_error("ledger_read_failed", &e.to_string());
@@ -104,7 +105,8 @@ async fn deliver(env: &Env, config: &Config, items: &[Item]) {
         verdict => {
             let state = if verdict == Delivery::Sent { "sent" } else { "rejected" };
             let owed_ids = ledger::ids_json(owed_events.iter().map(|e| e.request_id.as_str()));
-            if let Err(e) = bindings::d1_run(env, ledger::MARK_POSTHOG, &[owed_ids.as_str().into(), state.into()]).await {
+            if let Err(e) = bindings::d1_run(env, ledger::MARK_POSTHOG, &[owed_ids.as_str().into(), state.into()]).await
+            {
                 // PostHog has the events; retrying would send them again, so only log.
                 log_error("ledger_mark_failed", &e.to_string());
             }
@@ -119,10 +121,16 @@ async fn send_to_posthog(env: &Env, config: &Config, posthog: &PostHogConfig, ev
     let batch: Vec<Value> = events
         .iter()
         .map(|e| {
-            let prices = model_list.as_ref().and_then(|list| {
-                posthog::prices_from_model_list(list, e.served_model.as_deref().unwrap_or(&e.model))
-            });
-            posthog::generation_event(e, &iso_time(e.timestamp_ms), &config.upstream_base_url, prices, posthog.capture_content)
+            let prices = model_list
+                .as_ref()
+                .and_then(|list| posthog::prices_from_model_list(list, e.served_model.as_deref().unwrap_or(&e.model)));
+            posthog::generation_event(
+                e,
+                &iso_time(e.timestamp_ms),
+                &config.upstream_base_url,
+                prices,
+                posthog.capture_content,
+            )
         })
         .collect();
     let body = posthog::batch_body(posthog.api_key.expose(), batch).to_string();

@@ -28,7 +28,11 @@ pub fn response_headers(origin: Option<&str>, allowed: &AllowedOrigins) -> Heade
 }
 
 /// Headers for a preflight answer (the status is always 204; without these headers the browser refuses).
-pub fn preflight_headers(origin: Option<&str>, requested_headers: Option<&str>, allowed: &AllowedOrigins) -> HeaderList {
+pub fn preflight_headers(
+    origin: Option<&str>,
+    requested_headers: Option<&str>,
+    allowed: &AllowedOrigins,
+) -> HeaderList {
     let Some(origin) = allowed_origin(origin, allowed) else {
         return vec![("vary", "Origin".to_owned())];
     };

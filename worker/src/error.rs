@@ -67,19 +67,37 @@ impl ApiError {
     /// The key may not use this model (its allowed-models list).
     pub fn model_not_allowed(model: &str) -> Self {
         let shown: String = model.chars().take(200).collect();
-        Self::new(403, "invalid_request_error", Some("model_not_allowed"), "model_not_allowed", format!("This API key may not use the model '{shown}'."))
-            .with_param("model")
+        Self::new(
+            403,
+            "invalid_request_error",
+            Some("model_not_allowed"),
+            "model_not_allowed",
+            format!("This API key may not use the model '{shown}'."),
+        )
+        .with_param("model")
     }
 
     pub fn key_not_found(id: &str) -> Self {
         let shown: String = id.chars().take(64).collect();
-        Self::new(404, "invalid_request_error", Some("key_not_found"), "key_not_found", format!("No API key with id '{shown}'."))
-            .with_param("id")
+        Self::new(
+            404,
+            "invalid_request_error",
+            Some("key_not_found"),
+            "key_not_found",
+            format!("No API key with id '{shown}'."),
+        )
+        .with_param("id")
     }
 
     pub fn not_found(path: &str) -> Self {
         let shown: String = path.chars().take(200).collect();
-        Self::new(404, "invalid_request_error", Some("unknown_url"), "not_found", format!("Unknown request URL: {shown}."))
+        Self::new(
+            404,
+            "invalid_request_error",
+            Some("unknown_url"),
+            "not_found",
+            format!("Unknown request URL: {shown}."),
+        )
     }
 
     pub fn method_not_allowed(method: &str, allowed: &str) -> Self {
@@ -195,18 +213,19 @@ impl ApiError {
 
     /// A dependency the gateway needs for this request (D1, the limiter) is unavailable.
     pub fn unavailable(label: &'static str, what: &str) -> Self {
-        Self::new(503, "server_error", Some("service_unavailable"), label, format!("{what} is temporarily unavailable."))
+        Self::new(
+            503,
+            "server_error",
+            Some("service_unavailable"),
+            label,
+            format!("{what} is temporarily unavailable."),
+        )
     }
 
     /// The OpenAI error body: `{"error":{"message","type","param","code"}}`.
     pub fn body_json(&self) -> String {
         let body = Body {
-            error: Inner {
-                message: &self.message,
-                kind: self.kind,
-                param: self.param.as_deref(),
-                code: self.code,
-            },
+            error: Inner { message: &self.message, kind: self.kind, param: self.param.as_deref(), code: self.code },
         };
         // Serializing a struct of strings cannot fail; fall back to a fixed body rather than panic.
         serde_json::to_string(&body).unwrap_or_else(|_| {

@@ -255,7 +255,8 @@ mod tests {
         assert_eq!(c.finish_reason.as_deref(), Some("stop"));
         assert_eq!(c.usage.map(|u| u.total_tokens()), Some(5));
         // Tool calls: no content at all.
-        let tools = read(json!({"choices": [{"message": {"content": null, "tool_calls": []}, "finish_reason": "tool_calls"}]}));
+        let tools =
+            read(json!({"choices": [{"message": {"content": null, "tool_calls": []}, "finish_reason": "tool_calls"}]}));
         assert_eq!(tools.expect("completion").finish_reason.as_deref(), Some("tool_calls"));
         // An odd shape is still read, loosely.
         let odd = read(json!({"model": "m", "choices": "not a list"})).expect("completion");

@@ -40,8 +40,12 @@ pub struct KeyFields {
     pub active: Option<bool>,
 }
 
-const LIMIT_FIELDS: [(&str, u64); 4] =
-    [("rpm", 1_000_000), ("tpm", 1_000_000_000_000), ("usage_limit", 1_000_000_000_000_000), ("max_concurrency", 100_000)];
+const LIMIT_FIELDS: [(&str, u64); 4] = [
+    ("rpm", 1_000_000),
+    ("tpm", 1_000_000_000_000),
+    ("usage_limit", 1_000_000_000_000_000),
+    ("max_concurrency", 100_000),
+];
 
 /// Parses a `POST /admin/keys` (`creating`) or `PATCH /admin/keys/{id}` body; unknown fields are errors.
 pub fn parse_fields(raw: &[u8], creating: bool) -> Result<KeyFields, ApiError> {
@@ -49,13 +53,36 @@ pub fn parse_fields(raw: &[u8], creating: bool) -> Result<KeyFields, ApiError> {
         return Err(ApiError::invalid_request("The request body must be a JSON object."));
     };
     let allowed: &[&str] = if creating {
-        &["user_id", "name", "rpm", "tpm", "usage_limit", "budget_period", "usd_limit", "max_concurrency", "allowed_models"]
+        &[
+            "user_id",
+            "name",
+            "rpm",
+            "tpm",
+            "usage_limit",
+            "budget_period",
+            "usd_limit",
+            "max_concurrency",
+            "allowed_models",
+        ]
     } else {
-        &["name", "rpm", "tpm", "usage_limit", "budget_period", "usd_limit", "max_concurrency", "allowed_models", "active"]
+        &[
+            "name",
+            "rpm",
+            "tpm",
+            "usage_limit",
+            "budget_period",
+            "usd_limit",
+            "max_concurrency",
+            "allowed_models",
+            "active",
+        ]
     };
     if let Some(unknown) = body.keys().find(|k| !allowed.contains(&k.as_str())) {
         let shown: String = unknown.chars().take(64).collect();
-        return Err(ApiError::invalid_param(shown.clone(), format!("Unknown field '{shown}'. Allowed: {}.", allowed.join(", "))));
+        return Err(ApiError::invalid_param(
+            shown.clone(),
+            format!("Unknown field '{shown}'. Allowed: {}.", allowed.join(", ")),
+        ));
     }
     let mut fields = KeyFields {
         user_id: text(&body, "user_id", 128)?.flatten(),
@@ -70,7 +97,9 @@ pub fn parse_fields(raw: &[u8], creating: bool) -> Result<KeyFields, ApiError> {
         budget_period: match body.get("budget_period") {
             None => None,
             Some(Value::String(p)) if ["day", "month", "lifetime"].contains(&p.as_str()) => Some(p.clone()),
-            Some(_) => return Err(ApiError::invalid_param("budget_period", "'budget_period' must be day, month or lifetime.")),
+            Some(_) => {
+                return Err(ApiError::invalid_param("budget_period", "'budget_period' must be day, month or lifetime."))
+            }
         },
         ..KeyFields::default()
     };
@@ -97,12 +126,16 @@ fn text(body: &Map<String, Value>, field: &str, max_chars: usize) -> Result<Opti
     match body.get(field) {
         None => Ok(None),
         Some(Value::Null) if field != "user_id" => Ok(Some(None)),
-        Some(Value::String(s)) if !s.trim().is_empty() && s.chars().count() <= max_chars && !s.chars().any(char::is_control) => {
+        Some(Value::String(s))
+            if !s.trim().is_empty() && s.chars().count() <= max_chars && !s.chars().any(char::is_control) =>
+        {
             Ok(Some(Some(s.clone())))
         }
         Some(_) => Err(ApiError::invalid_param(
             field,
-            format!("'{field}' must be a non-empty string of at most {max_chars} characters, without control characters."),
+            format!(
+                "'{field}' must be a non-empty string of at most {max_chars} characters, without control characters."
+            ),
         )),
     }
 }
@@ -113,7 +146,10 @@ fn positive_integer(body: &Map<String, Value>, field: &str, max: u64) -> Result<
         Some(Value::Null) => Ok(Some(None)),
         Some(v) => match v.as_u64() {
             Some(n) if (1..=max).contains(&n) => Ok(Some(Some(n))),
-            _ => Err(ApiError::invalid_param(field, format!("'{field}' must be an integer from 1 to {max}, or null for no limit."))),
+            _ => Err(ApiError::invalid_param(
+                field,
+                format!("'{field}' must be an integer from 1 to {max}, or null for no limit."),
+            )),
         },
     }
 }
@@ -124,13 +160,21 @@ fn positive_number(body: &Map<String, Value>, field: &str) -> Result<Option<Opti
         Some(Value::Null) => Ok(Some(None)),
         Some(v) => match v.as_f64() {
             Some(x) if x > 0.0 && x <= 1e9 => Ok(Some(Some(x))),
-            _ => Err(ApiError::invalid_param(field, format!("'{field}' must be a positive number of USD, or null for no limit."))),
+            _ => Err(ApiError::invalid_param(
+                field,
+                format!("'{field}' must be a positive number of USD, or null for no limit."),
+            )),
         },
     }
 }
 
 fn model_list(body: &Map<String, Value>) -> Result<Option<Option<Vec<String>>>, ApiError> {
-    let invalid = || ApiError::invalid_param("allowed_models", "'allowed_models' must be a list of 1 to 100 model ids, or null for any model.");
+    let invalid = || {
+        ApiError::invalid_param(
+            "allowed_models",
+            "'allowed_models' must be a list of 1 to 100 model ids, or null for any model.",
+        )
+    };
     match body.get("allowed_models") {
         None => Ok(None),
         Some(Value::Null) => Ok(Some(None)),

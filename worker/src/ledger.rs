@@ -97,10 +97,26 @@ mod tests {
         let rows: Value = serde_json::from_str(&rows_json([&event], |ms| format!("t{ms}"))).expect("json");
         let row = &rows[0];
         let columns = INSERT_BATCH.split(" SELECT ").next().unwrap_or_default();
-        for column in ["request_id", "key_id", "user_id", "model", "served_model", "input_tokens", "output_tokens",
-            "cached_tokens", "reasoning_tokens", "cost", "usage_source", "status", "streamed", "finish_reason", "error",
-            "latency_ms", "ttft_ms", "created_at"]
-        {
+        for column in [
+            "request_id",
+            "key_id",
+            "user_id",
+            "model",
+            "served_model",
+            "input_tokens",
+            "output_tokens",
+            "cached_tokens",
+            "reasoning_tokens",
+            "cost",
+            "usage_source",
+            "status",
+            "streamed",
+            "finish_reason",
+            "error",
+            "latency_ms",
+            "ttft_ms",
+            "created_at",
+        ] {
             assert!(row.get(column).is_some(), "row lacks {column}");
             assert!(columns.contains(column), "insert lacks {column}");
             assert!(INSERT_BATCH.contains(&format!("'$.{column}'")), "insert does not read {column}");

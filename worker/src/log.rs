@@ -51,7 +51,13 @@ impl RequestLog {
             #[serde(flatten)]
             log: &'a RequestLog,
         }
-        let level = if self.status >= 500 { "error" } else if self.status >= 400 { "warn" } else { "info" };
+        let level = if self.status >= 500 {
+            "error"
+        } else if self.status >= 400 {
+            "warn"
+        } else {
+            "info"
+        };
         serde_json::to_string(&Line { level, event: "request", log: self }).unwrap_or_default()
     }
 }

@@ -144,7 +144,9 @@ async fn dispatch(mut req: Request, env: &Env, config: &Config, exchange: &mut E
             let usage = admin::own_usage(&key, env, config).await?;
             Ok(Reply::now(json_response(200, usage.to_string())))
         }
-        Route::Admin(admin_route) => match admin::handle(&admin_route, &mut req, env, config, &exchange.log.path).await? {
+        Route::Admin(admin_route) => match admin::handle(&admin_route, &mut req, env, config, &exchange.log.path)
+            .await?
+        {
             AdminReply::Json(status, body) => Ok(Reply::now(json_response(status, body.to_string()))),
             AdminReply::Csv(csv) => {
                 let headers = Headers::new();
@@ -170,7 +172,12 @@ async fn dispatch(mut req: Request, env: &Env, config: &Config, exchange: &mut E
     }
 }
 
-async fn chat_completions(mut req: Request, env: &Env, config: &Config, exchange: &mut Exchange) -> Result<Reply, ApiError> {
+async fn chat_completions(
+    mut req: Request,
+    env: &Env,
+    config: &Config,
+    exchange: &mut Exchange,
+) -> Result<Reply, ApiError> {
     let key = authenticate(&req, env, config, exchange).await?;
     let raw = read_body(&mut req, config.max_request_bytes).await?;
     let chat = validate_chat(&raw, config)?;
@@ -193,13 +200,24 @@ async fn chat_completions(mut req: Request, env: &Env, config: &Config, exchange
 }
 
 /// Asks the key's Durable Object to reserve the request's worst case against every limit.
-async fn admit(env: &Env, config: &Config, key: &KeyRecord, chat: &ChatRequest, exchange: &mut Exchange) -> Result<(), ApiError> {
+async fn admit(
+    env: &Env,
+    config: &Config,
+    key: &KeyRecord,
+    chat: &ChatRequest,
+    exchange: &mut Exchange,
+) -> Result<(), ApiError> {
     let control = admit::control_for(key, config);
     let prompt_estimate = admit::estimate_prompt_tokens(chat);
     let reserve = Amount { tokens: prompt_estimate + u64::from(chat.max_tokens), usd: 0.0 };
     let settle = bindings::take_settles(&key.id);
-    let message =
-        AdmitRequest { request_id: exchange.log.request_id.clone(), control, models: chat.models.clone(), reserve, settle };
+    let message = AdmitRequest {
+        request_id: exchange.log.request_id.clone(),
+        control,
+        models: chat.models.clone(),
+        reserve,
+        settle,
+    };
     let asked_at = now_ms();
     let answer = bindings::limiter_call::<_, AdmitResponse>(env, &key.id, "/admit", &message).await;
     exchange.log.limiter_ms = Some(now_ms().saturating_sub(asked_at));
@@ -241,7 +259,11 @@ fn capture_content(config: &Config) -> bool {
 }
 
 /// Non-streamed: read the whole answer, learn its usage, hand the same bytes to the client.
-async fn completion_reply(upstream: &mut Response, config: &Config, exchange: &mut Exchange) -> Result<Reply, ApiError> {
+async fn completion_reply(
+    upstream: &mut Response,
+    config: &Config,
+    exchange: &mut Exchange,
+) -> Result<Reply, ApiError> {
     let bytes = forward::read_body(upstream, config.upstream_timeout_secs).await?;
     let completion = forward::read_completion(&bytes)?;
     exchange.log.served_model = completion.served_model;
@@ -273,14 +295,15 @@ fn stream_reply(
     let headers = Headers::new();
     set_headers(
         &headers,
-        &[
-            ("content-type", "text/event-stream; charset=utf-8".to_owned()),
-            ("cache-control", "no-cache".to_owned()),
-        ],
+        &[("content-type", "text/event-stream; charset=utf-8".to_owned()), ("cache-control", "no-cache".to_owned())],
     );
     copy_generation_id(upstream, &headers);
     let response = ResponseBuilder::new().with_status(200).with_headers(headers).stream(relay.client_body.clone());
-    let job = StreamJob { relay, idle_timeout_secs: config.upstream_timeout_secs, drain_on_abort: config.drain_on_client_abort };
+    let job = StreamJob {
+        relay,
+        idle_timeout_secs: config.upstream_timeout_secs,
+        drain_on_abort: config.drain_on_client_abort,
+    };
     Ok(Reply { response, stream: Some(job) })
 }
 
@@ -330,7 +353,14 @@ async fn settle(env: &Env, key: &KeyRecord, request_id: &str, actual: Amount) {
 /// How long a settlement waits for an admission to ride with (it holds the reservation that much longer).
 const SETTLE_DEFERRAL: std::time::Duration = std::time::Duration::from_millis(50);
 
-fn usage_event(exchange: &Exchange, key: &KeyRecord, chat: &ChatFacts, usage: Usage, source: UsageSource, config: &Config) -> UsageEvent {
+fn usage_event(
+    exchange: &Exchange,
+    key: &KeyRecord,
+    chat: &ChatFacts,
+    usage: Usage,
+    source: UsageSource,
+    config: &Config,
+) -> UsageEvent {
     let content = match (&chat.captured_input, &exchange.completion_text) {
         (Some(input), output) if capture_content(config) => {
             Some(usage_event::capture(input, output.as_deref().unwrap_or_default()))
@@ -407,7 +437,12 @@ async fn list_models(req: &Request, env: &Env, config: &Config, exchange: &mut E
     }
 }
 
-async fn authenticate(req: &Request, env: &Env, config: &Config, exchange: &mut Exchange) -> Result<KeyRecord, ApiError> {
+async fn authenticate(
+    req: &Request,
+    env: &Env,
+    config: &Config,
+    exchange: &mut Exchange,
+) -> Result<KeyRecord, ApiError> {
     let authorization = header(req, "authorization");
     let key = auth::bearer_key(authorization.as_deref())?;
     let hash = auth::key_hash(key);

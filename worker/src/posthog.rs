@@ -48,7 +48,11 @@ pub fn split_cost(total: f64, input_tokens: u64, output_tokens: u64, prices: Opt
         Some(p) => {
             let priced_input = input_tokens as f64 * p.prompt;
             let priced_total = priced_input + output_tokens as f64 * p.completion;
-            if priced_total > 0.0 { total * priced_input / priced_total } else { 0.0 }
+            if priced_total > 0.0 {
+                total * priced_input / priced_total
+            } else {
+                0.0
+            }
         }
         None if input_tokens + output_tokens > 0 => total * input_tokens as f64 / (input_tokens + output_tokens) as f64,
         None => 0.0,
@@ -161,7 +165,10 @@ mod tests {
             timestamp_ms: 0,
             temperature: Some(0.2),
             max_tokens: 500,
-            content: Some(CapturedContent { input: json!([{"role": "user", "content": "hi"}]), output: "hello".into() }),
+            content: Some(CapturedContent {
+                input: json!([{"role": "user", "content": "hi"}]),
+                output: "hello".into(),
+            }),
         }
     }
 

@@ -184,12 +184,11 @@ impl Relay {
             on_chunk.borrow_mut().chunk(&chunk, &controller)
         });
         let on_end = scan.clone();
-        let flush: FlushFn = Closure::new(move |controller: TransformController| {
-            match on_end.borrow_mut().tail(false) {
+        let flush: FlushFn =
+            Closure::new(move |controller: TransformController| match on_end.borrow_mut().tail(false) {
                 Some(tail) => controller.enqueue(&tail),
                 None => Ok(()),
-            }
-        });
+            });
         let on_cancel = scan.clone();
         let cancel: CancelFn = Closure::new(move |_reason: JsValue| on_cancel.borrow_mut().client_left = true);
         let setup = || -> Result<TransformStream, JsValue> {

@@ -10,7 +10,9 @@ pub enum Route {
     /// A CORS preflight (`OPTIONS` on any path).
     Preflight,
     Admin(AdminRoute),
-    MethodNotAllowed { allowed: &'static str },
+    MethodNotAllowed {
+        allowed: &'static str,
+    },
     NotFound,
 }
 
@@ -100,7 +102,8 @@ mod tests {
 
     #[test]
     fn everything_else_is_not_found_and_options_is_a_preflight() {
-        for path in ["/", "", "/v1", "/v1/completions", "/v1/chat/completions/x", "//v1/models", "/V1/models", "/admin"] {
+        for path in ["/", "", "/v1", "/v1/completions", "/v1/chat/completions/x", "//v1/models", "/V1/models", "/admin"]
+        {
             assert_eq!(route("POST", path), Route::NotFound, "{path}");
         }
         assert_eq!(route("OPTIONS", "/anything"), Route::Preflight);

@@ -303,7 +303,9 @@ fn record_choice(choice: &Value, summary: &mut StreamSummary) {
         summary.finish_reason = Some(reason.to_owned());
     }
     let Some(delta) = choice.get("delta") else { return };
-    if let (Some(text), Some(content)) = (summary.completion_text.as_mut(), delta.get("content").and_then(Value::as_str)) {
+    if let (Some(text), Some(content)) =
+        (summary.completion_text.as_mut(), delta.get("content").and_then(Value::as_str))
+    {
         text.push_str(content);
     }
     let text_chars: usize = ["content", "reasoning"]
@@ -385,8 +387,15 @@ mod tests {
     }
 
     fn full_stream() -> String {
-        [": OPENROUTER PROCESSING\n\n".to_owned(), content("Hel"), content("lo"), finish("stop"), usage_chunk(), DONE.to_owned()]
-            .concat()
+        [
+            ": OPENROUTER PROCESSING\n\n".to_owned(),
+            content("Hel"),
+            content("lo"),
+            finish("stop"),
+            usage_chunk(),
+            DONE.to_owned(),
+        ]
+        .concat()
     }
 
     #[test]
@@ -466,7 +475,8 @@ mod tests {
     #[test]
     fn tool_call_deltas_count_as_first_token() {
         let mut scanner = SseScanner::new(false, false);
-        let tool = "data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"name\":\"f\"}}]}}]}\n\n";
+        let tool =
+            "data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"name\":\"f\"}}]}}]}\n\n";
         assert!(scanner.push(tool.as_bytes()).first_token);
     }
 

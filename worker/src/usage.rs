@@ -20,7 +20,9 @@ impl Usage {
     /// Reads an OpenAI/OpenRouter `usage` object.
     pub fn from_json(usage: &Value) -> Option<Usage> {
         let usage = usage.as_object()?;
-        let count = |v: Option<&Value>| v.and_then(Value::as_f64).filter(|n| n.is_finite() && *n >= 0.0).map_or(0, |n| n as u64);
+        let count = |v: Option<&Value>| {
+            v.and_then(Value::as_f64).filter(|n| n.is_finite() && *n >= 0.0).map_or(0, |n| n as u64)
+        };
         let nested = |outer: &str, inner: &str| count(usage.get(outer).and_then(|o| o.get(inner)));
         Some(Usage {
             prompt_tokens: count(usage.get("prompt_tokens")),
@@ -49,7 +51,16 @@ mod tests {
             "completion_tokens_details": {"reasoning_tokens": 1}, "cost": 0.95, "is_byok": false
         }))
         .expect("usage");
-        assert_eq!(u, Usage { prompt_tokens: 194, completion_tokens: 2, cached_tokens: 10, reasoning_tokens: 1, cost: Some(0.95) });
+        assert_eq!(
+            u,
+            Usage {
+                prompt_tokens: 194,
+                completion_tokens: 2,
+                cached_tokens: 10,
+                reasoning_tokens: 1,
+                cost: Some(0.95)
+            }
+        );
         assert_eq!(u.total_tokens(), 196);
     }
 

@@ -149,7 +149,14 @@ mod tests {
         for ok in ["2026", "2026-11", "2026-11-27", "2026-11-27T13:08Z", "2026-11-27T13:08:30.123Z"] {
             assert_eq!(parse_time_bound("from", Some(ok)).ok().flatten().as_deref(), Some(ok), "{ok}");
         }
-        for bad in ["yesterday", "2026-1-2", "2026-11-27 13:08", "2026-11-27T13:08:30+02:00", "'; --", "2026-11-27T13:08:30.123456789Z"] {
+        for bad in [
+            "yesterday",
+            "2026-1-2",
+            "2026-11-27 13:08",
+            "2026-11-27T13:08:30+02:00",
+            "'; --",
+            "2026-11-27T13:08:30.123456789Z",
+        ] {
             assert!(parse_time_bound("from", Some(bad)).is_err(), "{bad}");
         }
         assert_eq!(parse_time_bound("to", None).ok(), Some(None));
@@ -158,9 +165,30 @@ mod tests {
     #[test]
     fn csv_quotes_and_defuses_formulas() {
         let rows = vec![
-            UsageRow { grp: "openai/gpt-4o".into(), requests: 2, input_tokens: 10, output_tokens: 5, cached_tokens: 0, cost_usd: 0.25 },
-            UsageRow { grp: "a,\"b\"".into(), requests: 1, input_tokens: 1, output_tokens: 1, cached_tokens: 1, cost_usd: 0.0 },
-            UsageRow { grp: "=cmd()".into(), requests: 1, input_tokens: 0, output_tokens: 0, cached_tokens: 0, cost_usd: 0.0 },
+            UsageRow {
+                grp: "openai/gpt-4o".into(),
+                requests: 2,
+                input_tokens: 10,
+                output_tokens: 5,
+                cached_tokens: 0,
+                cost_usd: 0.25,
+            },
+            UsageRow {
+                grp: "a,\"b\"".into(),
+                requests: 1,
+                input_tokens: 1,
+                output_tokens: 1,
+                cached_tokens: 1,
+                cost_usd: 0.0,
+            },
+            UsageRow {
+                grp: "=cmd()".into(),
+                requests: 1,
+                input_tokens: 0,
+                output_tokens: 0,
+                cached_tokens: 0,
+                cost_usd: 0.0,
+            },
         ];
         let csv = to_csv(GroupBy::Model, &rows);
         let lines: Vec<&str> = csv.split("\r\n").collect();

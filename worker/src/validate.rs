@@ -45,7 +45,8 @@ pub struct ChatRequest {
 type Fields<'a> = BTreeMap<Cow<'a, str>, &'a RawValue>;
 
 pub fn validate_chat(raw: &[u8], config: &Config) -> Result<ChatRequest, ApiError> {
-    let text = std::str::from_utf8(raw).map_err(|_| ApiError::invalid_request("The request body must be UTF-8 encoded JSON."))?;
+    let text = std::str::from_utf8(raw)
+        .map_err(|_| ApiError::invalid_request("The request body must be UTF-8 encoded JSON."))?;
     let fields: Fields = serde_json::from_str(text).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => ApiError::invalid_request("The request body must be a JSON object."),
         _ => ApiError::invalid_request(format!(
@@ -155,8 +156,8 @@ fn check_messages(messages: Option<&RawValue>) -> Result<(usize, usize), ApiErro
         }
         Some(raw) => raw,
     };
-    let list: Vec<&RawValue> =
-        serde_json::from_str(raw.get()).map_err(|_| ApiError::invalid_param("messages", "'messages' must be an array."))?;
+    let list: Vec<&RawValue> = serde_json::from_str(raw.get())
+        .map_err(|_| ApiError::invalid_param("messages", "'messages' must be an array."))?;
     if list.is_empty() {
         return Err(ApiError::invalid_param("messages", "'messages' must contain at least one message."));
     }
@@ -172,7 +173,10 @@ fn check_messages(messages: Option<&RawValue>) -> Result<(usize, usize), ApiErro
                 let shown: String = role.chars().take(40).collect();
                 return Err(ApiError::invalid_param(
                     format!("messages[{i}].role"),
-                    format!("Invalid value '{shown}' for messages[{i}].role; expected one of {}.", VALID_ROLES.join(", ")),
+                    format!(
+                        "Invalid value '{shown}' for messages[{i}].role; expected one of {}.",
+                        VALID_ROLES.join(", ")
+                    ),
                 ));
             }
             None | Some(Value::Null) => {
@@ -207,11 +211,7 @@ fn content_chars(content: Option<&RawValue>) -> usize {
         return text.chars().count();
     }
     let Ok(parts) = serde_json::from_str::<Vec<&RawValue>>(raw) else { return 0 };
-    parts
-        .iter()
-        .filter_map(|p| serde_json::from_str::<Part>(p.get()).ok()?.text)
-        .map(|t| t.chars().count())
-        .sum()
+    parts.iter().filter_map(|p| serde_json::from_str::<Part>(p.get()).ok()?.text).map(|t| t.chars().count()).sum()
 }
 
 fn check_temperature(value: Option<Value>) -> Result<Option<f64>, ApiError> {
@@ -219,7 +219,9 @@ fn check_temperature(value: Option<Value>) -> Result<Option<f64>, ApiError> {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => match n.as_f64() {
             Some(t) if (0.0..=2.0).contains(&t) => Ok(Some(t)),
-            _ => Err(ApiError::invalid_param("temperature", format!("'temperature' must be between 0 and 2, got {n}."))),
+            _ => {
+                Err(ApiError::invalid_param("temperature", format!("'temperature' must be between 0 and 2, got {n}.")))
+            }
         },
         Some(_) => Err(ApiError::invalid_param("temperature", "'temperature' must be a number between 0 and 2.")),
     }
@@ -263,7 +265,6 @@ fn optional_token_count(fields: &Fields, field: &str, ceiling: u32) -> Result<Op
         None => Err(ApiError::invalid_param(field, format!("'{field}' must be a positive integer."))),
     }
 }
-
 
 #[cfg(test)]
 mod tests {
