@@ -11,12 +11,12 @@
 //! every failure is an OpenAI-shaped error. The per-request [`Exchange`] collects what the stages learn; `finish`
 //! always runs, so every admitted request is settled and every request is logged exactly once.
 
+use std::rc::Rc;
+
 use futures_util::StreamExt;
 use key_limiter::protocol::{AdmitRequest, AdmitResponse, Amount, SettleBatch, SettleRequest, SettleResponse};
 use serde_json::Value;
 use worker::{Context, Env, Headers, Request, Response, ResponseBuilder};
-
-use std::rc::Rc;
 
 use crate::admin::{self, AdminReply};
 use crate::admit;
