@@ -33,6 +33,10 @@ fn chat_body() -> Value {
     json!({"messages": [{"role": "user", "content": "hi"}], "standin": {}})
 }
 
+async fn chat_as(key: &str, body: &Value) -> reqwest::Response {
+    client().post(gateway().url("/v1/chat/completions")).bearer_auth(key).json(body).send().await.expect("reachable")
+}
+
 async fn models(key: &str) -> reqwest::Response {
     client().get(gateway().url("/v1/models")).bearer_auth(key).send().await.expect("reachable")
 }
@@ -70,13 +74,7 @@ async fn unknown_paths_and_wrong_methods_are_openai_errors() {
 async fn oversized_bodies_are_refused_with_413_declared_or_not() {
     let mut body = chat_body();
     body["padding"] = json!("x".repeat(70_000));
-    let response = client()
-        .post(gateway().url("/v1/chat/completions"))
-        .bearer_auth(carol())
-        .json(&body)
-        .send()
-        .await
-        .expect("reachable");
+    let response = chat_as(carol(), &body).await;
     assert_eq!(response.status(), 413);
     assert_eq!(assert_openai_error(&response.json().await.expect("json"))["code"], "request_too_large");
 
@@ -98,13 +96,7 @@ async fn oversized_bodies_are_refused_with_413_declared_or_not() {
 async fn an_upstream_that_never_answers_is_a_504() {
     let mut body = chat_body();
     body["standin"] = json!({"scenario": "hang"});
-    let response = client()
-        .post(gateway().url("/v1/chat/completions"))
-        .bearer_auth(carol())
-        .json(&body)
-        .send()
-        .await
-        .expect("reachable");
+    let response = chat_as(carol(), &body).await;
     assert_eq!(response.status(), 504);
     assert_eq!(assert_openai_error(&response.json().await.expect("json"))["code"], "upstream_timeout");
 }
@@ -133,25 +125,13 @@ async fn an_unreachable_upstream_is_a_502() {
 #[tokio::test]
 async fn a_revoked_key_stops_working_within_the_auth_cache_ttl() {
     let dave = gateway().key("dave").clone();
-    let ok = client()
-        .post(gateway().url("/v1/chat/completions"))
-        .bearer_auth(&dave.secret)
-        .json(&chat_body())
-        .send()
-        .await
-        .expect("reachable");
+    let ok = chat_as(&dave.secret, &chat_body()).await;
     assert_eq!(ok.status(), 200, "the key works (and is now cached)");
 
     gateway().d1(&format!("UPDATE api_keys SET active = 0 WHERE id = '{}'", dave.id));
     let revoked_at = tokio::time::Instant::now();
     loop {
-        let response = client()
-            .post(gateway().url("/v1/chat/completions"))
-            .bearer_auth(&dave.secret)
-            .json(&chat_body())
-            .send()
-            .await
-            .expect("reachable");
+        let response = chat_as(&dave.secret, &chat_body()).await;
         if response.status() == 401 {
             break;
         }
@@ -275,13 +255,7 @@ async fn a_stream_that_goes_silent_ends_with_an_error_event() {
     // UPSTREAM_TIMEOUT_SECONDS is 2 here; the stand-in falls silent for 30 s after two deltas.
     let body = json!({"messages": [{"role": "user", "content": "hi"}], "stream": true,
         "standin": {"chunks": 5, "pause_after": 2, "pause_ms": 30000}});
-    let response = client()
-        .post(gateway().url("/v1/chat/completions"))
-        .bearer_auth(carol())
-        .json(&body)
-        .send()
-        .await
-        .expect("reachable");
+    let response = chat_as(carol(), &body).await;
     assert_eq!(response.status(), 200);
     let events = tokio::time::timeout(Duration::from_secs(20), sse_events(response)).await.expect("the stream ends");
     let last: Value = serde_json::from_str(events.last().expect("events")).expect("JSON");
