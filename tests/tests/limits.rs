@@ -17,7 +17,7 @@ fn gateway() -> &'static Gateway {
         Gateway::start(
             GatewayOptions::default()
                 .var("RATE_LIMIT_PER_MINUTE", 60)
-                .var("RESERVATION_LEASE_SECONDS", 4)
+                .var("RESERVATION_LEASE_SECONDS", 120)
                 .keys(&["burst1", "burst2", "burst3", "burst4"])
                 .key_with("tpm", &[("tpm", "2000"), ("rpm", "1000")])
                 .key_with("budget", &[("usage_limit", "1500"), ("rpm", "1000")])
@@ -26,13 +26,16 @@ fn gateway() -> &'static Gateway {
     })
 }
 
+/// Lease of the restartable gateway: long enough that a restart on a busy machine finishes well inside it.
+const LEASE_SECS: u64 = 15;
+
 /// A gateway that one test kills and restarts (so it is nobody else's).
 fn restartable() -> &'static Gateway {
     static GATEWAY: OnceLock<Gateway> = OnceLock::new();
     GATEWAY.get_or_init(|| {
         Gateway::start(
             GatewayOptions::default()
-                .var("RESERVATION_LEASE_SECONDS", 4)
+                .var("RESERVATION_LEASE_SECONDS", LEASE_SECS)
                 .key_with("conc", &[("max_concurrency", "1"), ("rpm", "1000")])
                 .key_with("restart", &[("rpm", "5")]),
         )
@@ -254,6 +257,7 @@ async fn concurrency_cap_and_abandoned_reservations_survive_a_restart_until_thei
     .await;
     assert_eq!(stream.status(), 200);
     let _ = stream.chunk().await;
+    let reserved_at = Instant::now();
     assert_eq!(send(gw, &client, &conc, &chat(8)).await.status(), 429, "one in flight: the cap is reached");
 
     gw.restart();
@@ -264,10 +268,11 @@ async fn concurrency_cap_and_abandoned_reservations_survive_a_restart_until_thei
     assert_eq!(send(gw, &client, &limited, &chat(8)).await.status(), 200);
     assert_eq!(send(gw, &client, &limited, &chat(8)).await.status(), 429);
 
-    // The abandoned reservation still holds the concurrency slot, until its 4 s lease ends and the alarm frees it.
+    // The abandoned reservation still holds the concurrency slot, until its lease ends and the alarm frees it.
     let response = send(gw, &client, &conc, &chat(8)).await;
+    assert!(reserved_at.elapsed() < Duration::from_secs(LEASE_SECS), "the restart took longer than the lease");
     assert_eq!(response.status(), 429, "the dead stream's reservation survived the restart");
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = reserved_at + Duration::from_secs(LEASE_SECS + 20);
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let status = send(gw, &client, &conc, &chat(8)).await.status();
