@@ -75,7 +75,6 @@ async fn key_lifecycle_create_use_limit_revoke() {
     // Revoke: refused at once everywhere, although this isolate's auth cache still holds the key.
     let revoked = admin(reqwest::Method::DELETE, &format!("/admin/keys/{id}"), None).await;
     assert_eq!(revoked.status(), 200);
-    let revoked_at = Instant::now();
     let view: Value = revoked.json().await.expect("json");
     assert_eq!(view["active"], false);
     assert!(view["revoked_at"].is_string());
@@ -84,8 +83,7 @@ async fn key_lifecycle_create_use_limit_revoke() {
     let models = client().get(gateway().url("/v1/models")).bearer_auth(&key).send().await.expect("reachable");
     assert_eq!(models.status(), 401);
     let usage = client().get(gateway().url("/v1/usage")).bearer_auth(&key).send().await.expect("reachable");
-    assert_eq!(usage.status(), 401);
-    assert!(revoked_at.elapsed() < Duration::from_secs(1), "revocation took effect within a second");
+    assert_eq!(usage.status(), 401, "revocation applies to the very next request, on every route");
 }
 
 #[tokio::test]

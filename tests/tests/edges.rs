@@ -18,7 +18,7 @@ fn gateway() -> &'static Gateway {
                 .keys(&["carol", "dave"])
                 .var("UPSTREAM_TIMEOUT_SECONDS", 2)
                 .var("AUTH_CACHE_TTL_SECONDS", 2)
-                .var("CACHE_TTL_SECONDS", 3)
+                .var("CACHE_TTL_SECONDS", 5)
                 .var("MAX_REQUEST_BYTES", 65536)
                 .var("ALLOWED_ORIGINS", format!("http://localhost:3000,{ORIGIN}")),
         )
@@ -160,8 +160,8 @@ async fn model_list_is_openai_shaped_and_cached() {
     }
     assert_eq!(models_fetches().await, fetched, "served from the cache within CACHE_TTL_SECONDS");
 
-    // After the TTL (3 s) the next request refreshes the cache.
-    tokio::time::sleep(Duration::from_millis(3500)).await;
+    // After the TTL (5 s) the next request refreshes the cache.
+    tokio::time::sleep(Duration::from_millis(5500)).await;
     assert_eq!(models(carol()).await.status(), 200);
     assert_eq!(models_fetches().await, fetched + 1);
 

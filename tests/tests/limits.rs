@@ -9,7 +9,7 @@ use gateway_tests::*;
 use serde_json::Value;
 
 /// Window length in this gateway (seconds): short, so the window can be watched sliding.
-const WINDOW_SECS: u64 = 3;
+const WINDOW_SECS: u64 = 5;
 
 fn gateway() -> &'static Gateway {
     static GATEWAY: OnceLock<Gateway> = OnceLock::new();
@@ -106,7 +106,7 @@ async fn the_window_slides_admissions_resume_exactly_when_the_oldest_leaves() {
     let client = client();
     let first_sent = Instant::now();
     assert_eq!(send(gw, &client, &key, &chat(8)).await.status(), 200);
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
     assert_eq!(send(gw, &client, &key, &chat(8)).await.status(), 200);
     assert_eq!(send(gw, &client, &key, &chat(8)).await.status(), 200);
 
@@ -127,10 +127,11 @@ async fn the_window_slides_admissions_resume_exactly_when_the_oldest_leaves() {
     assert_eq!(body["error"]["type"], "requests");
 
     // Still denied shortly before the oldest leaves...
-    tokio::time::sleep(Duration::from_millis(retry_ms.saturating_sub(400))).await;
+    tokio::time::sleep(Duration::from_millis(retry_ms.saturating_sub(1200))).await;
     assert_eq!(send(gw, &client, &key, &chat(8)).await.status(), 429);
     // ...and admitted right after: one slot (the oldest) came free, not the whole window.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let until_free = (denied_received + Duration::from_millis(retry_ms)).saturating_duration_since(Instant::now());
+    tokio::time::sleep(until_free + Duration::from_millis(100)).await;
     assert_eq!(send(gw, &client, &key, &chat(8)).await.status(), 200);
     assert_eq!(send(gw, &client, &key, &chat(8)).await.status(), 429);
 }
