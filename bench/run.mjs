@@ -3,35 +3,38 @@
 //
 //   (a) the OpenRouter stand-in directly (standins/openrouter.mjs): the upstream's own ceiling;
 //   (b) a pass-through Worker (bench/passthrough.mjs) in workerd: the cost of any Worker in front of it;
-//   (g) the gateway (worker/build) in workerd with the bindings wrangler.toml declares.
+//   (g) the gateway (worker/build) in workerd with the bindings wrangler.toml declares, started by
+//       scripts/runtime.mjs (as the integration tests start it), next to bench/limiter-driver.mjs.
 //
-// Both Workers run under Miniflare's Node API, so clients talk to workerd's own socket (no `wrangler dev` proxy).
-// The load comes from bench/load (Rust, closed loop, keep-alive). Prints a Markdown report and writes
-// bench/results/latest.{json,md}. See bench/README.md for the knobs and how to read each figure.
+// The Workers run under Miniflare's Node API, so clients talk to workerd's own socket (no `wrangler dev` proxy).
+// The load comes from bench/load (Rust, closed loop, keep-alive). The limiter, storage and usage-consumer figures
+// come from the driver Worker, which calls the gateway's Durable Object and queue from inside workerd. Prints a
+// Markdown report and writes bench/results/latest.{json,md}. See bench/README.md for the knobs and each figure.
 
 import { spawn, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
-import { dirname, join, relative } from 'node:path';
+import { dirname, join, relative, resolve } from 'node:path';
 import { createInterface } from 'node:readline';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { gzipSync } from 'node:zlib';
 
 import { GatewayLog } from './lib/gateway-log.mjs';
-import { cpuMeter, freePort, listenerPids, memory, processInfo, round, sampleRss, Watchdog } from './lib/procs.mjs';
+import { consumerThroughput, DRIVER_NAME, driverWorker, limiterObjectFiles, limiterRuns, storageRows, waitForQueueDrain } from './lib/driver.mjs';
+import { cpuMeter, freePort, isTmpfs, listenerPids, memory, processInfo, round, sampleRss, Watchdog } from './lib/procs.mjs';
 import { renderMarkdown } from './lib/report.mjs';
 import { applyMigrations } from './lib/sql.mjs';
-import { assertBindingsMatch, gatewayWorkerOptions, readWranglerToml } from './lib/worker-config.mjs';
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..');
 const BENCH = join(ROOT, 'bench');
 const LOAD_MANIFEST = join(BENCH, 'load', 'Cargo.toml');
 const LOAD_BIN = join(BENCH, 'load', 'target', 'release', 'bench-load');
+const BENCH_KEY_ID = 'bench';
 const BENCH_KEY = `sk-gw-bench-${createHash('sha256').update(String(process.pid) + Date.now()).digest('hex').slice(0, 32)}`;
 const TARGETS = ['a', 'b', 'g'];
-const TARGET_NAMES = { a: '(a) upstream', b: '(b) pass-through', g: '(g) gateway', m: "(g') gateway, in-memory storage" };
+const TARGET_NAMES = { a: '(a) upstream', b: '(b) pass-through', g: '(g) gateway', m: "(g') gateway, storage on tmpfs" };
 
 function envNumber(name, fallback) {
   const raw = process.env[name];
@@ -62,8 +65,13 @@ const knobs = {
   // So high that the limiter never denies: the figures are admissions, not 429s.
   rateLimit: process.env.BENCH_RATE_LIMIT_PER_MINUTE || '100000000',
   threads: envNumber('BENCH_LOAD_THREADS', 1),
-  // (g′): the same gateway with Miniflare's in-memory storage, to separate storage sync from compute.
+  // (g′): the same gateway with its storage on a tmpfs (the same SQLite files, in memory: syncing them to disk
+  // costs nothing), to separate waiting for durable storage from compute.
   inMemoryVariant: process.env.BENCH_IN_MEMORY_VARIANT !== '0',
+  inMemoryDir: process.env.BENCH_IN_MEMORY_DIR || '/dev/shm',
+  limiterSeconds: envNumber('BENCH_LIMITER_SECONDS', 3),
+  limiterConcurrency: envList('BENCH_LIMITER_CONCURRENCY', [1, 32, 256]),
+  consumerEvents: envNumber('BENCH_CONSUMER_EVENTS', 5000),
   outDir: process.env.BENCH_OUT_DIR || join(BENCH, 'results'),
 };
 
@@ -175,8 +183,9 @@ function buildLoadGenerator() {
   if (r.status !== 0 || !existsSync(LOAD_BIN)) throw new Error('building bench/load failed (see cargo output above)');
 }
 
-async function startStandin(rawDir) {
-  const child = spawn(process.execPath, [join(ROOT, 'standins', 'openrouter.mjs'), '--port', '0', '--exit-with-stdin'], {
+/** Starts a stand-in from standins/ (`name`: openrouter or posthog); it prints {"listening": url} when ready. */
+async function startStandin(rawDir, name = 'openrouter') {
+  const child = spawn(process.execPath, [join(ROOT, 'standins', `${name}.mjs`), '--port', '0', '--exit-with-stdin'], {
     stdio: ['pipe', 'pipe', 'pipe'],
   });
   children.add(child);
@@ -188,9 +197,9 @@ async function startStandin(rawDir) {
   child.stderr.on('data', (d) => errors.push(d.toString()));
   const line = await new Promise((resolve, reject) => {
     createInterface({ input: child.stdout }).once('line', resolve);
-    child.once('exit', (code) => reject(new Error(`the OpenRouter stand-in exited (${code}): ${errors.join('')}`)));
+    child.once('exit', (code) => reject(new Error(`the ${name} stand-in exited (${code}): ${errors.join('')}`)));
   });
-  child.on('exit', () => writeFileSync(join(rawDir, 'standin.stderr.log'), errors.join('')));
+  child.on('exit', () => writeFileSync(join(rawDir, `${name}-standin.stderr.log`), errors.join('')));
   const base = JSON.parse(line).listening;
   return { child, pid: child.pid, base, origin: base.replace(/\/api\/v1$/, '') };
 }
@@ -292,84 +301,74 @@ function brief(run) {
   return `${run.rps} req/s p50 ${l.p50} p99 ${l.p99}${f}${e}`;
 }
 
-function filesUnder(dir) {
-  if (!existsSync(dir)) return [];
-  return readdirSync(dir, { recursive: true }).filter((f) => statSync(join(dir, f)).isFile());
-}
 
 // ---------------------------------------------------------------------------
 // The run
 // ---------------------------------------------------------------------------
 
 /**
- * Starts one gateway in workerd from wrangler.toml, migrates its D1 and inserts the bench key.
- * `stateDir` null = Miniflare's in-memory storage. Returns timings of its start as well.
+ * Starts one gateway through scripts/runtime.mjs (the bindings wrangler.toml declares, as wrangler derives them)
+ * with the limiter driver next to it, checks that workerd itself serves its port, migrates its D1 and inserts the
+ * bench key. `persistTo` null = Miniflare's temporary directory. Returns timings of its start as well.
  */
-async function startGateway(Miniflare, { config, varOverrides, stateDir, gatewayLog, mfLog, watchdog }) {
-  const { options, declared, migrationsDirs } = gatewayWorkerOptions(ROOT, config, { varOverrides });
-  const port = await freePort();
-  const timings = {};
-  const t0 = performance.now();
-  const mf = new Miniflare({
-    ...options,
-    host: '127.0.0.1',
-    port,
-    cf: false,
-    log: mfLog,
-    ...(stateDir
-      ? {
-          d1Persist: join(stateDir, 'd1'),
-          kvPersist: join(stateDir, 'kv'),
-          durableObjectsPersist: join(stateDir, 'do'),
-          cachePersist: join(stateDir, 'cache'),
-        }
-      : {}),
-    handleRuntimeStdio: (stdout, stderr) => gatewayLog.attach(stdout, stderr),
+async function startGateway(runtime, { config, vars, persistTo, gatewayLog }) {
+  const { mf, url, createdAt, readyAt } = await runtime.startGateway({
+    persistTo,
+    vars,
+    onStdio: (stdout, stderr) => gatewayLog.attach(stdout, stderr),
+    extraWorkers: [driverWorker(runtime.gatewayWorkerOptions(), runtime.GATEWAY_NAME)],
   });
   onCleanup(() => mf.dispose());
-  const ready = mf.ready.then((url) => {
-    timings.to_ready_ms = round(performance.now() - t0, 1);
-    return url;
-  });
-  // Polls /health from the start; a failed start rejects `ready` and ends the wait.
-  await Promise.race([waitForHealth(`http://127.0.0.1:${port}/health`, 60_000), ready.then(() => new Promise(() => {}))]);
-  timings.to_first_health_ms = round(performance.now() - t0, 1);
-  const url = (await ready).href.replace(/\/$/, '');
-  const served = servedBy(port);
+  const timings = { to_ready_ms: round(readyAt - createdAt, 1) };
+  await waitForHealth(`${url}/health`, 60_000);
+  timings.to_first_health_ms = round(performance.now() - createdAt, 1);
+  const served = servedBy(Number(new URL(url).port));
   watchdog.track(served.pid);
   ownPids.add(served.pid);
 
-  const env = await mf.getBindings();
-  const bindings = assertBindingsMatch(env, declared, Object.keys(varOverrides).filter((k) => !declared.vars.includes(k)));
-  for (const { binding, dir } of migrationsDirs) await applyMigrations(await mf.getD1Database(binding), dir);
+  const bindings = Object.keys(await mf.getBindings()).sort();
+  const migrations = [];
+  for (const d of config.d1_databases ?? []) {
+    if (!d.migrations_dir) continue;
+    const dir = resolve(ROOT, d.migrations_dir);
+    await applyMigrations(await mf.getD1Database(d.binding), dir);
+    migrations.push(relative(ROOT, dir));
+  }
   const db = await mf.getD1Database('DB');
   const keyHash = createHash('sha256').update(BENCH_KEY).digest('hex');
   await db
     .prepare('INSERT INTO api_keys (id, key_hash, user_id, name) VALUES (?1, ?2, ?3, ?4)')
-    .bind('bench', keyHash, 'bench-user', 'benchmark key')
+    .bind(BENCH_KEY_ID, keyHash, 'bench-user', 'benchmark key')
     .run();
-  return { mf, url, served, db, bindings, timings, migrations: migrationsDirs.map((m) => relative(ROOT, m.dir)) };
+  const driver = await mf.getWorker(DRIVER_NAME);
+  return { mf, url, served, db, driver, bindings, timings, migrations };
 }
 
 async function main() {
-  const { config } = readWranglerToml(ROOT);
-  const mainModule = join(ROOT, config.main ?? 'worker/build/index.js');
+  // Imported here so that a missing node_modules (miniflare, wrangler) gets the same advice as a missing build.
+  const runtime = await import('../scripts/runtime.mjs').catch((e) => {
+    throw new Error(`scripts/runtime.mjs could not be loaded (${e.message}): run \`npm run build\` first (it runs npm ci)`);
+  });
+  const { Miniflare, Log, LogLevel } = await import('miniflare');
+  const config = runtime.readGatewayConfig();
+  const mainModule = resolve(ROOT, config.main ?? 'worker/build/index.js');
   const wasmPath = join(dirname(mainModule), 'index_bg.wasm');
   for (const p of [mainModule, wasmPath]) {
     if (!existsSync(p)) throw new Error(`${relative(ROOT, p)} is missing: run \`npm run build\` first`);
   }
   buildLoadGenerator();
-  // Imported here so a missing node_modules is reported after the build check, with the same advice.
-  const { Miniflare, Log, LogLevel } = await import('miniflare').catch(() => {
-    throw new Error('miniflare is not installed: run `npm run build` first (it runs npm ci)');
-  });
 
   const rawDir = join(knobs.outDir, 'raw');
   mkdirSync(rawDir, { recursive: true });
   const tmp = mkdtempSync(join(os.tmpdir(), 'gateway-bench-'));
-  const removeTmp = () => rmSync(tmp, { recursive: true, force: true });
+  // (g′)'s state, on a tmpfs when there is one.
+  const memDir = knobs.inMemoryVariant ? mkdtempSync(join(isTmpfs(knobs.inMemoryDir) ? knobs.inMemoryDir : tmp, 'gateway-bench-mem-')) : null;
+  const removeTmp = () => {
+    rmSync(tmp, { recursive: true, force: true });
+    if (memDir) rmSync(memDir, { recursive: true, force: true });
+  };
   onCleanup(async () => removeTmp(), removeTmp);
-  watchdog = new Watchdog(join(tmp, 'pids'), tmp);
+  watchdog = new Watchdog(join(tmp, 'pids'), [tmp, ...(memDir ? [memDir] : [])]);
   onCleanup(async () => watchdog.release(), () => watchdog.release());
 
   const results = {
@@ -388,6 +387,11 @@ async function main() {
       rate_limit_per_minute: knobs.rateLimit,
       load_threads: knobs.threads,
       in_memory_variant: knobs.inMemoryVariant,
+      in_memory_dir: memDir,
+      in_memory_on_tmpfs: memDir ? isTmpfs(dirname(memDir)) : null,
+      limiter_seconds: knobs.limiterSeconds,
+      limiter_concurrency: knobs.limiterConcurrency,
+      consumer_events: knobs.consumerEvents,
     },
     problems: [],
   };
@@ -417,7 +421,7 @@ async function main() {
   };
 
   // (g) the gateway, storage on disk as `wrangler dev` keeps it: cold start first --------------------------
-  const varOverrides = {
+  const gatewayVars = {
     OPENROUTER_BASE_URL: standin.base,
     OPENROUTER_API_KEY: 'sk-or-bench-standin',
     RATE_LIMIT_PER_MINUTE: knobs.rateLimit,
@@ -426,8 +430,8 @@ async function main() {
   onCleanup(() => gatewayLog.close());
   const mfLog = new Log(LogLevel.WARN);
   const gwState = join(tmp, 'state');
-  log('starting the gateway in workerd (Miniflare, storage on disk)');
-  const gw = await startGateway(Miniflare, { config, varOverrides, stateDir: gwState, gatewayLog, mfLog, watchdog });
+  log('starting the gateway in workerd (scripts/runtime.mjs, storage on disk)');
+  const gw = await startGateway(runtime, { config, vars: gatewayVars, persistTo: gwState, gatewayLog });
   results.bindings = gw.bindings;
   const gwStartRss = memory(gw.served.pid).rss;
   let gmStartRss = null;
@@ -540,11 +544,15 @@ async function main() {
     }
   }
 
-  // (g′) the same gateway with in-memory storage (non-streaming rows only) ----------------------------------
+  // (g′) the same gateway with its storage on a tmpfs (non-streaming rows only) -----------------------------
   const nonstreamTargets = [...TARGETS];
+  let gm = null;
   if (knobs.inMemoryVariant) {
-    log("starting (g') the gateway with in-memory storage");
-    const gm = await startGateway(Miniflare, { config, varOverrides, stateDir: null, gatewayLog, mfLog, watchdog });
+    if (!results.settings.in_memory_on_tmpfs) {
+      problem(`(g'): ${knobs.inMemoryDir} is not a tmpfs, so its storage is on disk like (g)'s: the (g') rows do not separate storage sync from compute`);
+    }
+    log(`starting (g') the gateway with its storage in ${memDir}`);
+    gm = await startGateway(runtime, { config, vars: gatewayVars, persistTo: memDir, gatewayLog });
     targets.m = { url: chatUrl(gm.url), pids: { server: gm.served.pid, upstream: standin.pid } };
     gmStartRss = memory(gm.served.pid).rss;
     results.served_by.m = gm.served;
@@ -593,21 +601,116 @@ async function main() {
     const end = memory(targets[t].pids.server).rss;
     results.rss_growth.push({ target: t, label: TARGET_NAMES[t], start, end, requests, bytes_per_request: requests ? Math.round((end - start) / requests) : null });
   }
-  results.machine.loadavg_at_end = os.loadavg().map((x) => round(x, 2));
   // Stream log lines are written when a stream ends; give the last ones a moment to arrive.
   await sleep(500);
-  try {
-    const row = await gw.db.prepare('SELECT COUNT(*) AS n FROM usage_logs').first();
-    results.usage_rows = row?.n ?? null;
-  } catch {
-    results.usage_rows = null;
+  const doDir = join(runtime.stateRoot(gwState), 'do', `${runtime.GATEWAY_NAME}-KeyLimiter`);
+  const limiterObjects = limiterObjectFiles(doDir);
+
+  // The rows' usage events still in the queue are delivered first, so they neither slow the consumer figure
+  // down nor go uncounted in usage_rows.
+  // A figure from the driver that fails is reported as a problem; the figures above are kept.
+  const figure = async (name, fn) => {
+    try {
+      await fn();
+    } catch (error) {
+      problem(`${name}: not measured: ${error.message}`);
+    }
+  };
+
+  results.usage_rows = null;
+  await figure('usage queue drain', async () => {
+    log('waiting for the usage queue to drain (the consumer batch timeout is 5 s)');
+    results.queue_drain = await waitForQueueDrain(gw.driver, { quietMs: 6000, timeoutMs: 120_000 });
+    results.usage_rows = results.queue_drain.rows;
+    if (!results.queue_drain.drained) problem(`the usage queue was still delivering after ${results.queue_drain.waited_ms} ms; the consumer figures share it with those events`);
+  });
+
+  // Limiter decisions through one hot key's Durable Object, from the driver (no HTTP, no gateway request path) ---
+  results.limiter = [];
+  await figure('limiter decisions', async () => {
+    for (const [t, instance] of [['g', gw], ['m', gm]]) {
+      if (!instance) continue;
+      const runs = await limiterRuns(instance.driver, {
+        target: t,
+        pid: instance.served.pid,
+        seconds: knobs.limiterSeconds,
+        concurrency: knobs.limiterConcurrency,
+        churn: t === 'g',
+        baseline: t === 'g',
+      });
+      for (const r of runs) {
+        log(`${TARGET_NAMES[t]} limiter ${r.name}: ${r.decisions_per_s} decisions/s (${r.admitted} admitted, ${r.denied} denied), p50 ${r.latency_ms.p50} ms, p99 ${r.latency_ms.p99} ms`);
+      }
+      results.limiter.push(...runs);
+    }
+  });
+
+  // Storage rows per key at steady state: the driver's keys on (g), and the key every gateway request used ------
+  const storageKeys = [
+    ...results.limiter.filter((r) => r.target === 'g' && r.object === 'limiter').map((r) => ({ key: r.key, limit: r.requests_per_window, window_ms: r.window_ms, admitted: r.admitted_with_warmup })),
+    // Every admitted gateway request sent one usage event, so the ledger's rows are this key's admissions.
+    { key: BENCH_KEY_ID, limit: null, window_ms: 60_000, admitted: results.usage_rows },
+  ];
+  await figure('storage rows per key', async () => {
+    results.storage_rows = await storageRows(gw.driver, doDir, storageKeys);
+    for (const k of results.storage_rows) {
+      if (k.error) problem(`storage rows of ${k.key}: ${k.error}`);
+      else if (k.within_bound === false) problem(`storage rows of ${k.key}: ${k.total} rows, above the design bound of ${k.bound}`);
+    }
+  });
+
+  // Usage-consumer throughput into D1 (PostHog off, as (g) runs) --------------------------------------------
+  await figure('usage consumer', async () => {
+    log(`usage consumer: ${knobs.consumerEvents} events through the queue into D1`);
+    results.consumer = await consumerThroughput(gw.driver, { prefix: 'bench-consumer-', count: knobs.consumerEvents, posthog: false, pid: gw.served.pid });
+    results.consumer.ledger_rows_before = results.usage_rows;
+    log(`usage consumer: ${results.consumer.events_per_s} events/s`);
+    if (!results.consumer.complete) problem(`usage consumer: only ${results.consumer.rows} of ${knobs.consumerEvents} events reached D1 in time`);
+  });
+
+  // The same with PostHog on: a third gateway (same storage mode as (g)) whose consumer posts to the stand-in --
+  await figure('usage consumer with PostHog', async () => {
+    const posthogStandin = await startStandin(rawDir, 'posthog');
+    watchdog.track(posthogStandin.pid);
+    ownPids.add(posthogStandin.pid);
+    log(`PostHog stand-in at ${posthogStandin.base}; starting a gateway with POSTHOG_HOST set`);
+    const gp = await startGateway(runtime, {
+      config,
+      vars: { ...gatewayVars, POSTHOG_API_KEY: 'phc_bench', POSTHOG_HOST: posthogStandin.base },
+      persistTo: join(tmp, 'state-posthog'),
+      gatewayLog,
+    });
+    results.consumer_posthog = await consumerThroughput(gp.driver, { prefix: 'bench-posthog-', count: knobs.consumerEvents, posthog: true, pid: gp.served.pid, standinPid: posthogStandin.pid });
+    const received = await (await fetch(`${posthogStandin.base}/__standin/events`)).json();
+    const accepted = received.events.length;
+    results.consumer_posthog.posthog_standin = {
+      events_accepted: accepted,
+      batches_accepted: received.batches_accepted,
+      batches_failed: received.batches_failed,
+      bytes_received: received.bytes_received,
+      bytes_per_event: accepted ? Math.round(received.bytes_received / accepted) : null,
+      events_per_request: received.batches_accepted ? round(accepted / received.batches_accepted, 1) : null,
+    };
+    log(`usage consumer with PostHog: ${results.consumer_posthog.events_per_s} events/s, ${results.consumer_posthog.posthog_standin.bytes_per_event} B per event to PostHog`);
+    if (!results.consumer_posthog.complete) problem(`usage consumer with PostHog: only ${results.consumer_posthog.posthog_accepted_rows} of ${knobs.consumerEvents} events marked as sent in time`);
+    if (accepted !== knobs.consumerEvents) problem(`PostHog stand-in accepted ${accepted} events, ${knobs.consumerEvents} were sent`);
+  });
+
+  // The driver's figures have no load generator or stand-in beside them: anything else using a core disturbed them.
+  const disturbed = [
+    ...(results.limiter ?? []).map((r) => [`${TARGET_NAMES[r.target]} limiter ${r.name}`, r.cpu.other]),
+    ...[['usage consumer', results.consumer], ['usage consumer with PostHog', results.consumer_posthog]].map(([name, r]) => [name, r?.cpu.other]),
+  ].filter(([, other]) => other >= 0.25);
+  if (disturbed.length) {
+    problem(`other processes on this machine used ≥ 0.25 cores during: ${disturbed.map(([name, other]) => `${name} (${other})`).join(', ')}: those figures are disturbed.`);
   }
 
-  summarize(results, gatewayLog, { doPersist: join(gwState, 'do'), limiterHeaders, wasmPath, mainModule, problem });
+  results.machine.loadavg_at_end = os.loadavg().map((x) => round(x, 2));
+  summarize(results, gatewayLog, { limiterObjects, limiterHeaders, wasmPath, mainModule, problem });
   return results;
 }
 
-function summarize(results, gatewayLog, { doPersist, limiterHeaders, wasmPath, mainModule, problem }) {
+function summarize(results, gatewayLog, { limiterObjects, limiterHeaders, wasmPath, mainModule, problem }) {
   const s = results.settings;
   for (const group of [results.nonstream, results.stream]) {
     for (const byTarget of Object.values(group)) {
@@ -616,6 +719,16 @@ function summarize(results, gatewayLog, { doPersist, limiterHeaders, wasmPath, m
       }
     }
   }
+  // The limiter hop per request: how long each gateway request waited for its admission (its log line's limiter_ms).
+  results.limiter_hop = [];
+  for (const c of s.concurrency) {
+    for (const t of ['g', 'm']) {
+      const run = results.nonstream[c]?.[t];
+      if (run?.gateway_log?.limiter_ms) results.limiter_hop.push({ target: t, concurrency: c, phase: run.phase, ...run.gateway_log.limiter_ms });
+    }
+  }
+  if (results.limiter_hop.length === 0) problem('limiter hop per request: not reported (no limiter_ms in the gateway\'s request log lines)');
+
   const sub = (x, y) => (x === null || x === undefined || y === null || y === undefined ? null : round(x - y, 3));
   const div = (x, y) => (x && y ? round(x / y, 3) : null);
 
@@ -667,8 +780,6 @@ function summarize(results, gatewayLog, { doPersist, limiterHeaders, wasmPath, m
 
   const cMax = Math.max(...s.concurrency);
   const hot = results.nonstream[cMax].g;
-  // Durable Object storage files of the limiter class (Miniflare names the directory after the class).
-  const limiterObjects = filesUnder(doPersist).filter((f) => f.includes('KeyLimiter') && f.endsWith('.sqlite'));
   const inPath = limiterObjects.length > 0 || limiterHeaders.length > 0;
   results.hot_key = {
     concurrency: cMax,

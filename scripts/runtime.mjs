@@ -1,7 +1,7 @@
 // The gateway in workerd through Miniflare's API, with the bindings wrangler.toml declares (derived by wrangler
 // itself, so there is no second list to drift). Requests go straight to workerd's socket — unlike `wrangler dev`,
 // whose Node-side proxy caps throughput and fails requests under large bursts. Used by the integration tests
-// (via scripts/serve.mjs) and by the benchmark.
+// (via scripts/serve.mjs) and by the benchmark (bench/run.mjs).
 //
 // State lives under `<persistTo>/v3`, the layout `wrangler --persist-to` uses, so `wrangler d1 migrations apply
 // --local --persist-to <dir>` and `wrangler d1 execute ... --persist-to <dir>` work on the same databases.
@@ -9,30 +9,61 @@
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Miniflare, Log, LogLevel } from 'miniflare';
-import { unstable_getMiniflareWorkerOptions } from 'wrangler';
+import { unstable_getMiniflareWorkerOptions, unstable_readConfig } from 'wrangler';
 
 export const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..');
+const WRANGLER_TOML = join(ROOT, 'wrangler.toml');
 
-/**
- * Starts the gateway. `vars` override wrangler.toml's [vars] (and provide secrets); `persistTo` null keeps all
- * state in memory. `onStdio(stdout, stderr)` receives workerd's output (the Worker's console lines).
- */
-export async function startGateway({ port = 0, host = '127.0.0.1', persistTo = null, vars = {}, onStdio } = {}) {
-  const { workerOptions, main } = unstable_getMiniflareWorkerOptions(join(ROOT, 'wrangler.toml'));
-  const mf = new Miniflare({
+/** The gateway's Worker name inside Miniflare: other Workers in the same instance refer to its classes by it. */
+export const GATEWAY_NAME = 'gateway';
+
+/** wrangler.toml as wrangler reads it (main, compatibility settings, vars, D1 migrations directories, …). */
+export function readGatewayConfig() {
+  return unstable_readConfig({ config: WRANGLER_TOML });
+}
+
+/** Where Miniflare keeps the state of a run persisted to `persistTo` (D1 in `d1/`, Durable Objects in `do/`, …). */
+export function stateRoot(persistTo) {
+  return join(persistTo, 'v3');
+}
+
+/** The gateway's Miniflare worker options; `vars` override wrangler.toml's [vars] (and provide secrets). */
+export function gatewayWorkerOptions({ vars = {} } = {}) {
+  const { workerOptions, main } = unstable_getMiniflareWorkerOptions(WRANGLER_TOML);
+  return {
     ...workerOptions,
-    name: 'gateway',
+    name: GATEWAY_NAME,
     modules: true,
     scriptPath: main,
     bindings: { ...workerOptions.bindings, ...vars },
+  };
+}
+
+/**
+ * Starts the gateway. `vars` override wrangler.toml's [vars] (and provide secrets); `persistTo` null keeps the
+ * state in a temporary directory that Miniflare removes at `dispose()` (still files on disk: Miniflare's local D1
+ * and Durable Objects are SQLite files either way; a `persistTo` on a tmpfs keeps them in memory). `onStdio(stdout, stderr)` receives workerd's output (the Worker's console lines).
+ * `extraWorkers`: Miniflare worker options of more Workers to run in the same workerd, next to the gateway (which
+ * stays the one serving `port`); they can bind the gateway's Durable Object classes with `scriptName: GATEWAY_NAME`.
+ * Returns the instance, its URL, and when it was created and ready (`performance.now()` values).
+ */
+export async function startGateway({ port = 0, host = '127.0.0.1', persistTo = null, vars = {}, onStdio, extraWorkers = [] } = {}) {
+  const gateway = gatewayWorkerOptions({ vars });
+  const createdAt = performance.now();
+  const mf = new Miniflare({
+    workers: [gateway, ...extraWorkers],
     host,
     port,
     // The Request.cf object would be fetched from the internet; the gateway does not use it.
     cf: false,
     log: new Log(LogLevel.WARN),
-    ...(persistTo ? { defaultPersistRoot: join(persistTo, 'v3') } : {}),
+    ...(persistTo ? { defaultPersistRoot: stateRoot(persistTo) } : {}),
     ...(onStdio ? { handleRuntimeStdio: onStdio } : {}),
   });
-  const url = await mf.ready;
-  return { mf, url: url.href.replace(/\/$/, '') };
+  // A failed start leaves no workerd behind.
+  const url = await mf.ready.catch(async (error) => {
+    await mf.dispose().catch(() => {});
+    throw error;
+  });
+  return { mf, url: url.href.replace(/\/$/, ''), createdAt, readyAt: performance.now() };
 }

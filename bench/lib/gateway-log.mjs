@@ -7,6 +7,7 @@ import { createWriteStream } from 'node:fs';
 import { createInterface } from 'node:readline';
 
 const PHASE = /"request_id":"([^"]+)-\d+-\d+"/;
+const LIMITER_MS = /"limiter_ms":(\d+)/;
 
 export class GatewayLog {
   /** `rawPath`: where lines that are not routine successes are kept (warnings, errors, non-JSON output). */
@@ -25,7 +26,8 @@ export class GatewayLog {
   phase(name) {
     let p = this.phases.get(name);
     if (!p) {
-      p = { lines: 0, streams: 0, wasm_reported: 0, wasm_bytes_in: 0, wasm_bytes_out: 0, stream_end: {}, errors: {}, statuses: {} };
+      // limiter_ms: how many requests waited each whole number of milliseconds for their admission.
+      p = { lines: 0, limiter_ms: new Map(), streams: 0, wasm_reported: 0, wasm_bytes_in: 0, wasm_bytes_out: 0, stream_end: {}, errors: {}, statuses: {} };
       this.phases.set(name, p);
     }
     return p;
@@ -35,7 +37,12 @@ export class GatewayLog {
     const routine = line.includes('"level":"info"') && !line.includes('"stream_end"');
     if (routine) {
       const m = PHASE.exec(line);
-      if (m) this.phase(m[1]).lines++;
+      if (m) {
+        const p = this.phase(m[1]);
+        p.lines++;
+        const limiter = LIMITER_MS.exec(line);
+        if (limiter) p.limiter_ms.set(Number(limiter[1]), (p.limiter_ms.get(Number(limiter[1])) ?? 0) + 1);
+      }
       return;
     }
     this.raw.write(`${line}\n`);
@@ -53,6 +60,7 @@ export class GatewayLog {
     const m = /^(.*)-\d+-\d+$/.exec(entry.request_id ?? '');
     const p = this.phase(m ? m[1] : '(other)');
     p.lines++;
+    if (Number.isFinite(entry.limiter_ms)) p.limiter_ms.set(entry.limiter_ms, (p.limiter_ms.get(entry.limiter_ms) ?? 0) + 1);
     p.statuses[entry.status] = (p.statuses[entry.status] ?? 0) + 1;
     if (entry.error) p.errors[entry.error] = (p.errors[entry.error] ?? 0) + 1;
     if (entry.stream_end) {
@@ -84,10 +92,36 @@ export class GatewayLog {
             bytes_out_per_stream: Math.round(p.wasm_bytes_out / p.wasm_reported),
           }
         : null;
-    return { log_lines: p.lines, streams: p.streams, stream_end: p.stream_end, errors: p.errors, statuses: p.statuses, wasm };
+    return {
+      log_lines: p.lines,
+      limiter_ms: limiterSummary(p.limiter_ms),
+      streams: p.streams,
+      stream_end: p.stream_end,
+      errors: p.errors,
+      statuses: p.statuses,
+      wasm,
+    };
   }
 
   close() {
     return new Promise((resolve) => this.raw.end(resolve));
   }
+}
+
+/** Nearest-rank percentiles and the mean of a histogram of whole milliseconds; null when no line had the field. */
+function limiterSummary(histogram) {
+  const values = [...histogram.entries()].sort((a, b) => a[0] - b[0]);
+  const count = values.reduce((n, [, c]) => n + c, 0);
+  if (count === 0) return null;
+  const at = (p) => {
+    const rank = Math.max(1, Math.ceil((p / 100) * count));
+    let seen = 0;
+    for (const [ms, c] of values) {
+      seen += c;
+      if (seen >= rank) return ms;
+    }
+    return values.at(-1)[0];
+  };
+  const sum = values.reduce((s, [ms, c]) => s + ms * c, 0);
+  return { requests: count, p50: at(50), p90: at(90), p99: at(99), max: values.at(-1)[0], mean: Math.round((sum / count) * 100) / 100 };
 }

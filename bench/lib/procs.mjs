@@ -12,12 +12,12 @@ const CLOCK_TICKS_PER_S = 100;
  * kill it before it has done its job.
  */
 export class Watchdog {
-  /** `scratchDir` (optional) is removed too: the bench's temporary state. */
-  constructor(pidFile, scratchDir = '') {
+  /** `scratchDirs` are removed too: the bench's temporary state. */
+  constructor(pidFile, scratchDirs = []) {
     this.pidFile = pidFile;
     writeFileSync(pidFile, '');
-    const script = 'cat >/dev/null; for p in $(cat "$1"); do kill -KILL "$p" 2>/dev/null; done; [ -n "$2" ] && rm -rf "$2"';
-    this.child = spawn('sh', ['-c', script, 'sh', pidFile, scratchDir], {
+    const script = 'cat >/dev/null; for p in $(cat "$1"); do kill -KILL "$p" 2>/dev/null; done; shift; for d in "$@"; do rm -rf "$d"; done';
+    this.child = spawn('sh', ['-c', script, 'sh', pidFile, ...scratchDirs], {
       stdio: ['pipe', 'ignore', 'ignore'],
       detached: true,
     });
@@ -188,6 +188,22 @@ export function cpuMeter(pids) {
       return used;
     },
   };
+}
+
+/** Whether `path` is on a tmpfs (the mount with the longest matching mount point in /proc/mounts). */
+export function isTmpfs(path) {
+  let best = { point: '', type: null };
+  try {
+    for (const line of readFileSync('/proc/mounts', 'utf8').split('\n')) {
+      const [, point, type] = line.split(' ');
+      if (!point || !type) continue;
+      const inside = path === point || path.startsWith(point.endsWith('/') ? point : `${point}/`);
+      if (inside && point.length >= best.point.length) best = { point, type };
+    }
+  } catch {
+    return false;
+  }
+  return best.type === 'tmpfs';
 }
 
 export function round(x, digits = 1) {

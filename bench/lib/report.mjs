@@ -1,6 +1,7 @@
 // results object → Markdown. Every figure printed here is also in latest.json under the same names.
 
-const TARGET_NAMES = { a: '(a) upstream', b: '(b) pass-through', g: '(g) gateway', m: "(g') gateway, in-memory storage" };
+const TARGET_NAMES = { a: '(a) upstream', b: '(b) pass-through', g: '(g) gateway', m: "(g') gateway, storage on tmpfs" };
+const STORAGE = { g: 'disk (g)', m: "tmpfs (g')" };
 
 const ms = (v) => (v === null || v === undefined ? '–' : v < 10 ? v.toFixed(2) : v < 100 ? v.toFixed(1) : v.toFixed(0));
 const signed = (v) => (v === null || v === undefined ? '–' : `${v >= 0 ? '+' : '−'}${ms(Math.abs(v))}`);
@@ -49,7 +50,8 @@ export function renderMarkdown(r) {
   out.push(
     `- Targets: (a) the OpenRouter stand-in directly, (b) a pass-through Worker (bench/passthrough.mjs) in workerd, ` +
       `(g) the gateway in workerd with its wrangler.toml bindings, storage (D1, KV, Durable Objects) on disk as \`wrangler dev\` keeps it; ` +
-      `(g') the same gateway with Miniflare's in-memory storage. Same workerd build for all Workers; one API key for every gateway request.`,
+      `(g') the same gateway with the same storage files on a tmpfs${s.in_memory_on_tmpfs === false ? ' (**not available: on disk too**)' : ''}, so syncing them costs nothing. ` +
+      'Same workerd build for all Workers; one API key for every gateway request.',
   );
   out.push('');
 
@@ -114,6 +116,8 @@ export function renderMarkdown(r) {
   }
   out.push('');
 
+  limiterSections(r, out);
+
   out.push('## Other figures');
   out.push('');
   const w = r.wasm_bytes;
@@ -174,4 +178,109 @@ export function renderMarkdown(r) {
   for (const p of r.problems) out.push(`- ${p}`);
   out.push('');
   return out.join('\n');
+}
+
+function limiterSections(r, out) {
+  const s = r.settings;
+  if (r.limiter?.length) {
+    out.push("## Limiter decisions through one hot key's Durable Object");
+    out.push('');
+    out.push(
+      `How measured: a driver Worker (bench/limiter-driver.mjs) in the gateway's workerd calls the gateway's KeyLimiter object of one key ` +
+        `(one fresh key per row) with \`POST /admit\` messages like the gateway's, c calls in flight, each admitted request's settlement carried ` +
+        `on the key's next admission; ${s.limiter_seconds} s per row after 200 unrecorded calls. No HTTP and no gateway request path: the object alone. ` +
+        'Per-call latency is read from workerd\'s clock, which advances only on I/O in whole milliseconds; the mean is exact (c × elapsed / calls). ' +
+        'Rows with a limit of 60 per 60 s: the warm-up has used the 60 up, so every measured call is a denial. ' +
+        'Baseline: the same calls to a JS object in the driver that reads the message and answers "admitted", deciding and storing nothing — the floor of any Durable Object call here.',
+    );
+    out.push('');
+    out.push('| storage | limit | c | decisions/s | admitted | denied | call p50 | call p99 | call mean | CPU workerd / other |');
+    out.push('|---|---|---:|---:|---:|---:|---:|---:|---:|---|');
+    for (const x of r.limiter) {
+      const limit = x.object === 'noop' ? '–' : x.requests_per_window >= 1e8 ? 'none' : `${x.requests_per_window} per ${x.window_ms / 1000} s`;
+      const l = x.latency_ms;
+      out.push(
+        `| ${x.object === 'noop' ? 'baseline: no-op JS object' : STORAGE[x.target]} | ${limit} | ${x.concurrency} | ${num(x.decisions_per_s)} | ${x.admitted.toLocaleString('en-US')} | ${x.denied.toLocaleString('en-US')} | ` +
+          `${l.p50} | ${l.p99} | ${ms(l.mean_from_elapsed)} | ${cpu(x.cpu.server)} / ${cpu(x.cpu.other)} |`,
+      );
+    }
+    out.push('');
+  }
+
+  if (r.limiter_hop?.length) {
+    out.push('### Limiter hop per gateway request');
+    out.push('');
+    out.push(
+      'How measured: `limiter_ms` of the gateway\'s request log line (the wait for the key\'s object to admit the request), over every request of the ' +
+        'non-streaming row (warm-up included). workerd\'s `Date.now()` advances only on I/O, in whole milliseconds, so 0 means "under a millisecond".',
+    );
+    out.push('');
+    out.push('| c | target | requests | p50 | p90 | p99 | max | mean |');
+    out.push('|---:|---|---:|---:|---:|---:|---:|---:|');
+    for (const h of r.limiter_hop) {
+      out.push(`| ${h.concurrency} | ${TARGET_NAMES[h.target]} | ${h.requests.toLocaleString('en-US')} | ${h.p50} | ${h.p90} | ${h.p99} | ${h.max} | ${ms(h.mean)} |`);
+    }
+    out.push('');
+  }
+
+  if (r.storage_rows?.length) {
+    out.push('### Storage rows per key (KeyLimiter SQLite, disk (g))');
+    out.push('');
+    out.push(
+      'How measured: after the limiter rows, each key\'s object file (`<persist>/v3/do/gateway-KeyLimiter/<object id>.sqlite`) is opened read-only and ' +
+        'its tables counted. Design bound: admissions still in the window (at most the limit) + 64 (rows that left the window are deleted 64 at a time) ' +
+        '+ 2 (the `limits` meta row, a budget row). `bench` is the key every gateway request of the run used; its limit never binds, so it keeps ' +
+        'its admissions of the last minute (plus fewer than 64): all of them when the run is shorter than that.',
+    );
+    out.push('');
+    out.push('| key | limit | admissions | requests | budget | meta | total | bound |');
+    out.push('|---|---|---:|---:|---:|---:|---:|---|');
+    for (const k of r.storage_rows) {
+      const limit = k.limit === null ? `${Number(s.rate_limit_per_minute).toLocaleString('en-US')} per 60 s (gateway)` : k.limit >= 1e8 ? 'none' : `${k.limit} per ${k.window_ms / 1000} s`;
+      if (k.error) {
+        out.push(`| ${k.key} | ${limit} | – | – | – | – | **${k.error}** | – |`);
+        continue;
+      }
+      const bound = k.bound === null ? '–' : `${k.bound.toLocaleString('en-US')}${k.within_bound ? '' : ' **exceeded**'}`;
+      out.push(
+        `| ${k.key} | ${limit} | ${k.admitted === null ? '–' : k.admitted.toLocaleString('en-US')} | ${k.rows.requests.toLocaleString('en-US')} | ${k.rows.budget} | ${k.rows.meta} | ` +
+          `${k.total.toLocaleString('en-US')} | ${bound} |`,
+      );
+    }
+    out.push('');
+  }
+
+  const c = r.consumer;
+  if (c) {
+    const p = r.consumer_posthog;
+    out.push('### Usage consumer: queue → D1 (→ PostHog)');
+    out.push('');
+    out.push(
+      `How measured: the driver sends ${c.events.toLocaleString('en-US')} usage events (UsageEvent JSON strings of ${c.event_json_bytes} B, content type "text", ` +
+        'distinct request ids) to the gateway\'s queue, 100 per `sendBatch`, as fast as it returns; the bench polls D1 (every 25 ms, through the driver) until every row ' +
+        'is in `usage_logs` (with PostHog: until every row is marked as accepted by PostHog, the consumer\'s last step). events/s = events / (last row − first send). ' +
+        'The queue settings are wrangler.toml\'s (max_batch_size 100, max_batch_timeout 5 s): the timeout bounds how long a partial batch waits (latency), ' +
+        'not throughput — full batches go at once. Miniflare delivers one batch at a time per queue.',
+    );
+    out.push('');
+    const rate = (x) => (x.complete ? `**${num(x.events_per_s)} events/s**` : '**incomplete**');
+    out.push(
+      `- **PostHog off** (gateway (g), storage on disk, ledger already holding ${c.ledger_rows_before?.toLocaleString('en-US') ?? '–'} rows): ${rate(c)} — all ${c.events.toLocaleString('en-US')} rows ${ms(c.to_last_row_ms)} ms after the first send ` +
+        `(sending took ${ms(c.send_ms)} ms); workerd ${cpu(c.cpu.server)} cores, other processes ${cpu(c.cpu.other)}. D1 statements per batch: **1** (one INSERT … SELECT FROM json_each(?1) for the whole batch).`,
+    );
+    if (p) {
+      const ph = p.posthog_standin;
+      out.push(
+        `- **PostHog on** (a third gateway, storage on disk, empty ledger, POSTHOG_HOST = the PostHog stand-in): ${rate(p)} to every row marked as sent ` +
+          `(${ms(p.to_done_ms)} ms; all rows inserted after ${ms(p.to_last_row_ms)} ms); workerd ${cpu(p.cpu.server)} cores, PostHog stand-in ${cpu(p.cpu.standin)}, other processes ${cpu(p.cpu.other)}. ` +
+          `D1 statements per batch: **3** (the INSERT, one SELECT of the rows PostHog has not accepted, one UPDATE marking them), plus one KV read (the model list, for prices) and one \`POST /batch/\`.`,
+      );
+      out.push(
+        `- **PostHog request bytes per event**: ${ph.bytes_per_event?.toLocaleString('en-US') ?? '–'} B (${ph.bytes_received.toLocaleString('en-US')} B received by the stand-in for ` +
+          `${ph.events_accepted.toLocaleString('en-US')} events accepted, ${ph.batches_accepted} requests: ${ph.events_per_request} events each; uncompressed JSON, no captured content).`,
+      );
+    }
+    out.push('- Statements per batch are read from worker/src/consumer.rs (`deliver`), not counted at run time.');
+    out.push('');
+  }
 }

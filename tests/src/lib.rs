@@ -248,13 +248,15 @@ impl Gateway {
         prepare_database(&state_dir, &specs);
         let keys = specs.into_iter().map(|(name, (key, _))| (name, key)).collect();
 
-        let port = free_port();
         let mut options = options;
         if let Some(posthog) = &posthog {
             options = options.var("POSTHOG_API_KEY", POSTHOG_KEY).var("POSTHOG_HOST", &posthog.base_url);
         }
-        let process = Mutex::new(spawn_gateway(&state_dir, &log_path, port, &upstream, &options));
-        let base = format!("http://127.0.0.1:{port}");
+        // The runtime picks its own port (no race with other gateways starting at the same time) and announces it.
+        let process = spawn_gateway(&state_dir, &log_path, 0, &upstream, &options);
+        let base = announced_url(&log_path, 0);
+        let port = base.rsplit(':').next().and_then(|p| p.parse().ok()).expect("a port in the announced URL");
+        let process = Mutex::new(process);
         let gateway = Gateway { base, upstream, posthog, state_dir, log_path, keys, port, options, process };
         gateway.wait_ready();
         gateway
@@ -264,8 +266,10 @@ impl Gateway {
     pub fn restart(&self) {
         let mut process = self.process.lock().expect("process lock");
         process.kill();
+        let announced_before = std::fs::read_to_string(&self.log_path).map_or(0, |log| announcements(&log));
         *process = spawn_gateway(&self.state_dir, &self.log_path, self.port, &self.upstream, &self.options);
         drop(process);
+        announced_url(&self.log_path, announced_before);
         self.wait_ready();
     }
 
@@ -381,6 +385,28 @@ fn prepare_database(state_dir: &Path, keys: &HashMap<String, (TestKey, Vec<(Stri
         })
         .collect();
     wrangler(state_dir, &["d1", "execute", "DB", "--local", "--command", &statements.join(" ")]);
+}
+
+/// How many times the runtime has announced its address in this log.
+fn announcements(log: &str) -> usize {
+    log.lines().filter(|l| l.starts_with("{\"listening\":")).count()
+}
+
+/// Waits for the runtime's `{"listening":URL}` line after the first `seen` ones, and returns the URL.
+fn announced_url(log: &Path, seen: usize) -> String {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let line = text.lines().filter(|l| l.starts_with("{\"listening\":")).nth(seen);
+        if let Some(url) = line
+            .and_then(|l| serde_json::from_str::<Value>(l).ok())
+            .and_then(|v| v["listening"].as_str().map(str::to_owned))
+        {
+            return url;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("the gateway never announced its address; log:\n{}", std::fs::read_to_string(log).unwrap_or_default());
 }
 
 fn spawn_gateway(state_dir: &Path, log: &Path, port: u16, upstream: &Standin, options: &GatewayOptions) -> Supervised {

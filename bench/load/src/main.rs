@@ -275,8 +275,14 @@ async fn worker(id: usize, opts: Arc<Opts>, plan: Arc<Plan>) -> Stats {
             match connect(&opts.authority).await {
                 Ok(s) => sender = Some(s),
                 Err(e) => {
-                    stats.transport_errors += 1;
-                    stats.sample(e);
+                    // Like a request's, a failed connect during the warm-up is a warm-up error, not a measured one.
+                    if Instant::now() >= plan.record_from {
+                        stats.transport_errors += 1;
+                        stats.sample(e);
+                    } else {
+                        stats.warmup_errors += 1;
+                        stats.sample(format!("(warm-up) {e}"));
+                    }
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 }
