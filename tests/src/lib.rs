@@ -336,7 +336,10 @@ impl Gateway {
     }
 }
 
-fn create_keys(specs: &[KeySpec]) -> HashMap<String, (TestKey, Vec<(String, String)>)> {
+/// Each key by name, with the `api_keys` columns to set for it.
+type KeyRows = HashMap<String, (TestKey, Vec<(String, String)>)>;
+
+fn create_keys(specs: &[KeySpec]) -> KeyRows {
     specs
         .iter()
         .map(|spec| {
@@ -366,7 +369,7 @@ fn wrangler(state_dir: &Path, args: &[&str]) {
 }
 
 /// Applies the real migrations (as a deploy does), then inserts the test keys (hashes only).
-fn prepare_database(state_dir: &Path, keys: &HashMap<String, (TestKey, Vec<(String, String)>)>) {
+fn prepare_database(state_dir: &Path, keys: &KeyRows) {
     wrangler(state_dir, &["d1", "migrations", "apply", "DB", "--local"]);
     if keys.is_empty() {
         return;

@@ -253,7 +253,7 @@ async fn failing_sinks_lose_nothing_and_never_duplicate_ledger_rows() {
         let id = format!("{prefix}{i:03}");
         async move {
             let mut body = ask("survive the faults");
-            body["stream"] = json!(i % 2 == 0);
+            body["stream"] = json!(i.is_multiple_of(2));
             let response = post(gw, &key, &id, &body).await;
             assert_eq!(response.status(), 200);
             response.bytes().await.expect("body");
