@@ -134,29 +134,17 @@ async fn apply_update(id: &str, fields: KeyFields, env: &Env, config: &Config) -
     let sql = format!("UPDATE api_keys SET {} WHERE id = ?{}", sets.join(", "), params.len());
     bindings::d1_run(env, &sql, &params).await.map_err(|e| storage_error("key_update_failed", &e))?;
 
-    let view = load_key(env, id).await?;
-    tell_limiter(env, config, &view).await;
-    Ok(AdminReply::Json(200, json!(view)))
+    let row = load_row(env, id).await?;
+    tell_limiter(env, config, &row).await;
+    Ok(AdminReply::Json(200, json!(KeyView::from_row(row))))
 }
 
 /// Pushes the key's new control to its Durable Object. If that fails the change still reaches every isolate
 /// within `AUTH_CACHE_TTL_SECONDS`; the log says so.
-async fn tell_limiter(env: &Env, config: &Config, view: &KeyView) {
-    let record = KeyRecord {
-        id: view.id.clone(),
-        user_id: view.user_id.clone(),
-        rpm: view.rpm.and_then(|n| u32::try_from(n).ok()),
-        tpm: view.tpm,
-        usage_limit: view.usage_limit,
-        budget_period: Some(view.budget_period.clone()),
-        usd_limit: view.usd_limit,
-        max_concurrency: view.max_concurrency.and_then(|n| u32::try_from(n).ok()),
-        allowed_models: view.allowed_models.as_ref().map(|m| json!(m).to_string()),
-        updated_at: view.updated_at.clone(),
-    };
-    let control = KeyControl { revoked: !view.active, ..admit::control_for(&record, config) };
-    if let Err(e) = bindings::limiter_call::<_, bool>(env, &view.id, "/configure", &control).await {
-        log_error("limiter_configure_failed", &format!("key {}: {e}", view.id));
+async fn tell_limiter(env: &Env, config: &Config, row: &KeyRow) {
+    let control = KeyControl { revoked: row.active != 1, ..admit::control_for(&row.record(), config) };
+    if let Err(e) = bindings::limiter_call::<_, bool>(env, &row.id, "/configure", &control).await {
+        log_error("limiter_configure_failed", &format!("key {}: {e}", row.id));
     }
 }
 
@@ -277,11 +265,15 @@ pub async fn key_state(env: &Env, config: &Config, key: &KeyRecord) -> Result<St
 }
 
 async fn load_key(env: &Env, id: &str) -> Result<KeyView, ApiError> {
+    load_row(env, id).await.map(KeyView::from_row)
+}
+
+async fn load_row(env: &Env, id: &str) -> Result<KeyRow, ApiError> {
     let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?1");
     let rows: Vec<KeyRow> = bindings::d1_rows(env, &sql, &[JsValue::from_str(id)])
         .await
         .map_err(|e| storage_error("key_read_failed", &e))?;
-    rows.into_iter().next().map(KeyView::from_row).ok_or_else(|| ApiError::key_not_found(id))
+    rows.into_iter().next().ok_or_else(|| ApiError::key_not_found(id))
 }
 
 fn checked_id(id: &str) -> Result<&str, ApiError> {

@@ -209,6 +209,24 @@ pub struct KeyRow {
     pub revoked_at: Option<String>,
 }
 
+impl KeyRow {
+    /// The key as the request path knows it (what authentication reads), for telling its Durable Object.
+    pub fn record(&self) -> crate::auth::KeyRecord {
+        crate::auth::KeyRecord {
+            id: self.id.clone(),
+            user_id: self.user_id.clone(),
+            rpm: self.rpm.and_then(|n| u32::try_from(n).ok()),
+            tpm: self.tpm,
+            usage_limit: self.usage_limit,
+            budget_period: Some(self.budget_period.clone()),
+            usd_limit: self.usd_limit,
+            max_concurrency: self.max_concurrency.and_then(|n| u32::try_from(n).ok()),
+            allowed_models: self.allowed_models.clone(),
+            updated_at: self.updated_at.clone(),
+        }
+    }
+}
+
 /// The columns every admin query selects (never `key_hash`).
 pub const KEY_COLUMNS: &str = "id, user_id, name, active, rpm, tpm, usage_limit, budget_period, usd_limit, \
 max_concurrency, allowed_models, created_at, updated_at, revoked_at";

@@ -281,39 +281,45 @@ fn record_content_chunk(data: &[u8], summary: &mut StreamSummary) -> bool {
         }
     }
     for choice in chunk.choices {
-        if let Some(reason) = choice.finish_reason {
-            summary.finish_reason = Some(reason.into_owned());
-        }
-        let Some(delta) = choice.delta else { continue };
-        let content = delta.content.as_deref().unwrap_or_default();
-        if let Some(text) = summary.completion_text.as_mut() {
-            text.push_str(content);
-        }
-        let text_chars = content.chars().count() + delta.reasoning.as_deref().map_or(0, |r| r.chars().count());
-        summary.completion_chars += text_chars;
-        if text_chars > 0 || delta.tool_calls.is_some() {
-            summary.first_token_seen = true;
-        }
+        let delta = choice.delta.as_ref();
+        record_delta(
+            summary,
+            choice.finish_reason.as_deref(),
+            delta.and_then(|d| d.content.as_deref()),
+            delta.and_then(|d| d.reasoning.as_deref()),
+            delta.is_some_and(|d| d.tool_calls.is_some()),
+        );
     }
     true
 }
 
 fn record_choice(choice: &Value, summary: &mut StreamSummary) {
-    if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
+    let delta = choice.get("delta");
+    let text = |field: &str| delta.and_then(|d| d.get(field)).and_then(Value::as_str);
+    record_delta(
+        summary,
+        choice.get("finish_reason").and_then(Value::as_str),
+        text("content"),
+        text("reasoning"),
+        delta.and_then(|d| d.get("tool_calls")).is_some_and(|t| !t.is_null()),
+    );
+}
+
+/// What one choice of a chunk tells the summary, however the chunk was read.
+fn record_delta(
+    summary: &mut StreamSummary,
+    finish_reason: Option<&str>,
+    content: Option<&str>,
+    reasoning: Option<&str>,
+    has_tool_calls: bool,
+) {
+    if let Some(reason) = finish_reason {
         summary.finish_reason = Some(reason.to_owned());
     }
-    let Some(delta) = choice.get("delta") else { return };
-    if let (Some(text), Some(content)) =
-        (summary.completion_text.as_mut(), delta.get("content").and_then(Value::as_str))
-    {
+    if let (Some(text), Some(content)) = (summary.completion_text.as_mut(), content) {
         text.push_str(content);
     }
-    let text_chars: usize = ["content", "reasoning"]
-        .iter()
-        .filter_map(|field| delta.get(*field).and_then(Value::as_str))
-        .map(|s| s.chars().count())
-        .sum();
-    let has_tool_calls = delta.get("tool_calls").is_some_and(|t| !t.is_null());
+    let text_chars = content.map_or(0, |c| c.chars().count()) + reasoning.map_or(0, |r| r.chars().count());
     summary.completion_chars += text_chars;
     if text_chars > 0 || has_tool_calls {
         summary.first_token_seen = true;
