@@ -1,6 +1,8 @@
-//! Test harness: starts the real gateway (workerd with local D1/KV/DO/Queues, via scripts/serve.mjs) against the
-//! repository's stand-ins, on free ports, with its own state directory, and cleans up after itself. The database
-//! is prepared with the wrangler CLI (`d1 migrations apply`), exactly as a deployment's is.
+//! Test harness: starts the real gateway (workerd with local D1/KV/DO/Queues) against the repository's stand-ins, on
+//! free ports, with its own state directory, and cleans up after itself. Two runtimes serve it (see [`Runtime`]):
+//! Miniflare's API (scripts/serve.mjs, the default) and wrangler's dev server exactly as `npm run dev` starts it
+//! (scripts/dev.mjs). The database is prepared with the wrangler CLI (`d1 migrations apply`), exactly as a
+//! deployment's is; tests then read and write the local SQLite files directly ([`sqlite`]).
 //!
 //! Every child process is started behind a small shell watchdog that holds a pipe from the test process: when the
 //! test binary exits — normally, by panic, or killed — the pipe closes and the watchdog kills the child's whole
@@ -16,6 +18,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use rusqlite::fallible_iterator::FallibleIterator;
+use rusqlite::types::ValueRef;
+use rusqlite::{Batch, Connection, OpenFlags};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -53,9 +58,12 @@ pub struct Supervised {
 }
 
 impl Supervised {
-    /// Runs `program args` in its own process group under the watchdog, output appended to `log`.
+    /// Runs `program args` in its own process group under the watchdog, output appended to `log`. The child's
+    /// stdin is the same pipe (nothing is ever written to it), so a child that stops when its stdin closes (e.g.
+    /// `--exit-with-stdin`) can shut down by itself as the watchdog does its kill.
     pub fn spawn(program: &Path, args: &[String], log: &Path, envs: &[(&str, &str)]) -> Supervised {
-        let script = r#"log=$1; shift; "$@" </dev/null >>"$log" 2>&1 & child=$!; cat >/dev/null; kill -TERM 0"#;
+        // fd 3: a background command's stdin would otherwise be /dev/null.
+        let script = r#"log=$1; shift; exec 3<&0; "$@" <&3 3<&- >>"$log" 2>&1 & child=$!; exec 3<&-; cat >/dev/null; kill -TERM 0"#;
         let mut command = Command::new("sh");
         command
             .arg("-c")
@@ -177,6 +185,35 @@ pub struct KeySpec {
     pub columns: Vec<(String, String)>,
 }
 
+/// What serves the gateway.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Runtime {
+    /// workerd through Miniflare's API (scripts/serve.mjs): requests go straight to workerd's socket.
+    #[default]
+    Miniflare,
+    /// wrangler's dev server (its ProxyWorker in front of the Worker's workerd), started by scripts/dev.mjs just as
+    /// `npm run dev` does. dev.mjs's own steps run too: migrations (already applied), the demo key, and the local
+    /// development admin key unless the test sets `ADMIN_API_KEY`.
+    Dev,
+}
+
+impl Runtime {
+    fn script(self) -> &'static str {
+        match self {
+            Runtime::Miniflare => "scripts/serve.mjs",
+            Runtime::Dev => "scripts/dev.mjs",
+        }
+    }
+
+    fn extra_args(self) -> &'static [&'static str] {
+        match self {
+            Runtime::Miniflare => &[],
+            // The watchdog's kill is the backstop; stdin closing lets dev.mjs dispose of wrangler's dev server itself.
+            Runtime::Dev => &["--exit-with-stdin"],
+        }
+    }
+}
+
 #[derive(Default, Clone)]
 pub struct GatewayOptions {
     /// `--var NAME:VALUE` overrides on top of wrangler.toml's [vars].
@@ -184,9 +221,15 @@ pub struct GatewayOptions {
     pub keys: Vec<KeySpec>,
     /// Start the PostHog stand-in (with these extra CLI arguments) and point the gateway at it.
     pub posthog: Option<Vec<String>>,
+    pub runtime: Runtime,
 }
 
 impl GatewayOptions {
+    pub fn runtime(mut self, runtime: Runtime) -> Self {
+        self.runtime = runtime;
+        self
+    }
+
     pub fn var(mut self, name: &str, value: impl ToString) -> Self {
         self.vars.push((name.to_owned(), value.to_string()));
         self
@@ -312,27 +355,98 @@ impl Gateway {
 
     /// The local D1 database file (SQLite) behind the `DB` binding.
     pub fn d1_file(&self) -> PathBuf {
-        let dir = self.state_dir.join("v3/d1/miniflare-D1DatabaseObject");
-        std::fs::read_dir(&dir)
-            .expect("local D1 directory")
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|p| p.extension().is_some_and(|x| x == "sqlite"))
-            .expect("a D1 sqlite file")
+        d1_file(&self.state_dir)
     }
 
-    /// Runs SQL against the gateway's local D1 (another process, like an operator would) and returns the rows.
+    /// Runs SQL against the gateway's local D1 while it runs (from this process, as an operator's tool would) and
+    /// returns the rows (see [`sqlite`]).
     pub fn d1(&self, sql: &str) -> Vec<Value> {
-        let out = Command::new(wrangler_bin())
-            .args(["d1", "execute", "DB", "--local", "--json", "--persist-to"])
-            .arg(&self.state_dir)
-            .args(["--command", sql])
-            .current_dir(repo_root())
-            .env("WRANGLER_SEND_METRICS", "false")
-            .output()
-            .expect("wrangler d1 execute");
-        assert!(out.status.success(), "d1 failed: {}", String::from_utf8_lossy(&out.stderr));
-        let parsed: Value = serde_json::from_slice(&out.stdout).expect("d1 json output");
-        parsed[0]["results"].as_array().cloned().unwrap_or_default()
+        sqlite(&self.d1_file(), sql)
+    }
+
+    /// The SQLite files of the gateway's Durable Objects (one per object that has stored anything), for [`sqlite`].
+    /// Miniflare keeps them under `<state>/v3/do/<worker>-<Class>/<object>.sqlite`, `<worker>` being the Worker's
+    /// name in the runtime: `gateway-KeyLimiter` under [`Runtime::Miniflare`], `openrouter-gateway-KeyLimiter`
+    /// (wrangler.toml's name) under [`Runtime::Dev`]. Only the gateway runs in a test's state directory.
+    pub fn durable_object_files(&self) -> Vec<PathBuf> {
+        let Ok(namespaces) = std::fs::read_dir(self.state_dir.join("v3/do")) else {
+            return Vec::new();
+        };
+        let mut files: Vec<PathBuf> = namespaces
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_dir())
+            .flat_map(|dir| sqlite_files(&dir))
+            .collect();
+        files.sort();
+        files
+    }
+}
+
+/// The `.sqlite` files in `dir` other than Miniflare's own `metadata.sqlite`.
+fn sqlite_files(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "sqlite") && !p.ends_with("metadata.sqlite"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The local D1 database file under a state directory (`wrangler d1 ... --persist-to` and both runtimes agree).
+fn d1_file(state_dir: &Path) -> PathBuf {
+    let dir = state_dir.join("v3/d1/miniflare-D1DatabaseObject");
+    let files = sqlite_files(&dir);
+    assert!(files.len() == 1, "expected one D1 sqlite file in {}, found {files:?}", dir.display());
+    files.into_iter().next().expect("one file")
+}
+
+/// How long [`sqlite`] waits for a lock the runtime holds (a write in progress) before failing.
+const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs SQL — one statement or several separated by `;` — on a SQLite file (a local D1 database or a Durable
+/// Object's storage), from this process, while the runtime may have it open: lock contention waits (up to 30 s)
+/// instead of failing. Returns the rows of the statements that return rows, in order, as objects of column name
+/// → value (integers as JSON integers, reals as floats, text as strings, NULL as null, blobs as arrays of bytes),
+/// the shape `wrangler d1 execute --json` gives. Statements without rows (UPDATE, CREATE TRIGGER, ...) just run.
+pub fn sqlite(path: &Path, sql: &str) -> Vec<Value> {
+    run_sql(path, sql).unwrap_or_else(|e| panic!("SQL on {} failed: {e}\n{sql}", path.display()))
+}
+
+fn run_sql(path: &Path, sql: &str) -> rusqlite::Result<Vec<Value>> {
+    // No CREATE: a wrong path must fail, not make an empty database.
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_URI | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags)?;
+    conn.busy_timeout(SQLITE_BUSY_TIMEOUT)?;
+    let mut rows_out = Vec::new();
+    let mut batch = Batch::new(&conn, sql);
+    while let Some(mut statement) = batch.next()? {
+        if statement.column_count() == 0 {
+            statement.raw_execute()?;
+            continue;
+        }
+        let names: Vec<String> = statement.column_names().map(str::to_owned).collect();
+        let mut rows = statement.raw_query();
+        while let Some(row) = rows.next()? {
+            let mut object = serde_json::Map::new();
+            for (i, name) in names.iter().enumerate() {
+                object.insert(name.clone(), json_value(row.get_ref(i)?));
+            }
+            rows_out.push(Value::Object(object));
+        }
+    }
+    Ok(rows_out)
+}
+
+fn json_value(value: ValueRef<'_>) -> Value {
+    match value {
+        ValueRef::Null => Value::Null,
+        ValueRef::Integer(i) => Value::from(i),
+        // NaN and infinities have no JSON form (D1 gives null for them too).
+        ValueRef::Real(f) => serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number),
+        ValueRef::Text(t) => Value::String(String::from_utf8_lossy(t).into_owned()),
+        ValueRef::Blob(b) => Value::Array(b.iter().map(|&byte| Value::from(byte)).collect()),
     }
 }
 
@@ -368,7 +482,8 @@ fn wrangler(state_dir: &Path, args: &[&str]) {
     );
 }
 
-/// Applies the real migrations (as a deploy does), then inserts the test keys (hashes only).
+/// Applies the real migrations (as a deploy does), then inserts the test keys (hashes only). The runtime is not
+/// started yet, so nothing contends for the database.
 fn prepare_database(state_dir: &Path, keys: &KeyRows) {
     wrangler(state_dir, &["d1", "migrations", "apply", "DB", "--local"]);
     if keys.is_empty() {
@@ -387,7 +502,7 @@ fn prepare_database(state_dir: &Path, keys: &KeyRows) {
             format!("INSERT INTO api_keys ({}) VALUES ({});", names.join(", "), values.join(", "))
         })
         .collect();
-    wrangler(state_dir, &["d1", "execute", "DB", "--local", "--command", &statements.join(" ")]);
+    sqlite(&d1_file(state_dir), &statements.join(" "));
 }
 
 /// How many times the runtime has announced its address in this log.
@@ -413,13 +528,15 @@ fn announced_url(log: &Path, seen: usize) -> String {
 }
 
 fn spawn_gateway(state_dir: &Path, log: &Path, port: u16, upstream: &Standin, options: &GatewayOptions) -> Supervised {
+    let runtime = options.runtime;
     let mut args = vec![
-        repo_root().join("scripts/serve.mjs").display().to_string(),
+        repo_root().join(runtime.script()).display().to_string(),
         "--port".to_owned(),
         port.to_string(),
         "--persist-to".to_owned(),
         state_dir.display().to_string(),
     ];
+    args.extend(runtime.extra_args().iter().map(|a| a.to_string()));
     let mut vars = vec![
         ("OPENROUTER_BASE_URL".to_owned(), upstream.base_url.clone()),
         ("OPENROUTER_API_KEY".to_owned(), PROVIDER_KEY.to_owned()),
@@ -428,7 +545,7 @@ fn spawn_gateway(state_dir: &Path, log: &Path, port: u16, upstream: &Standin, op
     for (name, value) in vars {
         args.extend(["--var".to_owned(), format!("{name}:{value}")]);
     }
-    Supervised::spawn(Path::new("node"), &args, log, &[("NO_COLOR", "1")])
+    Supervised::spawn(Path::new("node"), &args, log, &[("NO_COLOR", "1"), ("WRANGLER_SEND_METRICS", "false")])
 }
 
 /// The PostHog project key the tests give the gateway (when the PostHog stand-in runs).
@@ -466,4 +583,55 @@ pub fn assert_openai_error(body: &Value) -> &Value {
     assert!(error.get("param").is_some(), "error.param missing in {body}");
     assert!(error.get("code").is_some(), "error.code missing in {body}");
     error
+}
+
+/// A client that leaves mid-answer for certain: sends `POST path` with `body` over a plain TCP connection, reads
+/// until the response's body has given `until` (or has ended), then closes the connection. (An HTTP client that
+/// drops a response may keep its connection open until more data arrives, which is not leaving.) Returns the
+/// response head and what was read of the body.
+pub async fn post_and_leave(
+    base: &str,
+    path: &str,
+    key: &str,
+    headers: &[(&str, &str)],
+    body: &Value,
+    until: &str,
+) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let address = base.trim_start_matches("http://").trim_end_matches('/');
+    let mut stream = tokio::net::TcpStream::connect(address).await.expect("gateway reachable");
+    let body = body.to_string();
+    let mut request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(&body);
+    stream.write_all(request.as_bytes()).await.expect("request sent");
+    let mut received = Vec::new();
+    let mut buf = [0u8; 8192];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = String::from_utf8_lossy(&received);
+        if let Some((head, rest)) = text.split_once("\r\n\r\n") {
+            if rest.contains(until) {
+                let (head, rest) = (head.to_owned(), rest.to_owned());
+                let _ = stream.shutdown().await;
+                return (head, rest);
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => received.extend_from_slice(&buf[..n]),
+            _ => {
+                let text = String::from_utf8_lossy(&received).into_owned();
+                let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+                return (head.to_owned(), rest.to_owned());
+            }
+        }
+    }
 }
