@@ -3,8 +3,8 @@
 //! One object per key (`idFromName(key id)`) is single-threaded, so a burst of concurrent requests for the key is
 //! decided one at a time against the exact state — no over-admission, whatever the number of Worker isolates.
 //! The object is a thin shell: `fetch` decodes a message, [`quota::Quota`] decides, [`store::Store`] persists the
-//! changes, and the answer is encoded. Routes: `POST /admit`, `POST /settle`, `POST /state`, `POST /configure`
-//! (the admin API pushing a key's new limits, allowed models or revocation, effective at the next request).
+//! changes, and the answer is encoded. The messages and their paths are in [`protocol`] (each implements
+//! [`protocol::Call`]).
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod protocol;
@@ -12,76 +12,107 @@ pub mod quota;
 pub mod store;
 
 use std::cell::{Cell, RefCell};
+use std::time::Duration;
 
+use futures_util::future::{select, Either};
 use worker::{durable_object, DurableObject, Env, Request, Response, Result, ScheduledTime, State};
 
 use crate::protocol::{
-    AdmitRequest, AdmitResponse, DenyReason, KeyControl, Limits, SettleBatch, SettleRequest, SettleResponse,
-    StateRequest, StateResponse,
+    AdjustBatch, AdjustResponse, AdmitRequest, AdmitResponse, Call, DenyReason, KeyControl, Limits, SettleBatch,
+    SettleRequest, SettleResponse, StateRequest, StateResponse,
 };
 use crate::quota::{Change, Decision, Quota};
 use crate::store::Store;
 
+/// The usage queue (the same binding the Worker produces to): the object sends the events of requests whose
+/// Worker never settled them.
+const USAGE_EVENTS: &str = "USAGE_EVENTS";
+const QUEUE_SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
 #[durable_object]
 pub struct KeyLimiter {
     state: State,
-    /// `None` when storage could not be opened: every request then gets a 500 and the Worker fails closed.
-    store: Option<Store>,
+    env: Env,
+    /// `Err` when storage could not be opened or read: every request is then refused (500) and logged, and the
+    /// Worker fails closed. Starting from an empty quota instead would forget admissions, spend and revocations.
+    live: std::result::Result<Live, String>,
+    /// The alarm time this instance has set, to avoid re-setting it on every admission.
+    alarm_at: Cell<Option<u64>>,
+    /// Fault injection for tests (`LIMITER_FAULT_DELAY_MS`): every answer is held back this long, so the
+    /// Worker's deadline on limiter calls can be exercised. A local runtime runs the object in the Worker's own
+    /// thread, where no slowness but an asynchronous one lets the Worker's timer fire. Unset in production.
+    fault_delay: Option<Duration>,
+}
+
+/// The object's state once storage has been read.
+struct Live {
+    store: Store,
     quota: RefCell<Quota>,
     /// The limits of the last request, for the alarm (persisted, so they survive eviction).
     limits: RefCell<Option<Limits>>,
     /// What the admin API last pushed (persisted).
     pushed: RefCell<Option<KeyControl>>,
-    /// The alarm time this instance has set, to avoid re-setting it on every admission.
-    alarm_at: Cell<Option<u64>>,
 }
 
 impl DurableObject for KeyLimiter {
-    fn new(state: State, _env: Env) -> Self {
-        let store = Store::open(state.storage().sql()).ok();
-        let quota = store.as_ref().and_then(|s| s.load().ok()).unwrap_or_default();
-        let limits = store.as_ref().and_then(|s| s.load_meta::<Limits>("limits").ok().flatten());
-        let pushed = store.as_ref().and_then(|s| s.load_meta::<KeyControl>("control").ok().flatten());
-        KeyLimiter {
-            state,
-            store,
-            quota: RefCell::new(quota),
-            limits: RefCell::new(limits),
-            pushed: RefCell::new(pushed),
-            alarm_at: Cell::new(None),
-        }
+    fn new(state: State, env: Env) -> Self {
+        let live = Live::load(&state).map_err(|e| {
+            let line = serde_json::json!({"level": "error", "event": "limiter_storage_unreadable",
+                "detail": e.to_string()});
+            worker::console_error!("{line}");
+            e.to_string()
+        });
+        let fault_delay = js_sys::Reflect::get(env.as_ref(), &"LIMITER_FAULT_DELAY_MS".into())
+            .ok()
+            .and_then(|v| v.as_string().and_then(|s| s.trim().parse::<f64>().ok()).or_else(|| v.as_f64()))
+            .filter(|ms| *ms > 0.0)
+            .map(|ms| Duration::from_millis(ms as u64));
+        KeyLimiter { state, env, live, alarm_at: Cell::new(None), fault_delay }
     }
 
     async fn fetch(&self, mut req: Request) -> Result<Response> {
-        let Some(store) = &self.store else {
-            return Response::error("limiter storage unavailable", 500);
+        if let Some(delay) = self.fault_delay {
+            worker::Delay::from(delay).await;
+        }
+        let live = match &self.live {
+            Ok(live) => live,
+            Err(e) => return Response::error(format!("limiter storage unreadable: {e}"), 500),
         };
         let path = req.path();
         match path.as_str() {
-            "/admit" => {
+            AdmitRequest::PATH => {
                 let Ok(message) = req.json::<AdmitRequest>().await else { return Response::error("bad admit", 400) };
-                let response = self.admit(store, &message)?;
-                self.ensure_alarm().await?;
-                Response::from_json(&response)
+                let response = live.admit(&message)?;
+                self.ensure_alarm(live).await?;
+                answer::<AdmitRequest>(&response)
             }
-            "/settle" => {
+            SettleBatch::PATH => {
                 let Ok(message) = req.json::<SettleBatch>().await else { return Response::error("bad settle", 400) };
                 let mut changes = Vec::new();
-                let settled = self.settle(&message.settle, &mut changes);
-                store.apply(&changes)?;
-                Response::from_json(&SettleResponse { settled })
+                let settled = live.settle(&message.settle, &mut changes);
+                live.store.apply(&changes, None)?;
+                answer::<SettleBatch>(&SettleResponse { settled })
             }
-            "/state" => {
+            AdjustBatch::PATH => {
+                let Ok(message) = req.json::<AdjustBatch>().await else { return Response::error("bad adjust", 400) };
+                let applied = live.adjust(&message)?;
+                answer::<AdjustBatch>(&AdjustResponse { applied })
+            }
+            StateRequest::PATH => {
                 let Ok(message) = req.json::<StateRequest>().await else { return Response::error("bad state", 400) };
-                let pushed = self.pushed.borrow().clone();
+                let pushed = live.pushed.borrow().clone();
                 let control = KeyControl::newest(pushed.as_ref(), &message.control);
-                let state = self.quota.borrow().snapshot(now_ms(), &control.limits);
-                Response::from_json(&StateResponse { revoked: control.revoked, limits: control.limits.clone(), state })
+                let state = live.quota.borrow().snapshot(now_ms(), &control.limits);
+                answer::<StateRequest>(&StateResponse {
+                    revoked: control.revoked,
+                    limits: control.limits.clone(),
+                    state,
+                })
             }
-            "/configure" => {
+            KeyControl::PATH => {
                 let Ok(control) = req.json::<KeyControl>().await else { return Response::error("bad configure", 400) };
-                let newer = self.configure(store, control)?;
-                Response::from_json(&newer)
+                let newer = live.configure(control)?;
+                answer::<KeyControl>(&newer)
             }
             _ => Response::error("not found", 404),
         }
@@ -89,23 +120,44 @@ impl DurableObject for KeyLimiter {
 
     async fn alarm(&self) -> Result<Response> {
         self.alarm_at.set(None);
-        let (Some(store), Some(limits)) = (&self.store, self.limits.borrow().clone()) else {
-            return Response::ok("nothing to expire");
-        };
-        let changes = self.quota.borrow_mut().expire_leases(now_ms(), &limits);
-        store.apply(&changes)?;
-        self.ensure_alarm().await?;
+        let Ok(live) = &self.live else { return Response::ok("storage unreadable") };
+        let Some(limits) = live.limits.borrow().clone() else { return Response::ok("nothing to expire") };
+        let changes = live.quota.borrow_mut().expire_leases(now_ms(), &limits);
+        let expired: Vec<&str> = changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Settled { request_id, .. } => Some(request_id.as_str()),
+                _ => None,
+            })
+            .collect();
+        let events = live.store.unsettled_events(&expired)?;
+        live.store.apply(&changes, None)?;
+        self.send_unsettled_events(events).await;
+        self.ensure_alarm(live).await?;
         Response::ok("expired")
     }
 }
 
-impl KeyLimiter {
+/// Encodes a message's answer (the type is the one its [`Call`] names).
+fn answer<M: Call>(value: &M::Answer) -> Result<Response> {
+    Response::from_json(value)
+}
+
+impl Live {
+    fn load(state: &State) -> Result<Live> {
+        let store = Store::open(state.storage().sql())?;
+        let quota = store.load()?;
+        let limits = store.load_meta::<Limits>("limits")?;
+        let pushed = store.load_meta::<KeyControl>("control")?;
+        Ok(Live { store, quota: RefCell::new(quota), limits: RefCell::new(limits), pushed: RefCell::new(pushed) })
+    }
+
     /// Decide and persist in one synchronous step (no `.await` between reading and writing the state).
-    fn admit(&self, store: &Store, message: &AdmitRequest) -> Result<AdmitResponse> {
+    fn admit(&self, message: &AdmitRequest) -> Result<AdmitResponse> {
         let pushed = self.pushed.borrow().clone();
         let control = KeyControl::newest(pushed.as_ref(), &message.control);
         let limits = &control.limits;
-        self.remember_limits(store, limits)?;
+        self.remember_limits(limits)?;
         let now = now_ms();
         let mut changes = Vec::new();
         self.settle(&message.settle, &mut changes);
@@ -115,15 +167,15 @@ impl KeyLimiter {
             control.forbidden_model(&message.models).map(|m| (DenyReason::ModelNotAllowed, Some(m.to_owned())))
         };
         if let Some((reason, model)) = refusal {
-            store.apply(&changes)?;
+            self.store.apply(&changes, None)?;
             let state = self.quota.borrow().snapshot(now, limits);
             return Ok(AdmitResponse::Denied { reason, retry_after_ms: None, state, limits: limits.clone(), model });
         }
         let (decision, admitted) = self.quota.borrow_mut().admit(now, limits, &message.request_id, message.reserve);
         changes.extend(admitted);
-        store.apply(&changes)?;
+        self.store.apply(&changes, message.unsettled_event.as_deref())?;
         Ok(match decision {
-            Decision::Admitted(state) => AdmitResponse::Admitted { state, limits: limits.clone() },
+            Decision::Admitted(state) => AdmitResponse::Admitted { state, limits: limits.clone(), at_ms: now },
             Decision::Denied { reason, retry_after_ms, state } => {
                 AdmitResponse::Denied { reason, retry_after_ms, state, limits: limits.clone(), model: None }
             }
@@ -131,10 +183,10 @@ impl KeyLimiter {
     }
 
     /// Keeps the newest control the admin API pushed; says whether this one was kept.
-    fn configure(&self, store: &Store, control: KeyControl) -> Result<bool> {
+    fn configure(&self, control: KeyControl) -> Result<bool> {
         let newer = self.pushed.borrow().as_ref().is_none_or(|current| control.version >= current.version);
         if newer {
-            store.save_meta("control", &control)?;
+            self.store.save_meta("control", &control)?;
             *self.pushed.borrow_mut() = Some(control);
         }
         Ok(newer)
@@ -156,17 +208,35 @@ impl KeyLimiter {
             .count()
     }
 
-    fn remember_limits(&self, store: &Store, limits: &Limits) -> Result<()> {
+    /// Applies corrections of settled charges (reconciliation); returns how many changed anything.
+    fn adjust(&self, batch: &AdjustBatch) -> Result<usize> {
+        let limits = self.limits.borrow().clone();
+        let Some(limits) = limits else { return Ok(0) };
+        let now = now_ms();
+        let mut changes = Vec::new();
+        let mut applied = 0;
+        for adjustment in &batch.adjust {
+            let (changed, adjust_changes) = self.quota.borrow_mut().adjust(now, &limits, adjustment);
+            applied += usize::from(changed);
+            changes.extend(adjust_changes);
+        }
+        self.store.apply(&changes, None)?;
+        Ok(applied)
+    }
+
+    fn remember_limits(&self, limits: &Limits) -> Result<()> {
         if self.limits.borrow().as_ref() != Some(limits) {
-            store.save_meta("limits", limits)?;
+            self.store.save_meta("limits", limits)?;
             *self.limits.borrow_mut() = Some(limits.clone());
         }
         Ok(())
     }
+}
 
+impl KeyLimiter {
     /// Keeps an alarm set for the earliest lease expiry, so abandoned reservations are charged and released.
-    async fn ensure_alarm(&self) -> Result<()> {
-        let Some(next) = self.quota.borrow().next_lease_expiry() else { return Ok(()) };
+    async fn ensure_alarm(&self, live: &Live) -> Result<()> {
+        let Some(next) = live.quota.borrow().next_lease_expiry() else { return Ok(()) };
         if self.alarm_at.get().is_some_and(|at| at <= next) {
             return Ok(());
         }
@@ -174,6 +244,39 @@ impl KeyLimiter {
         self.state.storage().set_alarm(ScheduledTime::new(when)).await?;
         self.alarm_at.set(Some(next));
         Ok(())
+    }
+
+    /// Bills requests whose Worker never settled them: their stored usage events (charged as reserved) go to
+    /// the usage queue. Events that cannot be sent are logged in full, as the Worker does, never dropped silently.
+    async fn send_unsettled_events(&self, events: Vec<String>) {
+        if events.is_empty() {
+            return;
+        }
+        let sent = match self.env.queue(USAGE_EVENTS) {
+            Ok(queue) => {
+                let messages = events
+                    .iter()
+                    .map(|e| {
+                        worker::RawMessageBuilder::new(wasm_bindgen::JsValue::from_str(e))
+                            .build_with_content_type(worker::QueueContentType::Text)
+                    })
+                    .collect::<Vec<_>>();
+                let send = std::pin::pin!(queue.send_raw_batch(messages));
+                match select(send, std::pin::pin!(worker::Delay::from(QUEUE_SEND_TIMEOUT))).await {
+                    Either::Left((result, _)) => result.map_err(|e| e.to_string()),
+                    Either::Right(_) => Err("queue send timed out".to_owned()),
+                }
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(detail) = sent {
+            for event in events {
+                let event: serde_json::Value = serde_json::from_str(&event).unwrap_or(serde_json::Value::String(event));
+                let line = serde_json::json!({"level": "error", "event": "usage_event_not_enqueued",
+                    "detail": detail, "usage_event": event});
+                worker::console_error!("{line}");
+            }
+        }
     }
 }
 

@@ -1,6 +1,42 @@
 //! Messages between the Worker and a key's Durable Object (JSON over the object's `fetch`).
+//!
+//! Each request message implements [`Call`]: it knows the path the object serves it on and the type of its
+//! answer, so the Worker's client and the object's router cannot pair them differently.
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+
+/// A message the Worker sends to a key's object.
+pub trait Call: Serialize {
+    const PATH: &'static str;
+    type Answer: Serialize + DeserializeOwned;
+}
+
+impl Call for AdmitRequest {
+    const PATH: &'static str = "/admit";
+    type Answer = AdmitResponse;
+}
+
+impl Call for SettleBatch {
+    const PATH: &'static str = "/settle";
+    type Answer = SettleResponse;
+}
+
+impl Call for StateRequest {
+    const PATH: &'static str = "/state";
+    type Answer = StateResponse;
+}
+
+/// The admin API pushing a key's control; the answer says whether it was newer than what the object held.
+impl Call for KeyControl {
+    const PATH: &'static str = "/configure";
+    type Answer = bool;
+}
+
+impl Call for AdjustBatch {
+    const PATH: &'static str = "/adjust";
+    type Answer = AdjustResponse;
+}
 
 /// The limits that apply to one key, as the Worker computed them (key row + gateway defaults).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -40,8 +76,22 @@ pub enum Period {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Amount {
     pub tokens: u64,
-    /// USD; 0 when the price of the request is not known in advance.
+    /// USD: the worst case from the model's prices at admission, OpenRouter's reported cost at settlement.
     pub usd: f64,
+}
+
+impl Amount {
+    /// No single request can account for more than this many tokens (about 10¹²): what the object is told is
+    /// clamped to it, so running totals over millions of requests can never overflow, whatever an upstream
+    /// reports.
+    pub const MAX_TOKENS: u64 = 1 << 40;
+    /// Likewise for USD (and negative or non-finite amounts count as 0).
+    pub const MAX_USD: f64 = 1e9;
+
+    pub fn clamped(self) -> Amount {
+        let usd = if self.usd.is_finite() { self.usd.clamp(0.0, Self::MAX_USD) } else { 0.0 };
+        Amount { tokens: self.tokens.min(Self::MAX_TOKENS), usd }
+    }
 }
 
 /// Everything that governs a key: its limits, whether it is revoked, which models it may use. `version` is the
@@ -80,6 +130,10 @@ pub struct AdmitRequest {
     /// Every model the request may be served by (`model` and OpenRouter's `models` fallbacks).
     pub models: Vec<String>,
     pub reserve: Amount,
+    /// The usage event to bill if this request is never settled (its Worker died): the object sends it to the
+    /// usage queue when it charges the reservation at the end of its lease, so even then the ledger gets its row.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unsettled_event: Option<String>,
     /// Settlements of this key's earlier requests that the Worker held back to send along (applied first, and
     /// written in the same storage transaction as this admission).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -118,6 +172,28 @@ pub struct SettleResponse {
     pub settled: usize,
 }
 
+/// A settled request's charge corrected after the fact (reconciliation with the upstream's own accounting):
+/// the budget is charged `actual − charged`. Applied once per request id, however often it is sent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Adjustment {
+    pub request_id: String,
+    /// When the request was admitted: a correction for an earlier budget period is not applied to this one.
+    pub admitted_at_ms: u64,
+    pub charged: Amount,
+    pub actual: Amount,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdjustBatch {
+    pub adjust: Vec<Adjustment>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdjustResponse {
+    /// How many corrections changed the budget (repeats and other periods' corrections do not).
+    pub applied: usize,
+}
+
 /// Where one window stands after a decision, for the `x-ratelimit-*` and `RateLimit` headers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WindowState {
@@ -146,6 +222,8 @@ pub enum DenyReason {
     /// The reservation alone exceeds a limit: retrying can never help.
     TooLargeForTokensPerWindow,
     TooLargeForBudget,
+    /// The USD worst case alone exceeds the key's whole USD budget.
+    TooLargeForUsdBudget,
     /// The key was revoked (the admin API told the object before any cache could know).
     Revoked,
     /// A requested model is not on the key's allowed list.
@@ -158,6 +236,9 @@ pub enum AdmitResponse {
     Admitted {
         state: Snapshot,
         limits: Limits,
+        /// The admission's time by the object's clock (the budget period it counts in).
+        #[serde(default)]
+        at_ms: u64,
     },
     Denied {
         reason: DenyReason,

@@ -10,10 +10,15 @@
 //! - Budget: admit iff the period's settled spend plus all outstanding reservations plus this one fit.
 //! - Concurrency: admit iff fewer than `max_concurrency` reservations are outstanding.
 //! - A reservation not settled within its lease is charged as reserved and released.
+//! - A settled request's charge may be corrected once afterwards (reconciliation): the budget of the period it
+//!   was admitted in moves by the difference.
+//!
+//! Amounts are clamped on the way in ([`Amount::clamped`]) and totals use saturating arithmetic, so no reported
+//! usage, however absurd, can wrap a running total.
 
 use std::collections::{HashMap, VecDeque};
 
-use crate::protocol::{Amount, DenyReason, Limits, Period, Snapshot, WindowState};
+use crate::protocol::{Adjustment, Amount, DenyReason, Limits, Period, Snapshot, WindowState};
 
 /// One admission inside the sliding window.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,7 +63,18 @@ pub enum Change {
     /// holds at most `PURGE_BATCH` such rows beyond the window.
     ForgetUpTo(u64),
     SetBudget(BudgetSpend),
+    /// A correction was applied for this request (kept to apply each correction once).
+    Adjusted {
+        request_id: String,
+        at_ms: u64,
+    },
+    /// Corrections recorded before this time are forgotten (no correction arrives that late).
+    ForgetAdjustedBefore(u64),
 }
+
+/// How long the object remembers that a request's charge was corrected. Reconciliation retries for minutes, so
+/// two days is far beyond any repeat.
+pub const ADJUSTED_RETENTION_MS: u64 = 2 * 86_400_000;
 
 /// Rows that left the window are deleted this many at a time (one DELETE per batch instead of one per request).
 pub const PURGE_BATCH: usize = 64;
@@ -83,6 +99,8 @@ pub struct Quota {
     budget: BudgetSpend,
     /// Admissions dropped from the window since storage last deleted them.
     unpurged: usize,
+    /// Requests whose charge was corrected, and when.
+    adjusted: HashMap<String, u64>,
 }
 
 /// Retry hint when only the concurrency cap denies: in-flight requests usually finish within a second or two.
@@ -90,27 +108,34 @@ const CONCURRENCY_RETRY_MS: u64 = 1000;
 
 impl Default for Quota {
     fn default() -> Self {
-        Self::new(Vec::new(), Vec::new(), None)
+        Self::new(Vec::new(), Vec::new(), None, Vec::new())
     }
 }
 
 impl Quota {
     /// Rebuilds the state from storage rows (any order).
-    pub fn new(mut admissions: Vec<Admission>, reservations: Vec<Reservation>, budget: Option<BudgetSpend>) -> Self {
+    pub fn new(
+        mut admissions: Vec<Admission>,
+        reservations: Vec<Reservation>,
+        budget: Option<BudgetSpend>,
+        adjusted: Vec<(String, u64)>,
+    ) -> Self {
         admissions.sort_by_key(|a| a.at_ms);
         let outstanding = reservations.iter().fold(Amount::default(), |sum, r| add(sum, r.reserved));
         Quota {
-            admitted_tokens: admissions.iter().map(|a| a.tokens).sum(),
+            admitted_tokens: admissions.iter().fold(0, |sum, a| sum.saturating_add(a.tokens)),
             admissions: admissions.into(),
             reservations: reservations.into_iter().map(|r| (r.request_id.clone(), r)).collect(),
             outstanding,
             budget: budget.unwrap_or(BudgetSpend { period_key: String::new(), spent: Amount::default() }),
             unpurged: 0,
+            adjusted: adjusted.into_iter().collect(),
         }
     }
 
     /// Decides one request; on admission the reservation is recorded.
     pub fn admit(&mut self, now: u64, limits: &Limits, request_id: &str, reserve: Amount) -> (Decision, Vec<Change>) {
+        let reserve = reserve.clamped();
         let mut changes = Vec::new();
         // Time never runs backwards inside the window, even if the clock does.
         let now = now.max(self.admissions.back().map_or(0, |a| a.at_ms));
@@ -129,7 +154,7 @@ impl Quota {
             expires_at_ms: now.saturating_add(limits.lease_ms),
         };
         self.admissions.push_back(Admission { request_id: request_id.to_owned(), at_ms: now, tokens: reserve.tokens });
-        self.admitted_tokens += reserve.tokens;
+        self.admitted_tokens = self.admitted_tokens.saturating_add(reserve.tokens);
         self.outstanding = add(self.outstanding, reserve);
         self.reservations.insert(request_id.to_owned(), reservation.clone());
         changes.push(Change::Admitted { reservation });
@@ -139,25 +164,64 @@ impl Quota {
     /// Replaces a reservation with what the request actually used. Unknown ids (settled twice, or already
     /// charged by lease expiry) change nothing.
     pub fn settle(&mut self, now: u64, limits: &Limits, request_id: &str, actual: Amount) -> (bool, Vec<Change>) {
+        let actual = actual.clamped();
         let mut changes = Vec::new();
         self.roll_period(now, limits, &mut changes);
         let Some(reservation) = self.reservations.remove(request_id) else {
             return (false, changes);
         };
         self.outstanding = sub(self.outstanding, reservation.reserved);
-        let first_at_that_time = self.admissions.partition_point(|a| a.at_ms < reservation.at_ms);
-        let admission = self
-            .admissions
-            .range_mut(first_at_that_time..)
-            .take_while(|a| a.at_ms == reservation.at_ms)
-            .find(|a| a.request_id == request_id);
-        if let Some(admission) = admission {
-            self.admitted_tokens = self.admitted_tokens - admission.tokens + actual.tokens;
-            admission.tokens = actual.tokens;
-        }
+        self.set_window_tokens(request_id, reservation.at_ms, actual.tokens);
         changes.push(Change::Settled { request_id: reservation.request_id, tokens: actual.tokens });
         self.charge(limits, actual, &mut changes);
         (true, changes)
+    }
+
+    /// Corrects a settled request's charge by `actual − charged`, once per request id: in the budget (if the
+    /// request was admitted in the current period) and in the token window (if it is still in it). Returns
+    /// whether anything changed.
+    pub fn adjust(&mut self, now: u64, limits: &Limits, adjustment: &Adjustment) -> (bool, Vec<Change>) {
+        let mut changes = Vec::new();
+        self.roll_period(now, limits, &mut changes);
+        let cutoff = now.saturating_sub(ADJUSTED_RETENTION_MS);
+        if self.adjusted.values().any(|&at| at < cutoff) {
+            self.adjusted.retain(|_, at| *at >= cutoff);
+            changes.push(Change::ForgetAdjustedBefore(cutoff));
+        }
+        let id = adjustment.request_id.as_str();
+        if self.adjusted.contains_key(id) || self.reservations.contains_key(id) {
+            // Applied already, or not settled yet (its settlement will carry the right amount).
+            return (false, changes);
+        }
+        let (charged, actual) = (adjustment.charged.clamped(), adjustment.actual.clamped());
+        self.adjusted.insert(id.to_owned(), now);
+        changes.push(Change::Adjusted { request_id: id.to_owned(), at_ms: now });
+        if self.set_window_tokens(id, adjustment.admitted_at_ms, actual.tokens) {
+            changes.push(Change::Settled { request_id: id.to_owned(), tokens: actual.tokens });
+        }
+        let same_period = limits
+            .budget
+            .as_ref()
+            .is_some_and(|b| period_key(adjustment.admitted_at_ms, b.period) == self.budget.period_key);
+        if same_period {
+            self.budget.spent = add(sub(self.budget.spent, charged), actual);
+            changes.push(Change::SetBudget(self.budget.clone()));
+        }
+        (true, changes)
+    }
+
+    /// Sets what an admission still in the window holds in the token window; false if it has left.
+    fn set_window_tokens(&mut self, request_id: &str, at_ms: u64, tokens: u64) -> bool {
+        let first_at_that_time = self.admissions.partition_point(|a| a.at_ms < at_ms);
+        let admission = self
+            .admissions
+            .range_mut(first_at_that_time..)
+            .take_while(|a| a.at_ms == at_ms)
+            .find(|a| a.request_id == request_id);
+        let Some(admission) = admission else { return false };
+        self.admitted_tokens = self.admitted_tokens.saturating_sub(admission.tokens).saturating_add(tokens);
+        admission.tokens = tokens;
+        true
     }
 
     /// Charges and releases every reservation whose lease has run out (the request's Worker never settled it).
@@ -213,7 +277,7 @@ impl Quota {
     pub fn stored_rows(&self) -> usize {
         let oldest_in_window = self.admissions.front().map_or(u64::MAX, |a| a.at_ms);
         let reserved_outside = self.reservations.values().filter(|r| r.at_ms < oldest_in_window).count();
-        self.admissions.len() + reserved_outside + self.unpurged + 1
+        self.admissions.len() + reserved_outside + self.unpurged + self.adjusted.len() + 1
     }
 
     /// Why this request cannot be admitted now — the first limit that denies it, in the order requests, tokens,
@@ -227,6 +291,9 @@ impl Quota {
         }
         if budget_tokens.is_some_and(|limit| reserve.tokens > limit) {
             return Some((DenyReason::TooLargeForBudget, None));
+        }
+        if limits.budget.as_ref().and_then(|b| b.usd).is_some_and(|limit| reserve.usd > limit) {
+            return Some((DenyReason::TooLargeForUsdBudget, None));
         }
 
         let window = limits.window_ms;
@@ -247,11 +314,11 @@ impl Quota {
             block(DenyReason::Requests, self.admissions.get(start + count - limit).map(leaves_at));
         }
         if let Some(tpm) = limits.tokens_per_window {
-            if tokens_used + reserve.tokens > tpm {
+            if tokens_used.saturating_add(reserve.tokens) > tpm {
                 let mut remaining = tokens_used;
                 let until = in_window.clone().find_map(|a| {
-                    remaining -= a.tokens;
-                    (remaining + reserve.tokens <= tpm).then(|| leaves_at(a))
+                    remaining = remaining.saturating_sub(a.tokens);
+                    (remaining.saturating_add(reserve.tokens) <= tpm).then(|| leaves_at(a))
                 });
                 block(DenyReason::Tokens, until);
             }
@@ -262,8 +329,9 @@ impl Quota {
         if let Some(budget) = &limits.budget {
             let outstanding = self.outstanding;
             let until_next_period = period_end(now, budget.period).map(|end| end.saturating_sub(now));
-            if budget_tokens.is_some_and(|limit| self.budget.spent.tokens + outstanding.tokens + reserve.tokens > limit)
-            {
+            if budget_tokens.is_some_and(|limit| {
+                self.budget.spent.tokens.saturating_add(outstanding.tokens).saturating_add(reserve.tokens) > limit
+            }) {
                 block(DenyReason::BudgetTokens, until_next_period);
             }
             if let Some(limit) = budget.usd {
@@ -282,15 +350,15 @@ impl Quota {
     fn window(&self, now: u64, window_ms: u64) -> (usize, u64) {
         let Some(cutoff) = now.checked_sub(window_ms) else { return (0, self.admitted_tokens) };
         let start = self.admissions.partition_point(|a| a.at_ms <= cutoff);
-        let left: u64 = self.admissions.range(..start).map(|a| a.tokens).sum();
-        (start, self.admitted_tokens - left)
+        let left = self.admissions.range(..start).fold(0u64, |sum, a| sum.saturating_add(a.tokens));
+        (start, self.admitted_tokens.saturating_sub(left))
     }
 
     /// Forgets admissions that have left the window (storage forgets them in batches).
     fn prune(&mut self, now: u64, window_ms: u64, changes: &mut Vec<Change>) {
         let Some(cutoff) = now.checked_sub(window_ms) else { return };
         while let Some(oldest) = self.admissions.front().filter(|a| a.at_ms <= cutoff) {
-            self.admitted_tokens -= oldest.tokens;
+            self.admitted_tokens = self.admitted_tokens.saturating_sub(oldest.tokens);
             self.admissions.pop_front();
             self.unpurged += 1;
         }
@@ -320,7 +388,7 @@ impl Quota {
 }
 
 fn add(a: Amount, b: Amount) -> Amount {
-    Amount { tokens: a.tokens + b.tokens, usd: a.usd + b.usd }
+    Amount { tokens: a.tokens.saturating_add(b.tokens), usd: a.usd + b.usd }
 }
 
 fn sub(a: Amount, b: Amount) -> Amount {
@@ -524,6 +592,72 @@ mod tests {
         assert!(!q.settle(T0 + 6_000, &l, "a", tokens(1)).0, "a late settle changes nothing");
         assert_eq!(q.snapshot(T0 + 6_000, &l).budget_used.tokens, 300);
         assert!(admitted(&q.admit(T0 + 6_000, &l, "b", tokens(1)).0), "the concurrency slot was released");
+    }
+
+    #[test]
+    fn absurd_amounts_are_clamped_and_never_wrap_the_totals() {
+        let mut q = Quota::default();
+        let l = Limits {
+            tokens_per_window: Some(u64::MAX),
+            budget: Some(Budget { period: Period::Lifetime, tokens: Some(u64::MAX), usd: Some(1e300) }),
+            ..limits(1_000)
+        };
+        for i in 0..50 {
+            let id = format!("r{i}");
+            assert!(admitted(&q.admit(T0 + i, &l, &id, tokens(u64::MAX)).0), "admission {i}");
+            q.settle(T0 + i, &l, &id, Amount { tokens: u64::MAX, usd: f64::INFINITY });
+        }
+        let state = q.snapshot(T0 + 100, &l);
+        assert_eq!(state.budget_used.tokens, 50 * Amount::MAX_TOKENS);
+        assert_eq!(state.budget_used.usd, 0.0, "a non-finite cost counts as nothing");
+        assert_eq!(state.tokens.map(|t| t.remaining), Some(u64::MAX - 50 * Amount::MAX_TOKENS));
+        // The window still empties exactly.
+        assert_eq!(q.snapshot(T0 + 100 + W, &l).tokens.map(|t| t.remaining), Some(u64::MAX));
+    }
+
+    #[test]
+    fn a_correction_moves_the_budget_once_and_only_in_its_period() {
+        let mut q = Quota::default();
+        let l = Limits {
+            tokens_per_window: Some(10_000),
+            budget: Some(Budget { period: Period::Day, tokens: Some(10_000), usd: Some(1.0) }),
+            ..limits(100)
+        };
+        let day_start = (T0 / DAY_MS) * DAY_MS;
+        let t = day_start + 1_000;
+        q.admit(t, &l, "a", tokens(500));
+        q.settle(t + 10, &l, "a", Amount { tokens: 40, usd: 0.01 });
+        let fix = Adjustment {
+            request_id: "a".into(),
+            admitted_at_ms: t,
+            charged: Amount { tokens: 40, usd: 0.01 },
+            actual: Amount { tokens: 90, usd: 0.03 },
+        };
+        let (applied, changes) = q.adjust(t + 20, &l, &fix);
+        assert!(applied);
+        assert!(changes.contains(&Change::Adjusted { request_id: "a".into(), at_ms: t + 20 }));
+        let state = q.snapshot(t + 20, &l);
+        assert_eq!(state.budget_used.tokens, 90);
+        assert!((state.budget_used.usd - 0.03).abs() < 1e-12);
+        assert_eq!(state.tokens.map(|w| w.remaining), Some(10_000 - 90), "the window holds the corrected count");
+        assert!(!q.adjust(t + 30, &l, &fix).0, "a repeat changes nothing");
+        assert_eq!(q.snapshot(t + 30, &l).budget_used.tokens, 90);
+
+        // A correction for a request of the previous day leaves today's budget alone.
+        let tomorrow = day_start + DAY_MS + 5;
+        q.admit(tomorrow, &l, "b", tokens(10));
+        q.settle(tomorrow, &l, "b", tokens(10));
+        let old = Adjustment { request_id: "z".into(), admitted_at_ms: t, charged: tokens(1), actual: tokens(500) };
+        assert!(q.adjust(tomorrow, &l, &old).0);
+        assert_eq!(q.snapshot(tomorrow, &l).budget_used.tokens, 10);
+        // An unsettled reservation is not corrected (its settlement will carry the right amount).
+        q.admit(tomorrow + 1, &l, "c", tokens(10));
+        let early =
+            Adjustment { request_id: "c".into(), admitted_at_ms: tomorrow + 1, charged: tokens(1), actual: tokens(2) };
+        assert!(!q.adjust(tomorrow + 2, &l, &early).0);
+        // Remembered corrections are forgotten after the retention period.
+        let (_, changes) = q.adjust(tomorrow + ADJUSTED_RETENTION_MS, &l, &old);
+        assert!(changes.iter().any(|c| matches!(c, Change::ForgetAdjustedBefore(_))));
     }
 
     #[test]

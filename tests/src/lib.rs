@@ -144,6 +144,19 @@ impl Standin {
             .collect()
     }
 
+    /// OpenRouter stand-in: every generation it recorded (what it generated and would bill), by generation id.
+    pub async fn generations(&self) -> HashMap<String, Value> {
+        let url = format!("{}/__standin/generations", self.origin());
+        let body: Value = reqwest::get(url).await.expect("stand-in reachable").json().await.expect("json");
+        body["generations"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|g| (g["id"].as_str().unwrap_or_default().to_owned(), g))
+            .collect()
+    }
+
     pub async fn stats(&self) -> Value {
         let url = format!("{}/__standin/stats", self.origin());
         reqwest::get(url).await.expect("stand-in reachable").json().await.expect("json")
@@ -336,6 +349,12 @@ impl Gateway {
 
     pub fn key(&self, name: &str) -> &TestKey {
         self.keys.get(name).unwrap_or_else(|| panic!("no test key named {name}"))
+    }
+
+    /// `GET /v1/usage` as the key sees it: its limits, where its windows stand, its spend.
+    pub async fn own_usage(&self, key: &str) -> Value {
+        let response = client().get(self.url("/v1/usage")).bearer_auth(key).send().await.expect("gateway reachable");
+        response.json().await.expect("json")
     }
 
     /// Everything the runtime has logged so far (including the Worker's console lines).

@@ -197,15 +197,7 @@ async fn usage_aggregates_the_ledger_and_exports_csv() {
     }
 
     // The owner's own view.
-    let own: Value = client()
-        .get(gateway().url("/v1/usage"))
-        .bearer_auth(a["key"].as_str().expect("key"))
-        .send()
-        .await
-        .expect("reachable")
-        .json()
-        .await
-        .expect("json");
+    let own = gateway().own_usage(a["key"].as_str().expect("key")).await;
     assert_eq!(own["key_id"], a["id"]);
     assert_eq!(own["usage_this_period"]["requests"], 2);
     assert_eq!(own["limits"]["requests_per_window"], 60, "the gateway default");
@@ -350,4 +342,30 @@ async fn the_keys_cli_manages_keys_for_people_and_scripts() {
     let (ok, _, err) = cli(&["show", "no-such-key"]);
     assert!(!ok);
     assert!(err.contains("404"), "{err}");
+}
+
+#[tokio::test]
+async fn a_key_inserted_by_hand_with_the_original_columns_gets_an_id_and_works() {
+    // The original design's insert: key_hash, user_id, active — no id.
+    let secret = format!("sk-by-hand-{}", random_hex(16));
+    let owner = user("hand");
+    gateway().d1(&format!(
+        "INSERT INTO api_keys (key_hash, user_id, active) VALUES ('{}', '{owner}', 1)",
+        sha256_hex(&secret)
+    ));
+    let rows = gateway().d1(&format!("SELECT id FROM api_keys WHERE user_id = '{owner}'"));
+    let id = rows[0]["id"].as_str().expect("an id was generated").to_owned();
+    assert_eq!(id.len(), 12, "twelve hex digits, like the admin API's ids: {id}");
+    let response = chat(&secret, "openai/gpt-4o-mini").await;
+    assert_eq!(response.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let rows = gateway().d1(&format!("SELECT key_id FROM usage_logs WHERE user_id = '{owner}'"));
+        if let Some(row) = rows.first() {
+            assert_eq!(row["key_id"], id.as_str(), "billed to the generated id");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the request was never billed");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }

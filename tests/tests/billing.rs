@@ -55,11 +55,13 @@ fn ask(text: &str) -> Value {
     json!({"messages": [{"role": "user", "content": text}], "max_tokens": 64, "temperature": 0.5, "standin": {}})
 }
 
-/// Ledger rows whose request id starts with `prefix`, waiting until there are `expected` of them.
+/// Ledger rows whose client request id starts with `prefix`, waiting until there are `expected` of them.
 async fn ledger_rows(gw: &Gateway, prefix: &str, expected: usize, within: Duration) -> Vec<Value> {
     let deadline = Instant::now() + within;
     loop {
-        let rows = gw.d1(&format!("SELECT * FROM usage_logs WHERE request_id LIKE '{prefix}%' ORDER BY request_id"));
+        let rows = gw.d1(&format!(
+            "SELECT * FROM usage_logs WHERE client_request_id LIKE '{prefix}%' ORDER BY client_request_id"
+        ));
         if rows.len() >= expected || Instant::now() > deadline {
             return rows;
         }
@@ -67,7 +69,7 @@ async fn ledger_rows(gw: &Gateway, prefix: &str, expected: usize, within: Durati
     }
 }
 
-/// PostHog events whose trace id starts with `prefix`, waiting until `expected` distinct ones arrived.
+/// PostHog events whose client request id starts with `prefix`, waiting until `expected` distinct ones arrived.
 async fn posthog_events(gw: &Gateway, prefix: &str, expected: usize, within: Duration) -> Vec<Value> {
     let posthog = gw.posthog.as_ref().expect("PostHog stand-in");
     let deadline = Instant::now() + within;
@@ -78,7 +80,7 @@ async fn posthog_events(gw: &Gateway, prefix: &str, expected: usize, within: Dur
             .map(|events| {
                 events
                     .iter()
-                    .filter(|e| e["properties"]["$ai_trace_id"].as_str().is_some_and(|t| t.starts_with(prefix)))
+                    .filter(|e| e["properties"]["client_request_id"].as_str().is_some_and(|t| t.starts_with(prefix)))
                     .cloned()
                     .collect()
             })
@@ -91,8 +93,23 @@ async fn posthog_events(gw: &Gateway, prefix: &str, expected: usize, within: Dur
     }
 }
 
+/// Rows by the id the test sent as `x-request-id` (each test request sends a distinct one).
+/// Waits until none of the rows whose client request id starts with `prefix` awaits reconciliation, and returns
+/// them all.
+async fn settled_rows(gw: &Gateway, prefix: &str, expected: usize, within: Duration) -> Vec<Value> {
+    let deadline = Instant::now() + within;
+    loop {
+        let rows = ledger_rows(gw, prefix, expected, within).await;
+        let pending = rows.iter().filter(|r| r["reconcile_state"] == "pending").count();
+        if (rows.len() >= expected && pending == 0) || Instant::now() > deadline {
+            return rows;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 fn by_id(rows: &[Value]) -> HashMap<String, Value> {
-    rows.iter().map(|r| (r["request_id"].as_str().unwrap_or_default().to_owned(), r.clone())).collect()
+    rows.iter().map(|r| (r["client_request_id"].as_str().unwrap_or_default().to_owned(), r.clone())).collect()
 }
 
 /// Reads a stream until its first content event, then drops it (the client goes away).
@@ -163,7 +180,7 @@ async fn every_admitted_request_gets_exactly_one_ledger_row_and_one_posthog_even
     assert_eq!(post(gw, &limited, &id("limited", 1), &ask("two")).await.status(), 429);
     let admitted = admitted + 1;
 
-    let rows = ledger_rows(gw, &prefix, admitted, Duration::from_secs(60)).await;
+    let rows = settled_rows(gw, &prefix, admitted, Duration::from_secs(60)).await;
     let rows = by_id(&rows);
     assert_eq!(rows.len(), admitted, "exactly one row per admitted request: {:?}", rows.keys());
     assert!(!rows.contains_key(&id("invalid", 0)) && !rows.contains_key(&id("limited", 1)));
@@ -188,11 +205,24 @@ async fn every_admitted_request_gets_exactly_one_ledger_row_and_one_posthog_even
         assert_eq!((row["status"].as_u64(), row["output_tokens"].as_u64()), (Some(503), Some(0)));
         assert_eq!(row["usage_source"], "none");
 
+        // Abandoned streams: billed by estimate at first, then reconciled with what the upstream generated.
         let row = &rows[&id("abort", i)];
         assert_eq!(row["error"], "client_abort");
-        assert_eq!(row["usage_source"], "estimated");
+        assert_eq!((row["usage_source"].as_str(), row["reconcile_state"].as_str()), (Some("reconciled"), Some("done")));
         assert!(row["output_tokens"].as_u64().is_some_and(|n| n > 0), "no $0 rows for work that was done: {row}");
+        assert!(row["cost"].as_f64().is_some_and(|c| c > 0.0), "no $0 rows for work that was done: {row}");
     }
+    let generations = gw.upstream.generations().await;
+    for i in 0..2 {
+        let row = &rows[&id("abort", i)];
+        let generation = &generations[row["generation_id"].as_str().expect("generation id")];
+        assert_eq!(generation["cancelled"], true, "the client left, so the upstream was stopped");
+        assert_eq!(row["output_tokens"], generation["tokens_completion"], "billed exactly what was generated");
+        assert_eq!(row["input_tokens"], generation["tokens_prompt"]);
+    }
+    let request_ids: HashSet<&str> = rows.values().filter_map(|r| r["request_id"].as_str()).collect();
+    assert_eq!(request_ids.len(), admitted);
+    assert!(request_ids.iter().all(|id| id.starts_with("req_")), "the gateway's own ids key the ledger");
     assert_eq!(rows[&id("midstream", 0)]["error"], "upstream_error");
     assert_eq!(rows[&id("midstream", 0)]["finish_reason"], "error");
 
@@ -201,9 +231,11 @@ async fn every_admitted_request_gets_exactly_one_ledger_row_and_one_posthog_even
     let uuids: HashSet<&str> = events.iter().filter_map(|e| e["uuid"].as_str()).collect();
     assert_eq!(uuids.len(), admitted);
     assert_eq!(events.len(), admitted, "no duplicates when PostHog never fails");
-    let event = events.iter().find(|e| e["properties"]["$ai_trace_id"] == id("stream", 0).as_str()).expect("event");
+    let event =
+        events.iter().find(|e| e["properties"]["client_request_id"] == id("stream", 0).as_str()).expect("event");
     let row = &rows[&id("stream", 0)];
     let p = &event["properties"];
+    assert_eq!(p["$ai_trace_id"], row["request_id"], "the gateway's own id names the event");
     assert_eq!(event["event"], "$ai_generation");
     assert_eq!(event["distinct_id"], gw.key("payer").user_id.as_str());
     assert_eq!(p["$ai_input_tokens"], row["input_tokens"]);
@@ -222,8 +254,10 @@ async fn every_admitted_request_gets_exactly_one_ledger_row_and_one_posthog_even
         p["$ai_input_cost_usd"].as_f64().expect("input cost") + p["$ai_output_cost_usd"].as_f64().expect("output cost");
     assert!((total - row["cost"].as_f64().unwrap_or(0.0)).abs() < 1e-12 && (parts - total).abs() < 1e-12);
     assert!(p.get("$ai_input").is_none() && p.get("$ai_output_choices").is_none(), "content capture is off by default");
-    let error_event =
-        events.iter().find(|e| e["properties"]["$ai_trace_id"] == id("upstream-error", 0).as_str()).expect("event");
+    let error_event = events
+        .iter()
+        .find(|e| e["properties"]["client_request_id"] == id("upstream-error", 0).as_str())
+        .expect("event");
     assert_eq!(error_event["properties"]["$ai_is_error"], true);
 }
 
@@ -346,7 +380,7 @@ async fn client_abort_policies_trade_upstream_cost_against_exact_billing() {
             body["standin"] = json!({"chunks": ANSWER_TOKENS, "delay_ms": 20, "pause_after": 2, "pause_ms": 1000});
             abort_after_first_token(post(&gw, &key, &format!("{prefix}{i}"), &body).await).await;
         }
-        let rows = ledger_rows(&gw, &prefix, STREAMS, Duration::from_secs(60)).await;
+        let rows = settled_rows(&gw, &prefix, STREAMS, Duration::from_secs(60)).await;
         assert_eq!(rows.len(), STREAMS);
         // Give a drained upstream time to finish and be counted.
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -359,7 +393,8 @@ async fn client_abort_policies_trade_upstream_cost_against_exact_billing() {
         match policy {
             "cancel" => {
                 assert!(generated < STREAMS as u64 * ANSWER_TOKENS / 2, "the upstream was stopped early: {generated}");
-                assert!(rows.iter().all(|r| r["usage_source"] == "estimated"));
+                assert!(rows.iter().all(|r| r["usage_source"] == "reconciled"), "{rows:?}");
+                assert_eq!(billed, generated, "reconciled streams are billed exactly what was generated");
             }
             _ => {
                 assert_eq!(generated, STREAMS as u64 * ANSWER_TOKENS, "the upstream finished every answer");
@@ -373,4 +408,50 @@ async fn client_abort_policies_trade_upstream_cost_against_exact_billing() {
         "client aborts ({STREAMS} streams of {ANSWER_TOKENS} tokens, left after the first token): {}",
         figures.join("; ")
     );
+}
+
+/// A gateway that does not reconcile, so the estimate itself can be seen in the ledger.
+fn estimating() -> &'static Gateway {
+    static GATEWAY: OnceLock<Gateway> = OnceLock::new();
+    GATEWAY.get_or_init(|| {
+        Gateway::start(
+            GatewayOptions::default()
+                .var("RATE_LIMIT_PER_MINUTE", 100_000)
+                .var("RECONCILE_ESTIMATES", "false")
+                .keys(&["cut"]),
+        )
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cut_stream_is_estimated_with_everything_it_generated_and_priced() {
+    let gw = estimating();
+    let key = gw.key("cut").secret.clone();
+    let prefix = format!("est-{}-", random_hex(4));
+    let cases = [
+        (
+            "tool",
+            json!({"tool_call": {"name": "get_weather", "arguments": "{\"city\":\"Paris\",\"unit\":\"celsius\",\"days\":3}"},
+            "scenario": "disconnect", "after_chunks": 6}),
+        ),
+        ("reasoning", json!({"reasoning_chunks": 8, "scenario": "disconnect", "after_chunks": 6})),
+    ];
+    for (case, standin) in &cases {
+        let body = json!({"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "weather?"}],
+            "stream": true, "n": 2, "standin": standin});
+        let events = sse_events(post(gw, &key, &format!("{prefix}{case}"), &body).await).await;
+        assert!(events.last().is_some_and(|e| e.contains("upstream_cut_off")), "{case}: {events:?}");
+    }
+    let rows = by_id(&ledger_rows(gw, &prefix, cases.len(), Duration::from_secs(60)).await);
+    for (case, _) in &cases {
+        let row = &rows[&format!("{prefix}{case}")];
+        assert_eq!(row["usage_source"], "estimated", "{case}");
+        assert!(row["reconcile_state"].is_null(), "{case}: reconciliation is off here");
+        // Before counting tool calls and reasoning these were 0: no visible text was streamed.
+        assert!(row["output_tokens"].as_u64().is_some_and(|n| n >= 2), "{case}: {row}");
+        let expected_cost = row["input_tokens"].as_f64().unwrap_or(0.0) * 0.000001
+            + row["output_tokens"].as_f64().unwrap_or(0.0) * 0.000002;
+        let cost = row["cost"].as_f64().unwrap_or(0.0);
+        assert!(cost > 0.0 && (cost - expected_cost).abs() < 1e-12, "{case}: priced at the model's prices: {row}");
+    }
 }

@@ -17,6 +17,7 @@ fn gateway() -> &'static Gateway {
                 .var("RATE_LIMIT_PER_MINUTE", 100_000)
                 .keys(&["carol", "dave"])
                 .var("UPSTREAM_TIMEOUT_SECONDS", 2)
+                .var("CLIENT_BODY_TIMEOUT_SECONDS", 2)
                 .var("AUTH_CACHE_TTL_SECONDS", 2)
                 .var("CACHE_TTL_SECONDS", 5)
                 .var("MAX_REQUEST_BYTES", 65536)
@@ -68,6 +69,73 @@ async fn unknown_paths_and_wrong_methods_are_openai_errors() {
     let response = client().delete(gateway().url("/v1/models")).send().await.expect("reachable");
     assert_eq!(response.status(), 405);
     assert_eq!(response.headers()["allow"], "GET");
+
+    // Methods outside HTTP's usual set are refused too, not served as GET.
+    for method in ["PROPFIND", "MKCOL"] {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let response = client()
+            .request(method.clone(), gateway().url("/v1/models"))
+            .bearer_auth(carol())
+            .send()
+            .await
+            .expect("reachable");
+        assert_eq!(response.status(), 405, "{method}");
+        assert_eq!(response.headers()["allow"], "GET");
+        assert_openai_error(&response.json().await.expect("json"));
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_body_gets_a_408() {
+    // One chunk, then silence far longer than CLIENT_BODY_TIMEOUT_SECONDS (2 s here).
+    let chunks = futures_util::stream::unfold(0, |n| async move {
+        match n {
+            0 => Some((Ok::<_, std::io::Error>(b"{\"messages\": [".to_vec()), 1)),
+            _ => {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                None
+            }
+        }
+    });
+    let started = std::time::Instant::now();
+    let response = client()
+        .post(gateway().url("/v1/chat/completions"))
+        .bearer_auth(carol())
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .expect("an answer before the body ends");
+    assert_eq!(response.status(), 408);
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    assert_eq!(assert_openai_error(&response.json().await.expect("json"))["code"], "request_timeout");
+}
+
+#[tokio::test]
+async fn upstream_bodies_are_read_within_the_timeout_and_size_cap() {
+    // A completion whose body stops half-way: 504, and the upstream request is aborted.
+    let mut body = chat_body();
+    body["standin"] = json!({"scenario": "stall_body"});
+    let started = std::time::Instant::now();
+    let response = chat_as(carol(), &body).await;
+    assert_eq!(response.status(), 504);
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    assert_eq!(assert_openai_error(&response.json().await.expect("json"))["code"], "upstream_timeout");
+
+    // An error whose body stalls: the status still reaches the client, within the timeout.
+    body["standin"] = json!({"scenario": "error", "status": 503, "stall_error_body": true});
+    let started = std::time::Instant::now();
+    let response = chat_as(carol(), &body).await;
+    assert_eq!(response.status(), 503);
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    assert_openai_error(&response.json().await.expect("json"));
+
+    // A huge error body: read up to the cap, its message still shown (cut).
+    body["standin"] = json!({"scenario": "error", "status": 400, "error_body_bytes": 5_000_000});
+    let response = chat_as(carol(), &body).await;
+    assert_eq!(response.status(), 400);
+    let error: Value = response.json().await.expect("json");
+    assert!(error["error"]["message"].as_str().is_some_and(|m| m.len() < 1000));
 }
 
 #[tokio::test]
@@ -242,12 +310,23 @@ async fn every_response_carries_security_headers_and_a_request_id() {
         assert!(ids.insert(id), "request ids are unique");
     }
 
+    // A client's id is echoed beside the gateway's own, which it never replaces.
     let echoed =
         c.get(gateway().url("/health")).header("x-request-id", "client-id-42").send().await.expect("reachable");
-    assert_eq!(echoed.headers()["x-request-id"], "client-id-42");
-    let replaced =
+    assert_eq!(echoed.headers()["x-client-request-id"], "client-id-42");
+    assert!(echoed.headers()["x-request-id"].to_str().unwrap_or("").starts_with("req_"));
+    let preferred = c
+        .get(gateway().url("/health"))
+        .header("x-request-id", "from-x-request-id")
+        .header("x-client-request-id", "from-x-client-request-id")
+        .send()
+        .await
+        .expect("reachable");
+    assert_eq!(preferred.headers()["x-client-request-id"], "from-x-client-request-id");
+    let insane =
         c.get(gateway().url("/health")).header("x-request-id", "bad id; with spaces").send().await.expect("reachable");
-    assert!(replaced.headers()["x-request-id"].to_str().unwrap_or("").starts_with("req_"));
+    assert!(insane.headers().get("x-client-request-id").is_none(), "an unsafe id is neither echoed nor kept");
+    assert!(insane.headers()["x-request-id"].to_str().unwrap_or("").starts_with("req_"));
 }
 
 #[tokio::test]

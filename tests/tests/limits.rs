@@ -21,7 +21,11 @@ fn gateway() -> &'static Gateway {
                 .keys(&["burst1", "burst2", "burst3", "burst4"])
                 .key_with("tpm", &[("tpm", "2000"), ("rpm", "1000")])
                 .key_with("budget", &[("usage_limit", "1500"), ("rpm", "1000")])
-                .key_with("small_tpm", &[("tpm", "500")]),
+                .key_with("small_tpm", &[("tpm", "500")])
+                .key_with("shared_id", &[("max_concurrency", "3"), ("rpm", "1000"), ("usage_limit", "100000000")])
+                .key_with("usd", &[("usd_limit", USD_LIMIT), ("rpm", "1000")])
+                .key_with("usd_unpriced", &[("usd_limit", "1"), ("rpm", "1000")])
+                .key_with("choices", &[("tpm", "250"), ("rpm", "1000")]),
         )
     })
 }
@@ -248,14 +252,16 @@ async fn concurrency_cap_and_abandoned_reservations_survive_a_restart_until_thei
         assert_eq!(send(gw, &client, &limited, &chat(8)).await.status(), 200);
     }
     // A stream that is still running when the runtime dies: its reservation is never settled.
-    let mut stream = send(
-        gw,
-        &client,
-        &conc,
-        &json!({"messages": [{"role": "user", "content": "long"}], "stream": true, "max_tokens": 50,
-            "standin": {"chunks": 10, "pause_after": 1, "pause_ms": 60000}}),
-    )
-    .await;
+    let dead_id = format!("dead-{}", random_hex(6));
+    let mut stream = client
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&conc)
+        .header("x-request-id", &dead_id)
+        .json(&json!({"messages": [{"role": "user", "content": "long"}], "stream": true, "max_tokens": 50,
+            "standin": {"chunks": 10, "pause_after": 1, "pause_ms": 60000}}))
+        .send()
+        .await
+        .expect("reachable");
     assert_eq!(stream.status(), 200);
     let _ = stream.chunk().await;
     let reserved_at = Instant::now();
@@ -282,5 +288,153 @@ async fn concurrency_cap_and_abandoned_reservations_survive_a_restart_until_thei
         }
         assert_eq!(status, 429);
         assert!(Instant::now() < deadline, "the lease never expired");
+    }
+    // Its Worker died, but the request is still billed: the object sent its usage event, charged as reserved.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let row = loop {
+        let rows = gw.d1(&format!("SELECT * FROM usage_logs WHERE client_request_id = '{dead_id}'"));
+        if let Some(row) = rows.into_iter().next() {
+            break row;
+        }
+        assert!(Instant::now() < deadline, "no ledger row for the request whose Worker died");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!((row["usage_source"].as_str(), row["error"].as_str()), (Some("reserved"), Some("unsettled")));
+    assert_eq!(row["output_tokens"], 50, "charged its whole output bound");
+    assert!(row["request_id"].as_str().is_some_and(|id| id.starts_with("req_")));
+}
+
+/// A USD budget of ten and a half worst cases (see `usd_worst_case`): room for exactly ten.
+const USD_LIMIT: &str = "0.002184";
+
+/// The worst case of `usd_chat()` at the stand-in's prices for openai/gpt-4o-mini ($1 and $2 per million
+/// tokens): a prompt estimate of 8 tokens ("hi" = 1, 4 per message, 3 for the reply) and 100 output tokens.
+fn usd_worst_case() -> f64 {
+    8.0 * 0.000001 + 100.0 * 0.000002
+}
+
+fn usd_chat() -> Value {
+    json!({"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100,
+        "standin": {"delay_ms": 400}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_usd_budget_holds_under_concurrency_and_refunds_are_exact() {
+    let gw = gateway();
+    let key = gw.key("usd").secret.clone();
+    let limit: f64 = USD_LIMIT.parse().expect("number");
+    assert!((limit - 10.5 * usd_worst_case()).abs() < 1e-12);
+    // 50 at once, each reserving its worst case: exactly ten fit.
+    let statuses = burst(gw, &key, 50, &usd_chat()).await;
+    assert_eq!(count(&statuses, 200), 10, "{statuses:?}");
+    assert_eq!(count(&statuses, 429), 40, "{statuses:?}");
+
+    // Settled with what they cost (far less than the worst case): the refunds are exact, and spend stays within.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (spent, rows) = loop {
+        let usage = gw.own_usage(&key).await;
+        let rows = gw.d1(&format!("SELECT cost FROM usage_logs WHERE key_id = '{}'", gw.key("usd").id));
+        if usage["current"]["in_flight"] == 0 && rows.len() == 10 {
+            break (usage["current"]["budget_used"]["usd"].as_f64().expect("usd"), rows);
+        }
+        assert!(Instant::now() < deadline, "requests never settled: {usage}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let billed: f64 = rows.iter().filter_map(|r| r["cost"].as_f64()).sum();
+    assert!((spent - billed).abs() < 1e-12, "the object holds exactly what the ledger billed: {spent} vs {billed}");
+    assert!(spent <= limit && spent > 0.0, "spent {spent} of {limit}");
+    // With the refunds, more requests fit again.
+    assert_eq!(send(gw, &client(), &key, &usd_chat()).await.status(), 200);
+}
+
+#[tokio::test]
+async fn a_usd_budget_refuses_a_model_whose_price_is_unknown() {
+    let gw = gateway();
+    let key = gw.key("usd_unpriced").secret.clone();
+    let mut body = usd_chat();
+    body["model"] = json!("standin/unpriced");
+    let response = send(gw, &client(), &key, &body).await;
+    assert_eq!(response.status(), 400);
+    let body: Value = response.json().await.expect("json");
+    let error = assert_openai_error(&body);
+    assert_eq!((error["code"].as_str(), error["param"].as_str()), (Some("model_price_unknown"), Some("model")));
+    // A fallback list is priced at its dearest member, so an unpriced fallback is refused too.
+    let mut fallback = usd_chat();
+    fallback["models"] = json!(["openai/gpt-4o-mini", "standin/unpriced"]);
+    assert_eq!(send(gw, &client(), &key, &fallback).await.status(), 400);
+    assert_eq!(send(gw, &client(), &key, &usd_chat()).await.status(), 200);
+}
+
+#[tokio::test]
+async fn n_choices_multiply_the_reservation() {
+    let gw = gateway();
+    let key = gw.key("choices").secret.clone();
+    // tpm 250: 8 + 3 × 100 can never fit; 8 + 2 × 100 can.
+    let mut body = chat(100);
+    body["messages"] = json!([{"role": "user", "content": "hi"}]);
+    body["n"] = json!(3);
+    let response = send(gw, &client(), &key, &body).await;
+    assert_eq!(response.status(), 400);
+    let error: Value = response.json().await.expect("json");
+    assert!(error["error"]["message"].as_str().unwrap_or("").contains("308"), "{error}");
+    body["n"] = json!(2);
+    assert_eq!(send(gw, &client(), &key, &body).await.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_request_id_keys_nothing() {
+    let gw = gateway();
+    let key = gw.key("shared_id").secret.clone();
+    let shared = format!("dup-id-{}", random_hex(4));
+    let body = json!({"messages": [{"role": "user", "content": "same id"}], "max_tokens": 10,
+        "standin": {"delay_ms": 600}});
+    // Eight at once with one x-request-id: the concurrency cap of three holds, as for distinct ids.
+    let send_with_shared_id = || async {
+        client()
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(&key)
+            .header("x-request-id", &shared)
+            .json(&body)
+            .send()
+            .await
+            .expect("reachable")
+    };
+    let shared_id = shared.as_str();
+    let sends = (0..8).map(|_| {
+        let send = send_with_shared_id();
+        async move {
+            let response = send.await;
+            let status = response.status().as_u16();
+            let own = response.headers()["x-request-id"].to_str().expect("ascii").to_owned();
+            assert_eq!(response.headers()["x-client-request-id"], shared_id);
+            let _ = response.bytes().await;
+            (status, own)
+        }
+    });
+    let answers = join_all(sends).await;
+    assert_eq!(answers.iter().filter(|(s, _)| *s == 200).count(), 3, "{answers:?}");
+    // Four more, one after another, with the same id: each is a request of its own.
+    for _ in 0..4 {
+        assert_eq!(send_with_shared_id().await.status(), 200);
+    }
+    // Seven admitted: seven ledger rows with seven ids of the gateway's own, and seven settlements.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let rows = gw.d1(&format!(
+            "SELECT request_id, input_tokens, output_tokens FROM usage_logs WHERE client_request_id = '{shared}'"
+        ));
+        let usage = gw.own_usage(&key).await;
+        if rows.len() == 7 && usage["current"]["in_flight"] == 0 {
+            let ids: std::collections::HashSet<&str> = rows.iter().filter_map(|r| r["request_id"].as_str()).collect();
+            assert_eq!(ids.len(), 7);
+            let billed: u64 = rows
+                .iter()
+                .map(|r| r["input_tokens"].as_u64().unwrap_or(0) + r["output_tokens"].as_u64().unwrap_or(0))
+                .sum();
+            assert_eq!(usage["current"]["budget_used"]["tokens"], billed, "each settlement charged its own request");
+            break;
+        }
+        assert!(Instant::now() < deadline, "rows: {rows:?}, usage: {usage}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }

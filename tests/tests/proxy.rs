@@ -221,6 +221,10 @@ async fn every_validation_error_is_a_400_naming_the_parameter() {
         (json!({"messages": ok_messages, "max_tokens": 65537}), Some("max_tokens")),
         (json!({"messages": ok_messages, "max_completion_tokens": -3}), Some("max_completion_tokens")),
         (json!({"messages": ok_messages, "model": 7}), Some("model")),
+        (json!({"messages": ok_messages, "model": "openai/gpt-4o-mini\r\nx: y"}), Some("model")),
+        (json!({"messages": ok_messages, "models": ["a/b", 7]}), Some("models[1]")),
+        (json!({"messages": ok_messages, "models": "a/b"}), Some("models")),
+        (json!({"messages": ok_messages, "n": 0}), Some("n")),
         (json!({"messages": ok_messages, "stream": "yes"}), Some("stream")),
         (
             json!({"messages": ok_messages, "stream_options": {"include_usage": "yes"}}),
@@ -344,14 +348,16 @@ async fn each_request_logs_one_structured_line_and_no_secret_anywhere() {
         .send()
         .await
         .expect("reachable");
-    assert_eq!(response.headers()["x-request-id"], id.as_str());
+    assert_eq!(response.headers()["x-client-request-id"], id.as_str());
+    let own_id = response.headers()["x-request-id"].to_str().expect("ascii").to_owned();
+    assert!(own_id.starts_with("req_"));
     let body = response.text().await.expect("body");
     assert!(!body.contains(PROVIDER_KEY));
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let line = loop {
         let lines: Vec<Value> =
-            gateway().request_logs().into_iter().filter(|l| l["request_id"] == id.as_str()).collect();
+            gateway().request_logs().into_iter().filter(|l| l["request_id"] == own_id.as_str()).collect();
         if let Some(line) = lines.first() {
             assert_eq!(lines.len(), 1, "exactly one line per request");
             break line.clone();
@@ -359,6 +365,7 @@ async fn each_request_logs_one_structured_line_and_no_secret_anywhere() {
         assert!(tokio::time::Instant::now() < deadline, "no log line for {id}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    assert_eq!(line["client_request_id"], id.as_str(), "the client's id is logged beside the gateway's");
     assert_eq!(line["key_id"], gateway().key("alice").id.as_str());
     assert_eq!(line["model"], "openai/gpt-4o-mini");
     assert_eq!(line["status"], 200);

@@ -1,9 +1,11 @@
 //! The admin API (`/admin/*`, behind `ADMIN_API_KEY`) and the key owner's `GET /v1/usage`.
 //!
 //! Changes to a key are written to D1 and then pushed to the key's Durable Object, which every admission consults:
-//! a revocation or a new limit applies to the next request everywhere, without waiting for any cache.
+//! a revocation or a new limit applies to the next request everywhere, without waiting for any cache. When the
+//! object cannot be told (after a few tries), the caller gets a 503 saying so: the change is saved, and repeating
+//! the request is safe.
 
-use key_limiter::protocol::{KeyControl, Period, StateRequest, StateResponse};
+use key_limiter::protocol::{KeyControl, Period, StateResponse};
 use serde_json::{json, Value};
 use wasm_bindgen::JsValue;
 use worker::{Env, Request};
@@ -14,6 +16,7 @@ use crate::bindings::{self, iso_time, log_error, now_ms, number_param, random_by
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::keys::{self, KeyFields, KeyRow, KeyView, KEY_COLUMNS};
+use crate::limiter;
 use crate::routes::AdminRoute;
 use crate::usage_report::{self, GroupBy, UsageFilter, UsageRow};
 
@@ -43,10 +46,10 @@ pub async fn handle(
         return Err(ApiError::invalid_api_key("Invalid admin API key."));
     }
     match route {
-        AdminRoute::CreateKey => create_key(&body(req).await?, env).await,
+        AdminRoute::CreateKey => create_key(&body(req, config).await?, env).await,
         AdminRoute::ListKeys => list_keys(&query(req)?, env).await,
         AdminRoute::GetKey(id) => Ok(AdminReply::Json(200, json!(load_key(env, checked_id(id)?).await?))),
-        AdminRoute::UpdateKey(id) => update_key(checked_id(id)?, &body(req).await?, env, config).await,
+        AdminRoute::UpdateKey(id) => update_key(checked_id(id)?, &body(req, config).await?, env, config).await,
         AdminRoute::RevokeKey(id) => {
             let fields = KeyFields { active: Some(false), ..KeyFields::default() };
             apply_update(checked_id(id)?, fields, env, config).await
@@ -135,17 +138,17 @@ async fn apply_update(id: &str, fields: KeyFields, env: &Env, config: &Config) -
     bindings::d1_run(env, &sql, &params).await.map_err(|e| storage_error("key_update_failed", &e))?;
 
     let row = load_row(env, id).await?;
-    tell_limiter(env, config, &row).await;
+    tell_limiter(env, config, &row).await?;
     Ok(AdminReply::Json(200, json!(KeyView::from_row(row))))
 }
 
-/// Pushes the key's new control to its Durable Object. If that fails the change still reaches every isolate
-/// within `AUTH_CACHE_TTL_SECONDS`; the log says so.
-async fn tell_limiter(env: &Env, config: &Config, row: &KeyRow) {
+/// Pushes the key's new control to its Durable Object; an error if it could not be told.
+async fn tell_limiter(env: &Env, config: &Config, row: &KeyRow) -> Result<(), ApiError> {
     let control = KeyControl { revoked: row.active != 1, ..admit::control_for(&row.record(), config) };
-    if let Err(e) = bindings::limiter_call::<_, bool>(env, &row.id, "/configure", &control).await {
+    limiter::configure(env, &row.id, &control, config.limiter_timeout_ms).await.map_err(|e| {
         log_error("limiter_configure_failed", &format!("key {}: {e}", row.id));
-    }
+        ApiError::limiter_not_told(&row.id)
+    })
 }
 
 async fn list_keys(query: &[(String, String)], env: &Env) -> Result<AdminReply, ApiError> {
@@ -253,10 +256,10 @@ pub async fn own_usage(key: &KeyRecord, env: &Env, config: &Config) -> Result<Va
 
 /// Where the key stands in its Durable Object; a revoked key is refused here even while caches still know it.
 pub async fn key_state(env: &Env, config: &Config, key: &KeyRecord) -> Result<StateResponse, ApiError> {
-    let message = StateRequest { control: admit::control_for(key, config) };
-    let state = bindings::limiter_call::<_, StateResponse>(env, &key.id, "/state", &message).await.map_err(|e| {
-        log_error("limiter_unreachable", &e.to_string());
-        ApiError::unavailable("limiter_unavailable", "The rate limiter")
+    let control = admit::control_for(key, config);
+    let state = limiter::state(env, &key.id, control, config.limiter_timeout_ms).await.map_err(|e| {
+        log_error(e.label(), &e.to_string());
+        ApiError::unavailable(e.label(), "The rate limiter")
     })?;
     if state.revoked {
         return Err(ApiError::invalid_api_key("This API key has been revoked."));
@@ -284,8 +287,13 @@ fn checked_id(id: &str) -> Result<&str, ApiError> {
     }
 }
 
-async fn body(req: &mut Request) -> Result<Vec<u8>, ApiError> {
-    req.bytes().await.map_err(|_| ApiError::invalid_request("The request body could not be read."))
+async fn body(req: &mut Request, config: &Config) -> Result<Vec<u8>, ApiError> {
+    let timeout = std::time::Duration::from_secs(config.client_body_timeout_secs);
+    match bindings::within(timeout, req.bytes()).await {
+        Some(Ok(bytes)) => Ok(bytes),
+        Some(Err(_)) => Err(ApiError::invalid_request("The request body could not be read.")),
+        None => Err(ApiError::body_timeout(config.client_body_timeout_secs)),
+    }
 }
 
 fn query(req: &Request) -> Result<Vec<(String, String)>, ApiError> {

@@ -17,6 +17,11 @@ pub fn estimate_prompt_tokens(chat: &ChatRequest) -> u64 {
     (chat.prompt_chars as u64).div_ceil(4) + 4 * chat.message_count as u64 + 3
 }
 
+/// The most output the upstream may generate: `max_tokens` per choice, `n` choices.
+pub fn output_bound(chat: &ChatRequest) -> u64 {
+    u64::from(chat.max_tokens).saturating_mul(u64::from(chat.choices))
+}
+
 /// Tokens of generated text that was streamed before usage was reported (same rule, for cut-off streams).
 pub fn estimate_completion_tokens(completion_chars: usize) -> u64 {
     (completion_chars as u64).div_ceil(4)
@@ -82,7 +87,7 @@ pub fn denial_error(
         DenyReason::Tokens => ApiError::rate_limited(
             "tokens",
             format!(
-                "Rate limit reached for tokens: {} per {window_secs} s; this request reserves {} (prompt estimate + max_tokens).{wait}",
+                "Rate limit reached for tokens: {} per {window_secs} s; this request reserves {} (prompt estimate + max_tokens × n).{wait}",
                 limits.tokens_per_window.unwrap_or_default(),
                 reserve.tokens
             ),
@@ -104,7 +109,7 @@ pub fn denial_error(
         DenyReason::TooLargeForTokensPerWindow => ApiError::invalid_param(
             "max_tokens",
             format!(
-                "This request reserves {} tokens (prompt estimate + max_tokens), more than this key's limit of {} tokens per {window_secs} s; it can never be admitted. Lower max_tokens.",
+                "This request reserves {} tokens (prompt estimate + max_tokens × n), more than this key's limit of {} tokens per {window_secs} s; it can never be admitted. Lower max_tokens.",
                 reserve.tokens,
                 limits.tokens_per_window.unwrap_or_default()
             ),
@@ -112,9 +117,17 @@ pub fn denial_error(
         DenyReason::TooLargeForBudget => ApiError::invalid_param(
             "max_tokens",
             format!(
-                "This request reserves {} tokens (prompt estimate + max_tokens), more than this key's whole token budget of {}; it can never be admitted. Lower max_tokens.",
+                "This request reserves {} tokens (prompt estimate + max_tokens × n), more than this key's whole token budget of {}; it can never be admitted. Lower max_tokens.",
                 reserve.tokens,
                 limits.budget.as_ref().and_then(|b| b.tokens).unwrap_or_default()
+            ),
+        ),
+        DenyReason::TooLargeForUsdBudget => ApiError::invalid_param(
+            "max_tokens",
+            format!(
+                "This request may cost up to ${:.6} (prompt estimate + max_tokens × n at the model's prices), more than this key's whole USD budget of ${}; it can never be admitted. Lower max_tokens.",
+                reserve.usd,
+                limits.budget.as_ref().and_then(|b| b.usd).unwrap_or_default()
             ),
         ),
     };

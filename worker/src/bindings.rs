@@ -1,12 +1,13 @@
-//! The only code that touches the Workers runtime's bindings and globals: env, D1, KV, clock, randomness,
-//! and the per-isolate state (validated config, auth cache).
+//! The only code that touches the Workers runtime's bindings and globals: env, D1, KV, Queues, clock,
+//! randomness, timers, and the per-isolate state (validated config, auth cache). The key's Durable Object is
+//! `limiter`'s. Every wait on a binding has a deadline.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::future::Future;
 use std::rc::Rc;
+use std::time::Duration;
 
-use key_limiter::protocol::SettleRequest;
-
+use futures_util::future::{select, Either};
 use wasm_bindgen::prelude::*;
 use worker::{Env, Error};
 
@@ -30,6 +31,26 @@ pub fn now_ms() -> u64 {
     worker::Date::now().as_millis()
 }
 
+/// Runs `future`, or gives up after `limit` (`None`). Dropping the future abandons the wait; whoever needs the
+/// work itself stopped (an upstream request) aborts it.
+pub async fn within<F: Future>(limit: Duration, future: F) -> Option<F::Output> {
+    let future = std::pin::pin!(future);
+    match select(future, worker::Delay::from(limit)).await {
+        Either::Left((output, _)) => Some(output),
+        Either::Right(_) => None,
+    }
+}
+
+/// D1, KV and Queue calls: generous for a busy platform, short enough that nothing waits forever.
+const BINDING_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A binding call bounded by [`BINDING_TIMEOUT`]; a timeout is an error like any other.
+async fn bounded<T, F: Future<Output = Result<T, Error>>>(what: &str, future: F) -> Result<T, Error> {
+    within(BINDING_TIMEOUT, future)
+        .await
+        .unwrap_or_else(|| Err(Error::RustError(format!("{what} timed out after {} s", BINDING_TIMEOUT.as_secs()))))
+}
+
 /// Cryptographically secure random bytes (`crypto.getRandomValues`).
 pub fn random_bytes<const N: usize>() -> [u8; N] {
     let mut buf = [0u8; N];
@@ -42,19 +63,6 @@ thread_local! {
     static AUTH_CACHE: RefCell<Option<AuthCache>> = const { RefCell::new(None) };
     /// Usage events waiting for this isolate's next queue batch.
     static PENDING_EVENTS: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
-    /// Settlements waiting to ride along with the key's next admission from this isolate.
-    static PENDING_SETTLES: RefCell<HashMap<String, Vec<SettleRequest>>> = RefCell::new(HashMap::new());
-}
-
-/// Holds a settlement back, so that the key's next admission from this isolate carries it: one call to the
-/// Durable Object (and one storage transaction) instead of two per request.
-pub fn defer_settle(key_id: &str, settle: SettleRequest) {
-    PENDING_SETTLES.with(|p| p.borrow_mut().entry(key_id.to_owned()).or_default().push(settle));
-}
-
-/// Takes every settlement held back for this key.
-pub fn take_settles(key_id: &str) -> Vec<SettleRequest> {
-    PENDING_SETTLES.with(|p| p.borrow_mut().remove(key_id)).unwrap_or_default()
 }
 
 /// The validated configuration, parsed once per isolate (vars and secrets do not change under a running isolate).
@@ -87,10 +95,7 @@ pub async fn find_active_key(env: &Env, config: &Config, hash: &str) -> Result<O
     if let Some(answer) = cached {
         return Ok(answer);
     }
-    let found = query_active_key(env, hash).await.map_err(|e| {
-        log_error("d1_key_lookup_failed", &e.to_string());
-        ApiError::unavailable("auth_unavailable", "API key verification")
-    })?;
+    let found = find_active_key_uncached(env, hash).await?;
     AUTH_CACHE.with(|c| {
         c.borrow_mut()
             .get_or_insert_with(|| AuthCache::new(config.auth_cache_ttl_secs, config.auth_cache_max_entries))
@@ -99,21 +104,30 @@ pub async fn find_active_key(env: &Env, config: &Config, hash: &str) -> Result<O
     Ok(found)
 }
 
-async fn query_active_key(env: &Env, hash: &str) -> Result<Option<KeyRecord>, Error> {
-    env.d1(DB)?
-        .prepare(
-            "SELECT id, user_id, rpm, tpm, usage_limit, budget_period, usd_limit, max_concurrency, allowed_models, \
-             updated_at FROM api_keys WHERE key_hash = ?1 AND active = 1",
-        )
-        .bind(&[JsValue::from_str(hash)])?
-        .first::<KeyRecord>(None)
-        .await
+/// The active key with this hash, read from D1 now (what the request path uses when the key's Durable Object,
+/// which knows of revocations first, cannot be asked).
+pub async fn find_active_key_uncached(env: &Env, hash: &str) -> Result<Option<KeyRecord>, ApiError> {
+    let query = async {
+        env.d1(DB)?
+            .prepare(
+                "SELECT id, user_id, rpm, tpm, usage_limit, budget_period, usd_limit, max_concurrency, allowed_models, \
+                 updated_at FROM api_keys WHERE key_hash = ?1 AND active = 1",
+            )
+            .bind(&[JsValue::from_str(hash)])?
+            .first::<KeyRecord>(None)
+            .await
+    };
+    bounded("key lookup", query).await.map_err(|e| {
+        log_error("d1_key_lookup_failed", &e.to_string());
+        ApiError::unavailable("auth_unavailable", "API key verification")
+    })
 }
 
 /// The cached model list, fresh or not (the caller decides; a stale list beats an error when upstream is down).
 pub async fn cached_models(env: &Env) -> Option<CachedModels> {
     let kv = env.kv(CACHE).ok()?;
-    match kv.get(MODELS_CACHE_KEY).json::<CachedModels>().await {
+    match bounded("KV read", async { kv.get(MODELS_CACHE_KEY).json::<CachedModels>().await.map_err(Error::from) }).await
+    {
         Ok(found) => found,
         Err(e) => {
             log_error("kv_read_failed", &e.to_string());
@@ -128,8 +142,10 @@ pub async fn store_models(env: &Env, models: &CachedModels, ttl_secs: u64) {
     // Keep the entry past its freshness so it can stand in while the upstream is down.
     let expiration = ttl_secs.max(KV_MIN_TTL_SECS) + 3600;
     let put = match kv.put(MODELS_CACHE_KEY, body) {
-        Ok(put) => put.expiration_ttl(expiration).execute().await,
-        Err(e) => Err(e),
+        Ok(put) => {
+            bounded("KV write", async { put.expiration_ttl(expiration).execute().await.map_err(Error::from) }).await
+        }
+        Err(e) => Err(e.into()),
     };
     if let Err(e) = put {
         log_error("kv_write_failed", &e.to_string());
@@ -142,30 +158,10 @@ pub fn log_error(label: &str, detail: &str) {
     worker::console_error!("{line}");
 }
 
-pub const KEY_LIMITER: &str = "KEY_LIMITER";
-
-/// Sends one message to the key's Durable Object (`idFromName(key id)`) and decodes its answer.
-pub async fn limiter_call<M: serde::Serialize, A: serde::de::DeserializeOwned>(
-    env: &Env,
-    key_id: &str,
-    path: &str,
-    message: &M,
-) -> Result<A, Error> {
-    let stub = env.durable_object(KEY_LIMITER)?.id_from_name(key_id)?.get_stub()?;
-    let body = serde_json::to_string(message)?;
-    let mut init = worker::RequestInit::new();
-    init.with_method(worker::Method::Post).with_body(Some(JsValue::from_str(&body)));
-    let request = worker::Request::new_with_init(&format!("https://key-limiter{path}"), &init)?;
-    let mut response = stub.fetch_with_request(request).await?;
-    if response.status_code() != 200 {
-        return Err(Error::RustError(format!("limiter answered {} on {path}", response.status_code())));
-    }
-    response.json::<A>().await
-}
-
 /// Runs one D1 statement; returns how many rows it changed.
 pub async fn d1_run(env: &Env, sql: &str, params: &[JsValue]) -> Result<u64, Error> {
-    let result = env.d1(DB)?.prepare(sql).bind(params)?.run().await?;
+    let statement = env.d1(DB)?.prepare(sql).bind(params)?;
+    let result = bounded("D1 statement", statement.run()).await?;
     if let Some(error) = result.error() {
         return Err(Error::RustError(error));
     }
@@ -178,7 +174,8 @@ pub async fn d1_rows<T: serde::de::DeserializeOwned>(
     sql: &str,
     params: &[JsValue],
 ) -> Result<Vec<T>, Error> {
-    env.d1(DB)?.prepare(sql).bind(params)?.all().await?.results::<T>()
+    let statement = env.d1(DB)?.prepare(sql).bind(params)?;
+    bounded("D1 query", statement.all()).await?.results::<T>()
 }
 
 /// A D1 parameter: a string, or NULL.
@@ -225,7 +222,7 @@ pub async fn enqueue_usage(env: &Env, event_json: String) -> Result<(), (Error, 
     let mut failed = Vec::new();
     let mut last_error = None;
     for batch in batches(&events) {
-        if let Err(e) = send_batch(&queue, batch).await {
+        if let Err(e) = send_batch(&queue, batch, 0).await {
             failed.extend(batch.iter().cloned());
             last_error = Some(e);
         }
@@ -253,7 +250,17 @@ fn batches(events: &[String]) -> Vec<&[String]> {
     groups
 }
 
-async fn send_batch(queue: &worker::Queue, events: &[String]) -> Result<(), Error> {
+/// Sends messages to the usage queue now, to be delivered after `delay_secs` (the consumer's reconciliation jobs).
+pub async fn send_delayed(env: &Env, messages: &[String], delay_secs: u32) -> Result<(), Error> {
+    let queue = env.queue(USAGE_EVENTS)?;
+    for batch in batches(messages) {
+        send_batch(&queue, batch, delay_secs).await?;
+    }
+    Ok(())
+}
+
+/// One `sendBatch` (tried three times), delivered after `delay_secs`.
+async fn send_batch(queue: &worker::Queue, events: &[String], delay_secs: u32) -> Result<(), Error> {
     let mut last_error = None;
     for delay_ms in [0u64, 100, 500] {
         if delay_ms > 0 {
@@ -263,10 +270,11 @@ async fn send_batch(queue: &worker::Queue, events: &[String]) -> Result<(), Erro
             .iter()
             .map(|e| {
                 worker::RawMessageBuilder::new(JsValue::from_str(e))
+                    .delay_seconds(delay_secs)
                     .build_with_content_type(worker::QueueContentType::Text)
             })
             .collect();
-        match queue.send_raw_batch(messages).await {
+        match bounded("queue send", queue.send_raw_batch(messages)).await {
             Ok(()) => return Ok(()),
             Err(e) => last_error = Some(e),
         }

@@ -18,7 +18,13 @@ pub struct Config {
     /// Ceiling for a request's `max_tokens` / `max_completion_tokens`.
     pub max_tokens_limit: u32,
     pub max_request_bytes: usize,
+    /// How long the client may take to send its request body.
+    pub client_body_timeout_secs: u64,
+    /// Bounds every upstream wait: the response headers, the silence between stream chunks, a non-streamed
+    /// body, an error body.
     pub upstream_timeout_secs: u64,
+    /// Longest `models` fallback list accepted.
+    pub max_fallback_models: usize,
     pub referer: String,
     pub title: String,
     pub allowed_origins: AllowedOrigins,
@@ -27,16 +33,36 @@ pub struct Config {
     pub rate_limit_window_secs: u64,
     /// How long an admitted request may stay unsettled before the limiter charges its reservation.
     pub reservation_lease_secs: u64,
-    /// Admit requests when the limiter cannot be reached (default: refuse them with a 503).
+    /// Admit requests when the limiter cannot be reached (default: refuse them with a 503). Revocation and
+    /// allowed models are still enforced, from a fresh read of the key.
     pub limiter_fail_open: bool,
+    /// Bounds each call to a key's Durable Object.
+    pub limiter_timeout_ms: u64,
     /// When a client leaves mid-stream: cancel the upstream (stop paying) or drain it (bill its exact usage).
     pub drain_on_client_abort: bool,
+    /// How long a drain may read after the client left (the platform keeps work after a disconnect alive for
+    /// 30 s, and billing must still run after it).
+    pub drain_timeout_secs: u64,
+    /// What a key with a USD budget does with a model whose price is unknown.
+    pub unpriced_model: UnpricedModel,
+    /// Reconcile requests billed by estimate with OpenRouter's own accounting (`GET /generation`).
+    pub reconcile_estimates: bool,
+    /// How many times a reconciliation is tried (with backoff) before the estimate stands.
+    pub reconcile_max_attempts: u32,
     pub models_cache_ttl_secs: u64,
     pub auth_cache_ttl_secs: u64,
     pub auth_cache_max_entries: usize,
     pub posthog: Option<PostHogConfig>,
     /// Enables the admin API (`/admin/*`); without it those routes do not exist.
     pub admin_api_key: Option<Secret>,
+}
+
+/// The worst case of a request to a model without a known price cannot be computed: refuse it, or reserve a
+/// fixed amount of USD.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum UnpricedModel {
+    Refuse,
+    Reserve(f64),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -141,6 +167,14 @@ impl Config {
             max_tokens_default,
             max_tokens_limit,
             max_request_bytes: parse_num("MAX_REQUEST_BYTES", get("MAX_REQUEST_BYTES"), 4 << 20, 1024, 100 << 20)?,
+            client_body_timeout_secs: parse_num(
+                "CLIENT_BODY_TIMEOUT_SECONDS",
+                get("CLIENT_BODY_TIMEOUT_SECONDS"),
+                30,
+                1,
+                600,
+            )?,
+            max_fallback_models: parse_num("MAX_FALLBACK_MODELS", get("MAX_FALLBACK_MODELS"), 8, 1, 64)?,
             upstream_timeout_secs: parse_num(
                 "UPSTREAM_TIMEOUT_SECONDS",
                 get("UPSTREAM_TIMEOUT_SECONDS"),
@@ -173,6 +207,12 @@ impl Config {
                 86_400,
             )?,
             limiter_fail_open: parse_bool("LIMITER_FAIL_OPEN", get("LIMITER_FAIL_OPEN"), false)?,
+            limiter_timeout_ms: parse_num("LIMITER_TIMEOUT_MS", get("LIMITER_TIMEOUT_MS"), 5000, 1, 60_000)?,
+            drain_timeout_secs: parse_num("DRAIN_TIMEOUT_SECONDS", get("DRAIN_TIMEOUT_SECONDS"), 20, 1, 25)?,
+            unpriced_model: parse_unpriced(get("UNPRICED_MODEL_POLICY"), get("UNPRICED_MODEL_RESERVE_USD"))?,
+            reconcile_estimates: parse_bool("RECONCILE_ESTIMATES", get("RECONCILE_ESTIMATES"), true)?,
+            // At most the queue's `max_retries` (wrangler.toml: 10), after which the queue dead-letters the job.
+            reconcile_max_attempts: parse_num("RECONCILE_MAX_ATTEMPTS", get("RECONCILE_MAX_ATTEMPTS"), 8, 1, 10)?,
             drain_on_client_abort: match get("CLIENT_ABORT_POLICY").as_deref() {
                 None | Some("cancel") => false,
                 Some("drain") => true,
@@ -210,6 +250,32 @@ where
     }
     Ok(value)
 }
+
+fn parse_unpriced(policy: Option<String>, amount: Option<String>) -> Result<UnpricedModel, ConfigError> {
+    let usd = match amount {
+        None => None,
+        Some(raw) => match raw.parse::<f64>() {
+            Ok(usd) if usd.is_finite() && usd > 0.0 && usd <= 1e6 => Some(usd),
+            _ => {
+                return Err(ConfigError {
+                    variable: "UNPRICED_MODEL_RESERVE_USD",
+                    problem: format!("'{raw}' is not a positive amount of USD"),
+                })
+            }
+        },
+    };
+    match policy.as_deref() {
+        None | Some("refuse") => Ok(UnpricedModel::Refuse),
+        Some("reserve") => Ok(UnpricedModel::Reserve(usd.unwrap_or(DEFAULT_UNPRICED_RESERVE_USD))),
+        Some(other) => Err(ConfigError {
+            variable: "UNPRICED_MODEL_POLICY",
+            problem: format!("'{other}' is neither 'refuse' nor 'reserve'"),
+        }),
+    }
+}
+
+/// What `UNPRICED_MODEL_POLICY=reserve` reserves per request when no amount is configured.
+pub const DEFAULT_UNPRICED_RESERVE_USD: f64 = 0.10;
 
 fn parse_bool(variable: &'static str, raw: Option<String>, default: bool) -> Result<bool, ConfigError> {
     match raw.as_deref().map(str::to_ascii_lowercase).as_deref() {
@@ -326,6 +392,29 @@ mod tests {
         assert!(!printed.contains("sk-or-v1-abc"));
         assert!(!printed.contains("phc_secret"));
         assert!(!printed.contains("adm-secret"));
+    }
+
+    #[test]
+    fn unpriced_models_are_refused_unless_a_reserve_is_chosen() {
+        assert_eq!(config(&[]).map(|c| c.unpriced_model), Ok(UnpricedModel::Refuse));
+        let reserve = config(&[("UNPRICED_MODEL_POLICY", "reserve")]).map(|c| c.unpriced_model);
+        assert_eq!(reserve, Ok(UnpricedModel::Reserve(DEFAULT_UNPRICED_RESERVE_USD)));
+        let amount = config(&[("UNPRICED_MODEL_POLICY", "reserve"), ("UNPRICED_MODEL_RESERVE_USD", "0.5")]);
+        assert_eq!(amount.map(|c| c.unpriced_model), Ok(UnpricedModel::Reserve(0.5)));
+        assert_eq!(
+            config(&[("UNPRICED_MODEL_POLICY", "hope")]).err().map(|e| e.variable),
+            Some("UNPRICED_MODEL_POLICY")
+        );
+        let bad = config(&[("UNPRICED_MODEL_RESERVE_USD", "-1")]).err().map(|e| e.variable);
+        assert_eq!(bad, Some("UNPRICED_MODEL_RESERVE_USD"));
+    }
+
+    #[test]
+    fn waits_are_bounded_by_configuration() {
+        let c = config(&[]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((c.client_body_timeout_secs, c.limiter_timeout_ms, c.drain_timeout_secs), (30, 5000, 20));
+        assert!(config(&[("DRAIN_TIMEOUT_SECONDS", "26")]).is_err(), "a drain must end inside the platform's 30 s");
+        assert!(config(&[("LIMITER_TIMEOUT_MS", "0")]).is_err());
     }
 
     #[test]

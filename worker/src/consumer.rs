@@ -1,23 +1,28 @@
-//! The Queue consumer: usage events → the D1 ledger, then PostHog.
+//! The Queue consumer: usage events → the D1 ledger, then PostHog; reconciliation jobs → OpenRouter's account of
+//! the generation → the key's Durable Object, the ledger, then PostHog (see `reconcile`).
 //!
-//! Per batch: one INSERT for the whole ledger (idempotent per request id); then, if PostHog is on, one SELECT for
-//! the events PostHog has not accepted yet, one `POST /batch/` with those, and one UPDATE recording the verdict.
-//! Failures retry with exponential backoff (`attempts` is read from each message); a retry repeats only the work
-//! still owed, because the ledger remembers PostHog's verdict per request. After `max_retries` the queue moves
-//! the messages to the dead-letter queue.
+//! Per batch of usage events: one INSERT for the whole ledger (idempotent per request id); one SELECT for where
+//! the rows stand; reconciliation jobs for the rows that await it; then, if PostHog is on, one `POST /batch/`
+//! with the events PostHog is owed and one UPDATE recording its verdict. Failures retry with exponential
+//! backoff (`attempts` is read from each message); a retry repeats only the work still owed, because the ledger
+//! remembers PostHog's verdict and reconciliation's state per request. After `max_retries` the queue moves the
+//! messages to the dead-letter queue.
 //!
 //! The handler is exported by hand rather than with `#[event(queue)]` because the `worker` crate's `Message`
 //! does not expose `attempts`, which the backoff needs.
 
-use serde_json::Value;
+use key_limiter::protocol::AdjustBatch;
 use wasm_bindgen::prelude::*;
 use worker::{Env, Fetch, Headers, Method, Request, RequestInit};
 
-use crate::bindings::{self, iso_time, log_error};
+use crate::bindings::{self, iso_time, log_error, now_ms, within};
+use crate::catalog;
 use crate::config::{Config, PostHogConfig};
-use crate::forward::with_timeout;
-use crate::ledger;
+use crate::forward;
+use crate::ledger::{self, RowState};
+use crate::limiter;
 use crate::posthog::{self, Delivery};
+use crate::reconcile::{self, Job, Lookup, QueueItem};
 use crate::usage_event::UsageEvent;
 
 const POSTHOG_TIMEOUT_SECS: u64 = 10;
@@ -42,11 +47,6 @@ extern "C" {
     fn retry(this: &QueueMessage, options: &JsValue);
 }
 
-#[derive(serde::Deserialize)]
-struct PendingRow {
-    request_id: String,
-}
-
 /// A parsed event and the message that carried it.
 struct Item {
     event: UsageEvent,
@@ -56,10 +56,12 @@ struct Item {
 /// The Worker's `queue` handler (see the module docs for why it is not `#[event(queue)]`).
 #[wasm_bindgen]
 pub async fn queue(batch: QueueBatch, env: Env, _ctx: JsValue) -> Result<(), JsValue> {
-    let mut items = Vec::new();
+    let mut usage = Vec::new();
+    let mut jobs = Vec::new();
     for message in batch.messages().iter().map(JsCast::unchecked_into::<QueueMessage>) {
-        match message.body().as_string().and_then(|s| serde_json::from_str::<UsageEvent>(&s).ok()) {
-            Some(event) => items.push(Item { event, message }),
+        match message.body().as_string().and_then(|s| QueueItem::parse(&s)) {
+            Some(QueueItem::Usage(event)) => usage.push(Item { event, message }),
+            Some(QueueItem::Reconcile(Job { reconcile: event })) => jobs.push(Item { event, message }),
             None => {
                 // Retrying cannot make it parse: keep it out of the way, but say so.
                 log_error("usage_event_unreadable", &format!("{:?}", message.body().as_string()));
@@ -68,8 +70,14 @@ pub async fn queue(batch: QueueBatch, env: Env, _ctx: JsValue) -> Result<(), JsV
         }
     }
     match bindings::config(&env) {
-        Ok(config) => deliver(&env, &config, &items).await,
-        Err(_) => retry(&items),
+        Ok(config) => {
+            deliver(&env, &config, &usage).await;
+            reconcile_all(&env, &config, &jobs).await;
+        }
+        Err(_) => {
+            retry(&usage);
+            retry(&jobs);
+        }
     }
     Ok(())
 }
@@ -79,23 +87,39 @@ async fn deliver(env: &Env, config: &Config, items: &[Item]) {
         return;
     }
     let events: Vec<&UsageEvent> = items.iter().map(|i| &i.event).collect();
-    let rows = ledger::rows_json(events.iter().copied(), iso_time);
+    let rows =
+        ledger::rows_json(events.iter().copied(), iso_time, |e| reconcile::wanted(e, config.reconcile_estimates));
     if let Err(e) = bindings::d1_run(env, ledger::INSERT_BATCH, &[rows.as_str().into()]).await {
         log_error("ledger_write_failed", &e.to_string());
         return retry(items);
     }
-    let Some(posthog) = &config.posthog else { return ack(items) };
-    let ids = ledger::ids_json(events.iter().map(|e| e.request_id.as_str()));
-    let pending = match bindings::d1_rows::<PendingRow>(env, ledger::PENDING_FOR_POSTHOG, &[ids.as_str().into()]).await
-    {
-        Ok(rows) => rows.into_iter().map(|r| r.request_id).collect::<Vec<String>>(),
-        Err(e) => {
-            log_error("ledger_read_failed", &e.to_string());
+    let Some(states) = row_states(env, items.iter().map(|i| i.event.request_id.as_str())).await else {
+        return retry(items);
+    };
+    let state_of = |item: &Item| states.iter().find(|s| s.request_id == item.event.request_id);
+
+    // Rows awaiting reconciliation: a job each (repeats are harmless, see `reconcile`).
+    let pending: Vec<&Item> = items.iter().filter(|i| state_of(i).is_some_and(RowState::reconcile_pending)).collect();
+    if !pending.is_empty() {
+        let jobs: Vec<String> =
+            pending.iter().filter_map(|i| serde_json::to_string(&Job { reconcile: i.event.clone() }).ok()).collect();
+        if let Err(e) = bindings::send_delayed(env, &jobs, reconcile::FIRST_LOOKUP_DELAY_SECS).await {
+            log_error("reconcile_enqueue_failed", &e.to_string());
             return retry(items);
         }
+    }
+
+    let (owed, done): (Vec<&Item>, Vec<&Item>) = match &config.posthog {
+        Some(_) => items.iter().partition(|i| state_of(i).is_some_and(RowState::owes_posthog)),
+        None => (Vec::new(), items.iter().collect()),
     };
-    let (owed, done): (Vec<&Item>, Vec<&Item>) = items.iter().partition(|i| pending.contains(&i.event.request_id));
     ack(done);
+    send_owed(env, config, owed).await;
+}
+
+/// Sends PostHog the events it is owed, records its verdict, and acks or retries their messages.
+async fn send_owed(env: &Env, config: &Config, owed: Vec<&Item>) {
+    let Some(posthog) = &config.posthog else { return ack(owed) };
     if owed.is_empty() {
         return;
     }
@@ -115,20 +139,100 @@ async fn deliver(env: &Env, config: &Config, items: &[Item]) {
     }
 }
 
+async fn row_states<'a>(env: &Env, ids: impl IntoIterator<Item = &'a str>) -> Option<Vec<RowState>> {
+    let ids = ledger::ids_json(ids);
+    match bindings::d1_rows::<RowState>(env, ledger::ROW_STATES, &[ids.as_str().into()]).await {
+        Ok(rows) => Some(rows),
+        Err(e) => {
+            log_error("ledger_read_failed", &e.to_string());
+            None
+        }
+    }
+}
+
+/// Reconciles each job's row (see `reconcile`), then sends PostHog the events that were held back for them.
+async fn reconcile_all(env: &Env, config: &Config, jobs: &[Item]) {
+    if jobs.is_empty() {
+        return;
+    }
+    let mut settled = Vec::new();
+    for job in jobs {
+        match reconcile_one(env, config, job).await {
+            Some(final_event) => {
+                settled.push(Item { event: final_event, message: job.message.clone().unchecked_into() })
+            }
+            None => retry([job]),
+        }
+    }
+    let Some(states) = row_states(env, settled.iter().map(|i| i.event.request_id.as_str())).await else {
+        return retry(&settled);
+    };
+    let (owed, done): (Vec<&Item>, Vec<&Item>) =
+        settled.iter().partition(|i| states.iter().any(|s| s.request_id == i.event.request_id && s.owes_posthog()));
+    ack(done);
+    send_owed(env, config, owed).await;
+}
+
+/// One job: look the generation up, correct the key's budget and the ledger row. Returns the request's final
+/// event (reconciled, or the estimate when reconciliation gave up), or `None` to try again later.
+async fn reconcile_one(env: &Env, config: &Config, job: &Item) -> Option<UsageEvent> {
+    let event = &job.event;
+    let generation_id = event.generation_id.as_deref()?;
+    let last_attempt = job.message.attempts() >= f64::from(config.reconcile_max_attempts);
+    let looked_up = forward::get_generation(config, generation_id).await;
+    let status = looked_up.as_ref().map(|(status, _)| *status);
+    let generation = looked_up.and_then(|(_, body)| reconcile::read_generation(&body));
+    let generation = match (reconcile::classify(status), generation) {
+        (Lookup::Found, Some(generation)) => generation,
+        (lookup, _) => {
+            if lookup == Lookup::Later && !last_attempt {
+                return None;
+            }
+            log_error(
+                "reconcile_gave_up",
+                &format!("{} ({generation_id}): lookup answered {status:?}", event.request_id),
+            );
+            let failed = [event.request_id.as_str().into(), iso_time(now_ms()).into()];
+            bindings::d1_run(env, ledger::RECONCILE_FAILED, &failed).await.ok()?;
+            return Some(event.clone());
+        }
+    };
+    if let Some(adjustment) = reconcile::adjustment(event, &generation) {
+        let batch = AdjustBatch { adjust: vec![adjustment] };
+        if let Err(e) = limiter::call(env, &event.key_id, &batch, config.limiter_timeout_ms).await {
+            log_error("reconcile_adjust_failed", &e.to_string());
+            return None;
+        }
+    }
+    let reconciled = reconcile::reconciled(event, &generation);
+    let params = [
+        reconciled.request_id.as_str().into(),
+        JsValue::from_f64(reconciled.input_tokens as f64),
+        JsValue::from_f64(reconciled.output_tokens as f64),
+        JsValue::from_f64(reconciled.cached_tokens as f64),
+        JsValue::from_f64(reconciled.reasoning_tokens as f64),
+        JsValue::from_f64(reconciled.cost_usd),
+        iso_time(now_ms()).into(),
+    ];
+    if let Err(e) = bindings::d1_run(env, ledger::RECONCILE_DONE, &params).await {
+        log_error("ledger_write_failed", &e.to_string());
+        return None;
+    }
+    Some(reconciled)
+}
+
 /// POSTs the events to PostHog and says what to do next.
 async fn send_to_posthog(env: &Env, config: &Config, posthog: &PostHogConfig, events: &[&UsageEvent]) -> Delivery {
-    let model_list = bindings::cached_models(env).await.and_then(|m| serde_json::from_str::<Value>(&m.body).ok());
-    let batch: Vec<Value> = events
+    let prices = catalog::prices(env, config).await.unwrap_or_default();
+    let batch: Vec<serde_json::Value> = events
         .iter()
         .map(|e| {
-            let prices = model_list
-                .as_ref()
-                .and_then(|list| posthog::prices_from_model_list(list, e.served_model.as_deref().unwrap_or(&e.model)));
+            let price = prices.get(e.served_model.as_deref().unwrap_or(&e.model)).copied();
             posthog::generation_event(
                 e,
                 &iso_time(e.timestamp_ms),
                 &config.upstream_base_url,
-                prices,
+                price,
                 posthog.capture_content,
             )
         })
@@ -149,7 +253,8 @@ async fn post_json(url: &str, body: &str) -> Option<u16> {
     let mut init = RequestInit::new();
     init.with_method(Method::Post).with_headers(headers).with_body(Some(JsValue::from_str(body)));
     let request = Request::new_with_init(url, &init).ok()?;
-    let response = with_timeout(Fetch::Request(request).send(), POSTHOG_TIMEOUT_SECS).await.ok()?.ok()?;
+    let timeout = std::time::Duration::from_secs(POSTHOG_TIMEOUT_SECS);
+    let response = within(timeout, Fetch::Request(request).send()).await?.ok()?;
     Some(response.status_code())
 }
 

@@ -4,13 +4,14 @@
 use crate::config::AllowedOrigins;
 
 /// Headers every SDK needs to read from a cross-origin response.
-const EXPOSED_HEADERS: &str = "x-request-id, retry-after, retry-after-ms, x-ratelimit-limit-requests, \
+const EXPOSED_HEADERS: &str =
+    "x-request-id, x-client-request-id, retry-after, retry-after-ms, x-ratelimit-limit-requests, \
 x-ratelimit-remaining-requests, x-ratelimit-reset-requests, x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens, \
 x-ratelimit-reset-tokens, ratelimit, ratelimit-policy, x-generation-id";
 const ALLOWED_METHODS: &str = "GET, POST, OPTIONS";
 /// Used when a preflight names no headers; otherwise the requested list is echoed (the OpenAI SDKs send many
 /// `x-stainless-*` headers, and a fixed list would break them whenever they add one).
-const DEFAULT_ALLOWED_HEADERS: &str = "authorization, content-type, x-request-id";
+const DEFAULT_ALLOWED_HEADERS: &str = "authorization, content-type, x-request-id, x-client-request-id";
 const PREFLIGHT_MAX_AGE_SECS: &str = "86400";
 
 pub type HeaderList = Vec<(&'static str, String)>;

@@ -11,14 +11,17 @@ pub struct ApiError {
     pub status: u16,
     pub kind: &'static str,
     pub code: Option<&'static str>,
-    pub param: Option<String>,
-    pub message: String,
+    /// Boxed to keep the error small on the `Result` paths it travels.
+    pub param: Option<Box<str>>,
+    pub message: Box<str>,
     /// Seconds the client should wait before retrying (`Retry-After`); also rendered as `retry-after-ms`.
     pub retry_after_ms: Option<u64>,
     /// Stable, low-cardinality name for logs and metrics.
     pub label: &'static str,
     /// Rendered as `x-should-retry`, which the OpenAI SDKs obey before their own retry rules.
     pub should_retry: Option<bool>,
+    /// Rendered as `Allow` (a 405 names the methods the path takes).
+    pub allow: Option<&'static str>,
 }
 
 #[derive(Serialize)]
@@ -37,11 +40,12 @@ struct Inner<'a> {
 
 impl ApiError {
     fn new(status: u16, kind: &'static str, code: Option<&'static str>, label: &'static str, message: String) -> Self {
-        Self { status, kind, code, param: None, message, retry_after_ms: None, label, should_retry: None }
+        let message = message.into_boxed_str();
+        Self { status, kind, code, param: None, message, retry_after_ms: None, label, should_retry: None, allow: None }
     }
 
     fn with_param(mut self, param: impl Into<String>) -> Self {
-        self.param = Some(param.into());
+        self.param = Some(param.into().into_boxed_str());
         self
     }
 
@@ -100,13 +104,56 @@ impl ApiError {
         )
     }
 
-    pub fn method_not_allowed(method: &str, allowed: &str) -> Self {
-        Self::new(
+    pub fn method_not_allowed(method: &str, allowed: &'static str) -> Self {
+        let shown: String = method.chars().take(32).collect();
+        let mut error = Self::new(
             405,
             "invalid_request_error",
             Some("method_not_allowed"),
             "method_not_allowed",
-            format!("Method {method} is not allowed here; use {allowed}."),
+            format!("Method {shown} is not allowed here; use {allowed}."),
+        );
+        error.allow = Some(allowed);
+        error
+    }
+
+    /// The client did not send its whole body in time.
+    pub fn body_timeout(seconds: u64) -> Self {
+        Self::new(
+            408,
+            "invalid_request_error",
+            Some("request_timeout"),
+            "request_body_timeout",
+            format!("The request body did not arrive within {seconds} s."),
+        )
+    }
+
+    /// A key with a USD budget asked for a model whose price is unknown, so its worst case cannot be reserved.
+    pub fn model_price_unknown(model: &str) -> Self {
+        let shown: String = model.chars().take(200).collect();
+        Self::new(
+            400,
+            "invalid_request_error",
+            Some("model_price_unknown"),
+            "model_price_unknown",
+            format!(
+                "This API key has a USD budget, and the price of the model '{shown}' is unknown, so its cost cannot be reserved. Use a model with a published price."
+            ),
+        )
+        .with_param("model")
+    }
+
+    /// A change was saved, but the key's Durable Object (which enforces it at once) could not be told.
+    pub fn limiter_not_told(key_id: &str) -> Self {
+        let shown: String = key_id.chars().take(64).collect();
+        Self::new(
+            503,
+            "server_error",
+            Some("limiter_unavailable"),
+            "limiter_configure_failed",
+            format!(
+                "The change to key '{shown}' was saved, but its rate limiter could not be told, so it may not apply to requests yet (at the latest after the auth cache's TTL). Retry the request."
+            ),
         )
     }
 
@@ -238,6 +285,22 @@ impl ApiError {
         format!("data: {}\n\n", self.body_json())
     }
 
+    /// The headers this error implies: `Retry-After` / `retry-after-ms`, `x-should-retry`, `Allow`.
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        let mut headers = Vec::new();
+        if let (Some(ms), Some(secs)) = (self.retry_after_ms, self.retry_after_secs()) {
+            headers.push(("retry-after", secs.to_string()));
+            headers.push(("retry-after-ms", ms.to_string()));
+        }
+        if let Some(should_retry) = self.should_retry {
+            headers.push(("x-should-retry", should_retry.to_string()));
+        }
+        if let Some(allow) = self.allow {
+            headers.push(("allow", allow.to_owned()));
+        }
+        headers
+    }
+
     /// Whole seconds for `Retry-After` (rounded up, as the header cannot express fractions).
     pub fn retry_after_secs(&self) -> Option<u64> {
         self.retry_after_ms.map(|ms| ms.div_ceil(1000))
@@ -316,6 +379,47 @@ mod tests {
         let ev = ApiError::upstream_unreachable().sse_event();
         assert!(ev.starts_with("data: {\"error\":"));
         assert!(ev.ends_with("\n\n"));
+    }
+
+    /// Every constructor's status, type and code, pinned (the contract clients and SDKs depend on).
+    #[test]
+    fn each_error_has_its_status_type_and_code() {
+        let table: Vec<(ApiError, u16, &str, Option<&str>)> = vec![
+            (ApiError::invalid_param("x", "m"), 400, "invalid_request_error", None),
+            (ApiError::invalid_request("m"), 400, "invalid_request_error", None),
+            (ApiError::invalid_api_key("m"), 401, "invalid_request_error", Some("invalid_api_key")),
+            (ApiError::model_not_allowed("m"), 403, "invalid_request_error", Some("model_not_allowed")),
+            (ApiError::key_not_found("k"), 404, "invalid_request_error", Some("key_not_found")),
+            (ApiError::not_found("/x"), 404, "invalid_request_error", Some("unknown_url")),
+            (ApiError::method_not_allowed("PUT", "GET"), 405, "invalid_request_error", Some("method_not_allowed")),
+            (ApiError::body_timeout(30), 408, "invalid_request_error", Some("request_timeout")),
+            (ApiError::payload_too_large(10), 413, "invalid_request_error", Some("request_too_large")),
+            (ApiError::rate_limited("tokens", "m".into()), 429, "tokens", Some("rate_limit_exceeded")),
+            (ApiError::quota_exhausted("m".into()), 429, "insufficient_quota", Some("insufficient_quota")),
+            (ApiError::model_price_unknown("m"), 400, "invalid_request_error", Some("model_price_unknown")),
+            (ApiError::upstream_malformed(), 502, "server_error", Some("upstream_malformed_response")),
+            (ApiError::upstream_cut_off(), 502, "server_error", Some("upstream_cut_off")),
+            (ApiError::upstream_unreachable(), 502, "server_error", Some("upstream_unreachable")),
+            (ApiError::upstream_timeout(5), 504, "server_error", Some("upstream_timeout")),
+            (ApiError::internal("x"), 500, "server_error", Some("internal_error")),
+            (ApiError::unavailable("x", "X"), 503, "server_error", Some("service_unavailable")),
+            (ApiError::limiter_not_told("k"), 503, "server_error", Some("limiter_unavailable")),
+        ];
+        for (error, status, kind, code) in table {
+            assert_eq!((error.status, error.kind, error.code), (status, kind, code), "{}", error.label);
+            let body = parse(&error);
+            assert_eq!(body["error"]["type"], kind);
+            assert_eq!(body["error"]["code"].as_str(), code);
+        }
+    }
+
+    #[test]
+    fn headers_are_rendered_with_the_error() {
+        let h = ApiError::method_not_allowed("PROPFIND", "GET").headers();
+        assert_eq!(h, vec![("allow", "GET".to_owned())]);
+        let h = ApiError::quota_exhausted("m".into()).with_retry_after_ms(1500).headers();
+        assert!(h.contains(&("retry-after", "2".to_owned())) && h.contains(&("retry-after-ms", "1500".to_owned())));
+        assert!(h.contains(&("x-should-retry", "false".to_owned())));
     }
 
     #[test]

@@ -1,17 +1,16 @@
 //! Talking to OpenRouter (or Cloudflare AI Gateway in front of it): building the upstream request, bounding it
 //! with a timeout, and turning upstream failures into [`ApiError`]s.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
-use futures_util::future::{select, Either};
-use std::borrow::Cow;
-
+use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::Value;
 use wasm_bindgen::JsValue;
-use worker::{AbortController, Delay, Fetch, Headers, Method, Request, RequestInit, Response};
+use worker::{AbortController, Fetch, Headers, Method, Request, RequestInit, Response};
 
-use crate::bindings::log_error;
+use crate::bindings::{log_error, within};
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::usage::Usage;
@@ -22,7 +21,17 @@ const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
 /// An upstream response, and the means to abort it (its body included) later.
 pub struct Upstream {
     pub response: Response,
-    pub abort: AbortController,
+    /// Taken when used (aborting consumes it).
+    pub abort: Option<AbortController>,
+}
+
+impl Upstream {
+    /// Aborts the upstream request: it stops generating, and its connection is released.
+    pub fn abort(&mut self) {
+        if let Some(abort) = self.abort.take() {
+            abort.abort();
+        }
+    }
 }
 
 /// Sends the chat body upstream and returns the response once its headers have arrived.
@@ -42,28 +51,53 @@ pub async fn get_models(config: &Config) -> Result<Vec<u8>, ApiError> {
     let mut init = RequestInit::new();
     init.with_method(Method::Get).with_headers(upstream_headers(config)?);
     let request = Request::new_with_init(&url, &init).map_err(|e| internal("upstream_request_build", &e))?;
-    let Upstream { mut response, .. } = send(request, config.upstream_timeout_secs).await?;
-    if !(200..300).contains(&response.status_code()) {
-        return Err(upstream_error(&mut response).await);
+    let mut upstream = send(request, config.upstream_timeout_secs).await?;
+    if !(200..300).contains(&upstream.response.status_code()) {
+        return Err(upstream_error(&mut upstream, config.upstream_timeout_secs).await);
     }
-    with_timeout(response.bytes(), config.upstream_timeout_secs).await?.map_err(|_| ApiError::upstream_unreachable())
+    read_body(&mut upstream, config.upstream_timeout_secs).await
 }
 
-/// Reads a whole (non-streamed) upstream body within the timeout.
-pub async fn read_body(response: &mut Response, timeout_secs: u64) -> Result<Vec<u8>, ApiError> {
-    with_timeout(response.bytes(), timeout_secs).await?.map_err(|e| {
-        log_error("upstream_body_read_failed", &e.to_string());
-        ApiError::upstream_cut_off()
-    })
+/// Reads a whole (non-streamed) upstream body within the timeout; on timeout the upstream request is aborted
+/// (so it stops generating, and its connection is released).
+pub async fn read_body(upstream: &mut Upstream, timeout_secs: u64) -> Result<Vec<u8>, ApiError> {
+    let bytes = within(Duration::from_secs(timeout_secs), upstream.response.bytes()).await;
+    match bytes {
+        Some(Ok(bytes)) => Ok(bytes),
+        Some(Err(e)) => {
+            log_error("upstream_body_read_failed", &e.to_string());
+            Err(ApiError::upstream_cut_off())
+        }
+        None => {
+            upstream.abort();
+            Err(ApiError::upstream_timeout(timeout_secs))
+        }
+    }
 }
 
-/// Turns a non-2xx upstream response into the client's error, keeping its status and `Retry-After`.
-pub async fn upstream_error(response: &mut Response) -> ApiError {
-    let status = response.status_code();
-    let retry_after = response.headers().get("retry-after").ok().flatten();
-    let body = response.bytes().await.unwrap_or_default();
-    let body = &body[..body.len().min(MAX_ERROR_BODY_BYTES)];
-    error_from_upstream(status, body, retry_after.as_deref())
+/// Turns a non-2xx upstream response into the client's error, keeping its status and `Retry-After`. Its body is
+/// read up to [`MAX_ERROR_BODY_BYTES`] and within the timeout; the rest is not waited for (the request is
+/// aborted).
+pub async fn upstream_error(upstream: &mut Upstream, timeout_secs: u64) -> ApiError {
+    let status = upstream.response.status_code();
+    let retry_after = upstream.response.headers().get("retry-after").ok().flatten();
+    let mut body = Vec::new();
+    if let Ok(mut stream) = upstream.response.stream() {
+        let read = async {
+            while let Some(Ok(chunk)) = stream.next().await {
+                body.extend_from_slice(&chunk[..chunk.len().min(MAX_ERROR_BODY_BYTES - body.len())]);
+                if body.len() >= MAX_ERROR_BODY_BYTES {
+                    return false;
+                }
+            }
+            true
+        };
+        let read_whole = within(Duration::from_secs(timeout_secs), read).await.unwrap_or(false);
+        if !read_whole {
+            upstream.abort();
+        }
+    }
+    error_from_upstream(status, &body, retry_after.as_deref())
 }
 
 /// Pure mapping of an upstream error response (OpenRouter: `{"error":{"code","message","metadata"}}`).
@@ -83,8 +117,14 @@ pub fn error_from_upstream(status: u16, body: &[u8], retry_after: Option<&str>) 
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Completion {
     pub served_model: Option<String>,
+    /// OpenRouter's generation id (the body's `id`).
+    pub generation_id: Option<String>,
     pub usage: Option<Usage>,
+    /// The first choice's text (for content capture).
     pub content: String,
+    /// Characters generated over every choice (content, reasoning, tool calls), for an estimate if the body
+    /// carries no usage.
+    pub generated_chars: usize,
     pub finish_reason: Option<String>,
 }
 
@@ -94,6 +134,8 @@ pub struct Completion {
 pub fn read_completion(body: &[u8]) -> Result<Completion, ApiError> {
     #[derive(Deserialize)]
     struct Body<'a> {
+        #[serde(borrow)]
+        id: Option<Cow<'a, str>>,
         #[serde(borrow)]
         model: Option<Cow<'a, str>>,
         usage: Option<Value>,
@@ -112,6 +154,9 @@ pub fn read_completion(body: &[u8]) -> Result<Completion, ApiError> {
     struct Message<'a> {
         #[serde(borrow)]
         content: Option<Cow<'a, str>>,
+        #[serde(borrow)]
+        reasoning: Option<Cow<'a, str>>,
+        tool_calls: Option<Value>,
     }
     // Odd shapes (a non-string content, a non-list of choices) are read loosely, as a JSON tree.
     let parsed = match serde_json::from_slice::<Body>(body) {
@@ -121,13 +166,37 @@ pub fn read_completion(body: &[u8]) -> Result<Completion, ApiError> {
     if let Some(error) = error_in_body(parsed.error.as_ref()) {
         return Err(error);
     }
+    let generated_chars = parsed
+        .choices
+        .iter()
+        .filter_map(|c| c.message.as_ref())
+        .map(|m| chars(m.content.as_deref()) + chars(m.reasoning.as_deref()) + tool_call_chars(m.tool_calls.as_ref()))
+        .sum();
     let first = parsed.choices.into_iter().next();
     Ok(Completion {
         served_model: parsed.model.map(Cow::into_owned),
+        generation_id: parsed.id.map(Cow::into_owned),
         usage: parsed.usage.as_ref().and_then(Usage::from_json),
         content: first.as_ref().and_then(|c| c.message.as_ref()?.content.as_deref()).unwrap_or_default().to_owned(),
+        generated_chars,
         finish_reason: first.and_then(|c| c.finish_reason).map(Cow::into_owned),
     })
+}
+
+fn chars(text: Option<&str>) -> usize {
+    text.map_or(0, |t| t.chars().count())
+}
+
+/// Names and arguments of a message's tool calls.
+fn tool_call_chars(tool_calls: Option<&Value>) -> usize {
+    let Some(calls) = tool_calls.and_then(Value::as_array) else { return 0 };
+    calls
+        .iter()
+        .map(|c| {
+            let field = |name: &str| c.pointer(&format!("/function/{name}")).and_then(Value::as_str);
+            chars(field("name")) + chars(field("arguments"))
+        })
+        .sum()
 }
 
 fn read_completion_loosely(body: &[u8]) -> Result<Completion, ApiError> {
@@ -138,10 +207,13 @@ fn read_completion_loosely(body: &[u8]) -> Result<Completion, ApiError> {
     if !parsed.is_object() {
         return Err(ApiError::upstream_malformed());
     }
+    let content = parsed.pointer("/choices/0/message/content").and_then(Value::as_str).unwrap_or_default().to_owned();
     Ok(Completion {
         served_model: parsed.get("model").and_then(Value::as_str).map(str::to_owned),
+        generation_id: parsed.get("id").and_then(Value::as_str).map(str::to_owned),
         usage: parsed.get("usage").and_then(Usage::from_json),
-        content: parsed.pointer("/choices/0/message/content").and_then(Value::as_str).unwrap_or_default().to_owned(),
+        generated_chars: content.chars().count(),
+        content,
         finish_reason: parsed.pointer("/choices/0/finish_reason").and_then(Value::as_str).map(str::to_owned),
     })
 }
@@ -181,29 +253,34 @@ fn set_header(headers: &Headers, name: &str, value: &str) -> Result<(), ApiError
 async fn send(request: Request, timeout_secs: u64) -> Result<Upstream, ApiError> {
     let controller = AbortController::default();
     let fetch = Fetch::Request(request);
-    let result = with_timeout(fetch.send_with_signal(&controller.signal()), timeout_secs).await;
-    match result {
-        Ok(Ok(response)) => Ok(Upstream { response, abort: controller }),
-        Ok(Err(e)) => {
+    match within(Duration::from_secs(timeout_secs), fetch.send_with_signal(&controller.signal())).await {
+        Some(Ok(response)) => Ok(Upstream { response, abort: Some(controller) }),
+        Some(Err(e)) => {
             log_error("upstream_fetch_failed", &e.to_string());
             Err(ApiError::upstream_unreachable())
         }
-        Err(timeout) => {
+        None => {
             controller.abort();
-            Err(timeout)
+            Err(ApiError::upstream_timeout(timeout_secs))
         }
     }
 }
 
-/// Runs `future`, or gives up with a 504 after `timeout_secs`.
-pub async fn with_timeout<F: std::future::Future>(future: F, timeout_secs: u64) -> Result<F::Output, ApiError> {
-    let future = std::pin::pin!(future);
-    let timer = Delay::from(Duration::from_secs(timeout_secs));
-    match select(future, timer).await {
-        Either::Left((output, _)) => Ok(output),
-        Either::Right(_) => Err(ApiError::upstream_timeout(timeout_secs)),
-    }
+/// Looks a generation up (`GET /generation?id=…`, OpenRouter's account of its tokens and cost) and returns the
+/// status and body, or `None` when the upstream could not be reached in time.
+pub async fn get_generation(config: &Config, generation_id: &str) -> Option<(u16, Vec<u8>)> {
+    let mut url = worker::Url::parse(&format!("{}/generation", config.upstream_base_url)).ok()?;
+    url.query_pairs_mut().append_pair("id", generation_id);
+    let mut init = RequestInit::new();
+    init.with_method(Method::Get).with_headers(upstream_headers(config).ok()?);
+    let request = Request::new_with_init(url.as_str(), &init).ok()?;
+    let mut upstream = send(request, GENERATION_TIMEOUT_SECS).await.ok()?;
+    let status = upstream.response.status_code();
+    let body = read_body(&mut upstream, GENERATION_TIMEOUT_SECS).await.ok()?;
+    Some((status, body))
 }
+
+const GENERATION_TIMEOUT_SECS: u64 = 10;
 
 fn internal(label: &'static str, e: &worker::Error) -> ApiError {
     log_error(label, &e.to_string());
@@ -243,6 +320,16 @@ mod tests {
         assert_eq!(read(json!({"error": {"code": "weird"}})).err().map(|e| e.status), Some(502));
         assert!(read(json!({"choices": []})).is_ok());
         assert!(read(json!({"error": null, "choices": []})).is_ok());
+    }
+
+    #[test]
+    fn every_choice_counts_towards_what_was_generated() {
+        let body = json!({"id": "gen-7", "choices": [
+            {"message": {"content": "abc", "reasoning": "hm"}},
+            {"message": {"content": null, "tool_calls": [{"function": {"name": "f", "arguments": "{\"a\":1}"}}]}}]});
+        let c = read(body).expect("completion");
+        assert_eq!(c.generated_chars, 3 + 2 + 1 + 7);
+        assert_eq!(c.generation_id.as_deref(), Some("gen-7"));
     }
 
     #[test]

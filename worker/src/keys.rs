@@ -297,7 +297,7 @@ mod tests {
     fn param(body: Value, creating: bool) -> Option<String> {
         parse(body, creating).err().and_then(|e| {
             assert_eq!(e.status, 400);
-            e.param
+            e.param.map(String::from)
         })
     }
 

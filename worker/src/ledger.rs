@@ -4,38 +4,76 @@
 //! events is one INSERT (D1 allows 100 bound parameters per statement; binding columns one by one would need
 //! five statements per 100 events). `ON CONFLICT DO NOTHING` on the request id makes redelivery harmless.
 //! `posthog_state` tracks the other sink: a retried batch only re-sends what PostHog has not accepted yet.
+//! `reconcile_state` tracks reconciliation (see `reconcile`): a row awaiting it holds its PostHog event back.
 
 use serde_json::{json, Value};
 
 use crate::usage_event::UsageEvent;
 
-pub const INSERT_BATCH: &str = "INSERT INTO usage_logs (request_id, key_id, user_id, model, served_model, \
-input_tokens, output_tokens, cached_tokens, reasoning_tokens, cost, usage_source, status, streamed, finish_reason, \
-error, latency_ms, ttft_ms, created_at) \
-SELECT json_extract(value, '$.request_id'), json_extract(value, '$.key_id'), json_extract(value, '$.user_id'), \
+pub const INSERT_BATCH: &str = "INSERT INTO usage_logs (request_id, client_request_id, generation_id, key_id, \
+user_id, model, served_model, input_tokens, output_tokens, cached_tokens, reasoning_tokens, cost, usage_source, \
+status, streamed, finish_reason, error, latency_ms, ttft_ms, created_at, reconcile_state) \
+SELECT json_extract(value, '$.request_id'), json_extract(value, '$.client_request_id'), \
+json_extract(value, '$.generation_id'), json_extract(value, '$.key_id'), json_extract(value, '$.user_id'), \
 json_extract(value, '$.model'), json_extract(value, '$.served_model'), json_extract(value, '$.input_tokens'), \
 json_extract(value, '$.output_tokens'), json_extract(value, '$.cached_tokens'), \
 json_extract(value, '$.reasoning_tokens'), json_extract(value, '$.cost'), json_extract(value, '$.usage_source'), \
 json_extract(value, '$.status'), json_extract(value, '$.streamed'), json_extract(value, '$.finish_reason'), \
 json_extract(value, '$.error'), json_extract(value, '$.latency_ms'), json_extract(value, '$.ttft_ms'), \
-json_extract(value, '$.created_at') \
+json_extract(value, '$.created_at'), json_extract(value, '$.reconcile_state') \
 FROM json_each(?1) WHERE true ON CONFLICT (request_id) DO NOTHING";
 
-/// Which of the batch's request ids PostHog has not accepted yet.
-pub const PENDING_FOR_POSTHOG: &str = "SELECT request_id FROM usage_logs \
-WHERE request_id IN (SELECT value FROM json_each(?1)) AND posthog_state IS NULL";
+/// Where the batch's rows stand: PostHog's verdict and reconciliation.
+pub const ROW_STATES: &str = "SELECT request_id, posthog_state, reconcile_state FROM usage_logs \
+WHERE request_id IN (SELECT value FROM json_each(?1))";
+
+/// Replaces a pending row's estimate with OpenRouter's account (`?1` request id, then the counts, the cost and
+/// the time). Changes nothing once the row is reconciled, so a repeated job is harmless.
+pub const RECONCILE_DONE: &str = "UPDATE usage_logs SET input_tokens = ?2, output_tokens = ?3, cached_tokens = ?4, \
+reasoning_tokens = ?5, cost = ?6, usage_source = 'reconciled', reconcile_state = 'done', reconciled_at = ?7 \
+WHERE request_id = ?1 AND reconcile_state = 'pending'";
+
+/// Gives a pending row up: its estimate stands (`?1` request id, `?2` the time).
+pub const RECONCILE_FAILED: &str = "UPDATE usage_logs SET reconcile_state = 'failed', reconciled_at = ?2 \
+WHERE request_id = ?1 AND reconcile_state = 'pending'";
+
+/// A row's state as [`ROW_STATES`] reads it.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+pub struct RowState {
+    pub request_id: String,
+    pub posthog_state: Option<String>,
+    pub reconcile_state: Option<String>,
+}
+
+impl RowState {
+    /// PostHog is owed this row's event: not sent yet, and not held back for reconciliation.
+    pub fn owes_posthog(&self) -> bool {
+        self.posthog_state.is_none() && self.reconcile_state.as_deref() != Some("pending")
+    }
+
+    pub fn reconcile_pending(&self) -> bool {
+        self.reconcile_state.as_deref() == Some("pending")
+    }
+}
 
 /// Records PostHog's verdict (`sent` or `rejected`) for these request ids.
 pub const MARK_POSTHOG: &str = "UPDATE usage_logs SET posthog_state = ?2 \
 WHERE request_id IN (SELECT value FROM json_each(?1))";
 
-/// The rows to insert, as the JSON array bound to [`INSERT_BATCH`]. `created_at` formats a timestamp (RFC 3339).
-pub fn rows_json<'a>(events: impl IntoIterator<Item = &'a UsageEvent>, created_at: impl Fn(u64) -> String) -> String {
+/// The rows to insert, as the JSON array bound to [`INSERT_BATCH`]. `created_at` formats a timestamp (RFC 3339);
+/// `reconcile` says which rows await reconciliation.
+pub fn rows_json<'a>(
+    events: impl IntoIterator<Item = &'a UsageEvent>,
+    created_at: impl Fn(u64) -> String,
+    reconcile: impl Fn(&UsageEvent) -> bool,
+) -> String {
     let rows: Vec<Value> = events
         .into_iter()
         .map(|e| {
             json!({
                 "request_id": e.request_id,
+                "client_request_id": e.client_request_id,
+                "generation_id": e.generation_id,
                 "key_id": e.key_id,
                 "user_id": e.user_id,
                 "model": e.model,
@@ -53,6 +91,7 @@ pub fn rows_json<'a>(events: impl IntoIterator<Item = &'a UsageEvent>, created_a
                 "latency_ms": e.latency_ms,
                 "ttft_ms": e.ttft_ms,
                 "created_at": created_at(e.timestamp_ms),
+                "reconcile_state": reconcile(e).then_some("pending"),
             })
         })
         .collect();
@@ -73,6 +112,9 @@ mod tests {
     fn rows_carry_every_inserted_column() {
         let event = UsageEvent {
             request_id: "r".into(),
+            client_request_id: Some("c".into()),
+            generation_id: Some("g".into()),
+            admitted_at_ms: 7,
             key_id: "k".into(),
             user_id: "u".into(),
             model: "m".into(),
@@ -94,11 +136,14 @@ mod tests {
             max_tokens: 8,
             content: None,
         };
-        let rows: Value = serde_json::from_str(&rows_json([&event], |ms| format!("t{ms}"))).expect("json");
+        let rows: Value = serde_json::from_str(&rows_json([&event], |ms| format!("t{ms}"), |_| true)).expect("json");
         let row = &rows[0];
         let columns = INSERT_BATCH.split(" SELECT ").next().unwrap_or_default();
         for column in [
             "request_id",
+            "client_request_id",
+            "generation_id",
+            "reconcile_state",
             "key_id",
             "user_id",
             "model",
@@ -124,6 +169,21 @@ mod tests {
         assert_eq!(row["created_at"], "t7");
         assert_eq!(row["streamed"], 1);
         assert_eq!(row["usage_source"], "estimated");
+        assert_eq!(row["reconcile_state"], "pending");
+        assert_eq!(row["client_request_id"], "c");
+    }
+
+    #[test]
+    fn rows_awaiting_reconciliation_hold_their_posthog_event() {
+        let state = |posthog: Option<&str>, reconcile: Option<&str>| RowState {
+            request_id: "r".into(),
+            posthog_state: posthog.map(str::to_owned),
+            reconcile_state: reconcile.map(str::to_owned),
+        };
+        assert!(state(None, None).owes_posthog());
+        assert!(!state(None, Some("pending")).owes_posthog());
+        assert!(state(None, Some("done")).owes_posthog() && state(None, Some("failed")).owes_posthog());
+        assert!(!state(Some("sent"), Some("done")).owes_posthog());
     }
 
     #[test]

@@ -5,7 +5,11 @@ use serde::Serialize;
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct RequestLog {
+    /// The gateway's own id for the request.
     pub request_id: String,
+    /// The id the client sent, if it sent a sane one (logged, never a key).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_request_id: Option<String>,
     pub method: String,
     pub path: String,
     pub status: u16,

@@ -1,68 +1,85 @@
 //! The request path, as a straight line of named stages:
 //!
 //! ```text
-//! route → authenticate → read body → validate → admit (key's Durable Object) → forward
+//! route → authenticate → read body → validate → price → admit (key's Durable Object) → forward
 //!       → reply (JSON, or a relayed stream) → decorate (security, CORS, rate-limit headers, request id)
 //!       → finish, after the response is handed over: relay the stream, settle the reservation,
 //!         enqueue the usage event (→ D1 ledger + PostHog, see `consumer`), log
 //! ```
 //!
 //! Each stage either passes the request on or returns an [`ApiError`]; `handle` renders errors in one place, so
-//! every failure is an OpenAI-shaped error. The per-request [`Exchange`] collects what the stages learn; `finish`
-//! always runs, so every admitted request is settled and every request is logged exactly once.
+//! every failure is an OpenAI-shaped error. [`Exchange`] holds what the stages learn: who asked (`key`), what
+//! admission granted (`admitted`), and what the answer taught billing (`answer`). `finish` always runs, and
+//! nothing in it waits without a deadline or on the client, so every admitted request is settled and billed and
+//! every request is logged exactly once, however the client behaves.
+//!
+//! Every request gets the gateway's own id (`x-request-id`): it names the reservation, the usage event, the
+//! ledger row and the PostHog event. An id the client sends (`x-client-request-id`, or `x-request-id`) is
+//! echoed back in `x-client-request-id`, logged and recorded, and keys nothing.
 
 use std::rc::Rc;
+use std::time::Duration;
 
 use futures_util::StreamExt;
-use key_limiter::protocol::{AdmitRequest, AdmitResponse, Amount, SettleBatch, SettleRequest, SettleResponse};
+use key_limiter::protocol::{AdmitRequest, AdmitResponse, Amount};
 use serde_json::Value;
 use worker::{Context, Env, Headers, Request, Response, ResponseBuilder};
 
 use crate::admin::{self, AdminReply};
 use crate::admit;
 use crate::auth::{self, KeyRecord};
-use crate::bindings::{self, log_error, now_ms, random_bytes};
-use crate::config::Config;
+use crate::bindings::{self, log_error, now_ms, random_bytes, within};
+use crate::catalog;
+use crate::config::{Config, UnpricedModel};
 use crate::cors;
 use crate::error::ApiError;
-use crate::forward;
+use crate::forward::{self, Upstream};
+use crate::limiter::{self, Reservation};
 use crate::log::RequestLog;
-use crate::models::{self, CachedModels};
+use crate::pricing;
 use crate::relay::{Relay, RelayOutcome, StreamEnd};
 use crate::respond::{self, SECURITY_HEADERS};
 use crate::routes::{route, Route};
 use crate::sse::SseScanner;
 use crate::usage::Usage;
-use crate::usage_event::{self, UsageEvent, UsageSource};
+use crate::usage_event::{self, Estimate, UsageEvent, UsageSource};
 use crate::validate::{validate_chat, ChatRequest};
 
 /// What one request has learned so far; read by `finish` for settling, billing and the log line.
 struct Exchange {
     started_ms: u64,
     log: RequestLog,
-    key: Option<KeyRecord>,
+    /// The key that authenticated the request, and the hash it was found by.
+    key: Option<(KeyRecord, String)>,
     /// Set once the request passed admission (or the limiter failed open): from here on it is billed.
-    chat: Option<ChatFacts>,
-    /// Whether the limiter holds a reservation for this request that must be settled.
-    reserved: bool,
+    admitted: Option<Admitted>,
     /// Headers describing the key's windows (from the limiter's exact state).
     rate_headers: Vec<(&'static str, String)>,
-    usage: Option<Usage>,
-    /// Whether the upstream produced an answer whose work must be paid for even without a usage report.
-    generated: bool,
-    completion_chars: usize,
-    finish_reason: Option<String>,
-    /// The answer's text, kept only with content capture on.
-    completion_text: Option<String>,
+    answer: Answer,
 }
 
-/// What billing needs to know about an admitted chat request.
-struct ChatFacts {
+/// What admission granted, and what billing needs to know about the request.
+struct Admitted {
+    /// `None` when the limiter could not be asked and the gateway failed open.
+    reservation: Option<Reservation>,
     prompt_estimate: u64,
     max_tokens: u32,
     temperature: Option<f64>,
     /// The request's messages, kept only with content capture on.
     captured_input: Option<Value>,
+}
+
+/// What the upstream's answer taught billing.
+#[derive(Default)]
+struct Answer {
+    usage: Option<Usage>,
+    /// Whether the upstream produced an answer whose work must be paid for even without a usage report.
+    generated: bool,
+    generated_chars: usize,
+    finish_reason: Option<String>,
+    generation_id: Option<String>,
+    /// The answer's text, kept only with content capture on.
+    completion_text: Option<String>,
 }
 
 /// A response, and the stream still to relay once it has been handed to the runtime.
@@ -80,31 +97,32 @@ impl Reply {
 struct StreamJob {
     relay: Relay,
     idle_timeout_secs: u64,
-    drain_on_abort: bool,
+    drain: Option<Duration>,
 }
 
 pub async fn handle(req: Request, env: Env, ctx: Context) -> Response {
     let started_ms = now_ms();
-    let method = req.method().to_string();
+    // The method as sent: the `worker` crate maps methods it does not know to GET.
+    let method = req.inner().method();
     let path = req.path();
-    let request_id = match respond::sane_request_id(header(&req, "x-request-id").as_deref()) {
-        Some(id) => id.to_owned(),
-        None => respond::new_request_id(random_bytes()),
-    };
+    let client_request_id = header(&req, "x-client-request-id")
+        .or_else(|| header(&req, "x-request-id"))
+        .and_then(|id| respond::sane_request_id(Some(&id)).map(str::to_owned));
     let origin = header(&req, "origin");
     let preflight_headers = header(&req, "access-control-request-headers");
     let mut exchange = Exchange {
         started_ms,
-        log: RequestLog { request_id, method, path, ..Default::default() },
+        log: RequestLog {
+            request_id: respond::new_request_id(random_bytes()),
+            client_request_id,
+            method,
+            path,
+            ..Default::default()
+        },
         key: None,
-        chat: None,
-        reserved: false,
+        admitted: None,
         rate_headers: Vec::new(),
-        usage: None,
-        generated: false,
-        completion_chars: 0,
-        finish_reason: None,
-        completion_text: None,
+        answer: Answer::default(),
     };
 
     let config = match bindings::config(&env) {
@@ -163,11 +181,7 @@ async fn dispatch(mut req: Request, env: &Env, config: &Config, exchange: &mut E
         Route::Health => Ok(Reply::now(json_response(200, r#"{"status":"ok"}"#.to_owned()))),
         // The CORS headers that make a preflight are added by `decorate`, like every response's.
         Route::Preflight => Ok(Reply::now(ResponseBuilder::new().with_status(204).empty())),
-        Route::MethodNotAllowed { allowed } => {
-            let mut response = error_response(&ApiError::method_not_allowed(&exchange.log.method, allowed));
-            set_headers(response.headers_mut(), &[("allow", allowed.to_owned())]);
-            Ok(Reply::now(response))
-        }
+        Route::MethodNotAllowed { allowed } => Err(ApiError::method_not_allowed(&exchange.log.method, allowed)),
         Route::NotFound => Err(ApiError::not_found(&exchange.log.path)),
     }
 }
@@ -179,24 +193,51 @@ async fn chat_completions(
     exchange: &mut Exchange,
 ) -> Result<Reply, ApiError> {
     let key = authenticate(&req, env, config, exchange).await?;
-    let raw = read_body(&mut req, config.max_request_bytes).await?;
+    let client_signal = req.inner().signal();
+    let raw = read_body(&mut req, config.max_request_bytes, config.client_body_timeout_secs).await?;
     let chat = validate_chat(&raw, config)?;
     exchange.log.model = Some(chat.model.clone());
     exchange.log.streamed = chat.stream;
-    admit(env, config, &key, &chat, exchange).await?;
+    let prompt_estimate = admit::estimate_prompt_tokens(&chat);
+    let reserve = reservation_for(env, config, &key, &chat, prompt_estimate).await?;
+    admit(env, config, &key, &chat, prompt_estimate, reserve, exchange).await?;
 
-    let forward::Upstream { response: mut upstream, abort } = forward::post_chat(config, &chat.forward_body).await?;
-    let status = upstream.status_code();
+    let mut upstream = forward::post_chat(config, &chat.forward_body).await?;
+    let status = upstream.response.status_code();
     exchange.log.upstream_status = Some(status);
+    exchange.answer.generation_id = upstream.response.headers().get("x-generation-id").ok().flatten();
     if !(200..300).contains(&status) {
-        return Err(forward::upstream_error(&mut upstream).await);
+        return Err(forward::upstream_error(&mut upstream, config.upstream_timeout_secs).await);
     }
-    exchange.generated = true;
+    exchange.answer.generated = true;
     if chat.stream {
-        stream_reply(&upstream, abort, &chat, config, capture_content(config), exchange.started_ms)
+        stream_reply(upstream, client_signal, &chat, config, exchange.started_ms)
     } else {
         completion_reply(&mut upstream, config, exchange).await
     }
+}
+
+/// What the request may consume at most: its prompt estimate plus its output bound (`max_tokens × n`) in
+/// tokens, and — for a key with a USD budget — that worst case priced at the dearest model that may serve it.
+async fn reservation_for(
+    env: &Env,
+    config: &Config,
+    key: &KeyRecord,
+    chat: &ChatRequest,
+    prompt: u64,
+) -> Result<Amount, ApiError> {
+    let output = admit::output_bound(chat);
+    let tokens = prompt.saturating_add(output);
+    if key.usd_limit.is_none() {
+        return Ok(Amount { tokens, usd: 0.0 });
+    }
+    let prices = catalog::prices(env, config).await.unwrap_or_default();
+    let usd = match (pricing::worst_case_usd(&prices, &chat.models, prompt, output), config.unpriced_model) {
+        (Ok(usd), _) => usd,
+        (Err(_), UnpricedModel::Reserve(usd)) => usd,
+        (Err(model), UnpricedModel::Refuse) => return Err(ApiError::model_price_unknown(model)),
+    };
+    Ok(Amount { tokens, usd })
 }
 
 /// Asks the key's Durable Object to reserve the request's worst case against every limit.
@@ -205,47 +246,42 @@ async fn admit(
     config: &Config,
     key: &KeyRecord,
     chat: &ChatRequest,
+    prompt_estimate: u64,
+    reserve: Amount,
     exchange: &mut Exchange,
 ) -> Result<(), ApiError> {
-    let control = admit::control_for(key, config);
-    let prompt_estimate = admit::estimate_prompt_tokens(chat);
-    let reserve = Amount { tokens: prompt_estimate + u64::from(chat.max_tokens), usd: 0.0 };
-    let settle = bindings::take_settles(&key.id);
+    let unsettled = unsettled_event(exchange, key, chat, prompt_estimate, reserve);
     let message = AdmitRequest {
         request_id: exchange.log.request_id.clone(),
-        control,
+        control: admit::control_for(key, config),
         models: chat.models.clone(),
         reserve,
-        settle,
+        unsettled_event: serde_json::to_string(&unsettled).ok(),
+        settle: Vec::new(),
     };
     let asked_at = now_ms();
-    let answer = bindings::limiter_call::<_, AdmitResponse>(env, &key.id, "/admit", &message).await;
+    let answer = limiter::admit(env, message, &key.id, config.limiter_timeout_ms).await;
     exchange.log.limiter_ms = Some(now_ms().saturating_sub(asked_at));
-    let admitted = match answer {
-        Ok(AdmitResponse::Admitted { state, limits }) => {
+    let reservation = match answer {
+        Ok((AdmitResponse::Admitted { state, limits, .. }, reservation)) => {
             exchange.rate_headers = admit::rate_limit_headers(&state, limits.window_ms);
-            exchange.reserved = true;
-            Ok(())
+            reservation
         }
-        Ok(AdmitResponse::Denied { reason, retry_after_ms, state, limits, model }) => {
+        Ok((AdmitResponse::Denied { reason, retry_after_ms, state, limits, model }, _)) => {
             exchange.rate_headers = admit::rate_limit_headers(&state, limits.window_ms);
-            Err(admit::denial_error(reason, retry_after_ms, &limits, reserve, model.as_deref()))
+            return Err(admit::denial_error(reason, retry_after_ms, &limits, reserve, model.as_deref()));
         }
         Err(e) => {
-            log_error("limiter_unreachable", &e.to_string());
-            // The settlements it carried were not applied: keep them for the next call.
-            for settle in message.settle {
-                bindings::defer_settle(&key.id, settle);
+            log_error(e.label(), &e.to_string());
+            if !config.limiter_fail_open {
+                return Err(ApiError::unavailable(e.label(), "The rate limiter"));
             }
-            if config.limiter_fail_open {
-                Ok(())
-            } else {
-                Err(ApiError::unavailable("limiter_unavailable", "The rate limiter"))
-            }
+            admit_without_limiter(env, config, chat, exchange).await?;
+            None
         }
     };
-    admitted?;
-    exchange.chat = Some(ChatFacts {
+    exchange.admitted = Some(Admitted {
+        reservation,
         prompt_estimate,
         max_tokens: chat.max_tokens,
         temperature: chat.temperature,
@@ -254,121 +290,168 @@ async fn admit(
     Ok(())
 }
 
+/// `LIMITER_FAIL_OPEN`: quotas are not enforced while the key's object cannot be asked, but revocation and the
+/// key's allowed models still are, from the key's row read now (not from the isolate's auth cache).
+async fn admit_without_limiter(
+    env: &Env,
+    config: &Config,
+    chat: &ChatRequest,
+    exchange: &Exchange,
+) -> Result<(), ApiError> {
+    let Some((_, hash)) = &exchange.key else { return Err(auth::invalid_key()) };
+    let fresh = bindings::find_active_key_uncached(env, hash)
+        .await?
+        .ok_or_else(|| ApiError::invalid_api_key("This API key has been revoked."))?;
+    match admit::control_for(&fresh, config).forbidden_model(&chat.models) {
+        Some(model) => Err(ApiError::model_not_allowed(model)),
+        None => Ok(()),
+    }
+}
+
+/// The usage event the key's object bills if this request is never settled: charged as reserved.
+fn unsettled_event(
+    exchange: &Exchange,
+    key: &KeyRecord,
+    chat: &ChatRequest,
+    prompt_estimate: u64,
+    reserve: Amount,
+) -> UsageEvent {
+    let usage = Usage {
+        prompt_tokens: prompt_estimate,
+        completion_tokens: reserve.tokens.saturating_sub(prompt_estimate),
+        cost: Some(reserve.usd),
+        ..Usage::default()
+    };
+    UsageEvent {
+        error: Some("unsettled".to_owned()),
+        status: 0,
+        ..usage_event(exchange, key, chat.temperature, chat.max_tokens, usage, UsageSource::Reserved, None)
+    }
+}
+
 fn capture_content(config: &Config) -> bool {
     config.posthog.as_ref().is_some_and(|p| p.capture_content)
 }
 
 /// Non-streamed: read the whole answer, learn its usage, hand the same bytes to the client.
 async fn completion_reply(
-    upstream: &mut Response,
+    upstream: &mut Upstream,
     config: &Config,
     exchange: &mut Exchange,
 ) -> Result<Reply, ApiError> {
     let bytes = forward::read_body(upstream, config.upstream_timeout_secs).await?;
     let completion = forward::read_completion(&bytes)?;
     exchange.log.served_model = completion.served_model;
-    exchange.usage = completion.usage;
-    exchange.completion_chars = completion.content.chars().count();
-    exchange.finish_reason = completion.finish_reason;
+    let answer = &mut exchange.answer;
+    answer.usage = completion.usage;
+    answer.generated_chars = completion.generated_chars;
+    answer.finish_reason = completion.finish_reason;
+    answer.generation_id = answer.generation_id.take().or(completion.generation_id);
     if capture_content(config) {
-        exchange.completion_text = Some(completion.content);
+        answer.completion_text = Some(completion.content);
     }
     let headers = Headers::new();
     set_headers(&headers, &[("content-type", "application/json".to_owned())]);
-    copy_generation_id(upstream, &headers);
+    copy_generation_id(&upstream.response, &headers);
     Ok(Reply::now(ResponseBuilder::new().with_status(200).with_headers(headers).fixed(bytes)))
 }
 
 /// Streamed: answer at once with the client side of a relay; the relay itself runs in `finish`.
 fn stream_reply(
-    upstream: &Response,
-    abort: worker::AbortController,
+    upstream: Upstream,
+    client_signal: web_sys::AbortSignal,
     chat: &ChatRequest,
     config: &Config,
-    capture: bool,
     started_ms: u64,
 ) -> Result<Reply, ApiError> {
-    let worker::ResponseBody::Stream(body) = upstream.body() else {
+    let Upstream { response, abort } = upstream;
+    let worker::ResponseBody::Stream(body) = response.body() else {
         return Err(ApiError::upstream_malformed());
     };
-    let relay = Relay::new(body, abort, SseScanner::new(chat.include_usage, capture), started_ms)?;
+    let scanner = SseScanner::new(chat.include_usage, capture_content(config));
+    let relay = Relay::new(body, abort, client_signal, scanner, started_ms)?;
     let headers = Headers::new();
     set_headers(
         &headers,
         &[("content-type", "text/event-stream; charset=utf-8".to_owned()), ("cache-control", "no-cache".to_owned())],
     );
-    copy_generation_id(upstream, &headers);
-    let response = ResponseBuilder::new().with_status(200).with_headers(headers).stream(relay.client_body.clone());
+    copy_generation_id(&response, &headers);
+    let client = ResponseBuilder::new().with_status(200).with_headers(headers).stream(relay.client_body.clone());
     let job = StreamJob {
         relay,
         idle_timeout_secs: config.upstream_timeout_secs,
-        drain_on_abort: config.drain_on_client_abort,
+        drain: config.drain_on_client_abort.then(|| Duration::from_secs(config.drain_timeout_secs)),
     };
-    Ok(Reply { response, stream: Some(job) })
+    Ok(Reply { response: client, stream: Some(job) })
 }
 
 /// After the response is handed over: relay the stream (if any), settle the reservation, enqueue the usage
-/// event, write the log line. Runs for every request, whatever happened to it.
+/// event, write the log line. Runs for every request, whatever happened to it; every wait in it is bounded.
 async fn finish(env: Env, config: Rc<Config>, mut exchange: Exchange, stream: Option<StreamJob>) {
     if let Some(job) = stream {
-        let outcome = job.relay.run(job.idle_timeout_secs, job.drain_on_abort).await;
+        let outcome = job.relay.run(job.idle_timeout_secs, job.drain).await;
         record_stream(&mut exchange, outcome);
     }
-    if let Some(usage) = &exchange.usage {
+    if let Some(usage) = &exchange.answer.usage {
         exchange.log.prompt_tokens = Some(usage.prompt_tokens);
         exchange.log.completion_tokens = Some(usage.completion_tokens);
     }
     exchange.log.latency_ms = now_ms().saturating_sub(exchange.started_ms);
-    if let (Some(key), Some(chat)) = (&exchange.key, &exchange.chat) {
-        // What was generated, when no usage report arrived (a cut stream); nothing if the upstream never answered.
-        let estimate = exchange
-            .generated
-            .then(|| (chat.prompt_estimate, admit::estimate_completion_tokens(exchange.completion_chars)));
-        let (usage, source) = usage_event::tokens_for(exchange.usage.as_ref(), estimate);
-        if exchange.reserved {
-            settle(&env, key, &exchange.log.request_id, admit::actual_amount(&usage)).await;
+    if let (Some((key, _)), Some(admitted)) = (exchange.key.take(), exchange.admitted.take()) {
+        let (usage, source) = billed_usage(&env, &config, &exchange, &admitted).await;
+        let mut event = usage_event(
+            &exchange,
+            &key,
+            admitted.temperature,
+            admitted.max_tokens,
+            usage,
+            source,
+            admitted.captured_input.as_ref(),
+        );
+        if let Some(reservation) = admitted.reservation {
+            event.admitted_at_ms = reservation.admitted_at_ms;
+            reservation.settle(&env, admit::actual_amount(&usage), config.limiter_timeout_ms).await;
         }
-        let event = usage_event(&exchange, key, chat, usage, source, &config);
         enqueue(&env, &event).await;
     }
     worker::console_log!("{}", exchange.log.to_line());
 }
 
-/// Replaces the reservation with what was used. The settlement first waits briefly for the key's next admission
-/// from this isolate to carry it (under load it almost always does); otherwise it is sent on its own.
-async fn settle(env: &Env, key: &KeyRecord, request_id: &str, actual: Amount) {
-    bindings::defer_settle(&key.id, SettleRequest { request_id: request_id.to_owned(), actual });
-    worker::Delay::from(SETTLE_DEFERRAL).await;
-    let settle = bindings::take_settles(&key.id);
-    if settle.is_empty() {
-        return;
+/// What the request is billed: the upstream's usage report, else an estimate of what was generated (priced at
+/// the serving model's price when known; reconciliation corrects it later), else nothing if the upstream never
+/// answered.
+async fn billed_usage(env: &Env, config: &Config, exchange: &Exchange, admitted: &Admitted) -> (Usage, UsageSource) {
+    let answer = &exchange.answer;
+    if answer.usage.is_some() || !answer.generated {
+        return usage_event::usage_for(answer.usage.as_ref(), None);
     }
-    let batch = SettleBatch { settle };
-    if let Err(e) = bindings::limiter_call::<_, SettleResponse>(env, &key.id, "/settle", &batch).await {
-        // The reservations' leases will charge them as reserved: the key is over-charged, never under-charged.
-        log_error("limiter_settle_failed", &e.to_string());
-    }
+    let model = exchange.log.served_model.as_deref().or(exchange.log.model.as_deref()).unwrap_or_default();
+    let price = catalog::prices(env, config).await.and_then(|prices| prices.get(model).copied());
+    let estimate = Estimate {
+        prompt_tokens: admitted.prompt_estimate,
+        completion_tokens: admit::estimate_completion_tokens(answer.generated_chars),
+        price,
+    };
+    usage_event::usage_for(None, Some(estimate))
 }
-
-/// How long a settlement waits for an admission to ride with (it holds the reservation that much longer).
-const SETTLE_DEFERRAL: std::time::Duration = std::time::Duration::from_millis(50);
 
 fn usage_event(
     exchange: &Exchange,
     key: &KeyRecord,
-    chat: &ChatFacts,
+    temperature: Option<f64>,
+    max_tokens: u32,
     usage: Usage,
     source: UsageSource,
-    config: &Config,
+    captured_input: Option<&Value>,
 ) -> UsageEvent {
-    let content = match (&chat.captured_input, &exchange.completion_text) {
-        (Some(input), output) if capture_content(config) => {
-            Some(usage_event::capture(input, output.as_deref().unwrap_or_default()))
-        }
-        _ => None,
-    };
+    let answer = &exchange.answer;
+    let content =
+        captured_input.map(|input| usage_event::capture(input, answer.completion_text.as_deref().unwrap_or_default()));
     UsageEvent {
         request_id: exchange.log.request_id.clone(),
+        client_request_id: exchange.log.client_request_id.clone(),
+        generation_id: answer.generation_id.clone(),
+        admitted_at_ms: 0,
         key_id: key.id.clone(),
         user_id: key.user_id.clone(),
         model: exchange.log.model.clone().unwrap_or_default(),
@@ -383,11 +466,11 @@ fn usage_event(
         ttft_ms: exchange.log.ttft_ms,
         status: exchange.log.status,
         streamed: exchange.log.streamed,
-        finish_reason: exchange.finish_reason.clone(),
+        finish_reason: answer.finish_reason.clone(),
         error: exchange.log.error.map(str::to_owned),
         timestamp_ms: exchange.started_ms,
-        temperature: chat.temperature,
-        max_tokens: chat.max_tokens,
+        temperature,
+        max_tokens,
         content,
     }
 }
@@ -413,28 +496,7 @@ async fn list_models(req: &Request, env: &Env, config: &Config, exchange: &mut E
     let key = authenticate(req, env, config, exchange).await?;
     // Revocation is known to the key's Durable Object before any auth cache expires.
     admin::key_state(env, config, &key).await?;
-    let ttl = config.models_cache_ttl_secs;
-    let cached = if ttl > 0 { bindings::cached_models(env).await } else { None };
-    let now = now_ms();
-    if let Some(fresh) = cached.as_ref().filter(|c| c.is_fresh(now, ttl)) {
-        return Ok(Reply::now(json_response(200, fresh.body.clone())));
-    }
-    let fetched = forward::get_models(config)
-        .await
-        .and_then(|raw| models::to_openai_list(&raw).ok_or_else(ApiError::upstream_malformed));
-    match (fetched, cached) {
-        (Ok(body), _) => {
-            if ttl > 0 {
-                bindings::store_models(env, &CachedModels { fetched_at_ms: now, body: body.clone() }, ttl).await;
-            }
-            Ok(Reply::now(json_response(200, body)))
-        }
-        (Err(e), Some(stale)) => {
-            log_error("models_served_stale", e.label);
-            Ok(Reply::now(json_response(200, stale.body)))
-        }
-        (Err(e), None) => Err(e),
-    }
+    Ok(Reply::now(json_response(200, catalog::model_list(env, config).await?)))
 }
 
 async fn authenticate(
@@ -448,26 +510,30 @@ async fn authenticate(
     let hash = auth::key_hash(key);
     let record = bindings::find_active_key(env, config, &hash).await?.ok_or_else(auth::invalid_key)?;
     exchange.log.key_id = Some(record.id.clone());
-    exchange.key = Some(record.clone());
+    exchange.key = Some((record.clone(), hash));
     Ok(record)
 }
 
-/// Reads the body, refusing early (by `Content-Length`) or as soon as it grows past the limit.
-async fn read_body(req: &mut Request, limit: usize) -> Result<Vec<u8>, ApiError> {
+/// Reads the body within `timeout_secs`, refusing early (by `Content-Length`) or as soon as it grows past the
+/// limit.
+async fn read_body(req: &mut Request, limit: usize, timeout_secs: u64) -> Result<Vec<u8>, ApiError> {
     let declared = header(req, "content-length").and_then(|v| v.trim().parse::<u64>().ok());
     if declared.is_some_and(|len| len > limit as u64) {
         return Err(ApiError::payload_too_large(limit));
     }
     let mut stream = req.stream().map_err(|_| ApiError::invalid_request("The request body could not be read."))?;
-    let mut body = Vec::new();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|_| ApiError::invalid_request("The request body could not be read."))?;
-        if body.len() + chunk.len() > limit {
-            return Err(ApiError::payload_too_large(limit));
+    let read = async {
+        let mut body = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|_| ApiError::invalid_request("The request body could not be read."))?;
+            if body.len() + chunk.len() > limit {
+                return Err(ApiError::payload_too_large(limit));
+            }
+            body.extend_from_slice(&chunk);
         }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
+        Ok(body)
+    };
+    within(Duration::from_secs(timeout_secs), read).await.unwrap_or_else(|| Err(ApiError::body_timeout(timeout_secs)))
 }
 
 fn record_stream(exchange: &mut Exchange, outcome: RelayOutcome) {
@@ -481,22 +547,18 @@ fn record_stream(exchange: &mut Exchange, outcome: RelayOutcome) {
     if outcome.end != StreamEnd::Done {
         log.error = Some(outcome.end.label());
     }
-    exchange.usage = summary.usage;
-    exchange.completion_chars = summary.completion_chars;
-    exchange.finish_reason = summary.finish_reason;
-    exchange.completion_text = summary.completion_text;
+    let answer = &mut exchange.answer;
+    answer.usage = summary.usage;
+    answer.generated_chars = summary.completion_chars;
+    answer.finish_reason = summary.finish_reason;
+    answer.completion_text = summary.completion_text;
+    answer.generation_id = answer.generation_id.take().or(summary.generation_id);
 }
 
+/// An error as an OpenAI error body, with every header it implies (`Retry-After`, `x-should-retry`, `Allow`).
 fn error_response(error: &ApiError) -> Response {
     let mut response = json_response(error.status, error.body_json());
-    let headers = response.headers_mut();
-    if let Some(ms) = error.retry_after_ms {
-        let secs = error.retry_after_secs().unwrap_or_default();
-        set_headers(headers, &[("retry-after", secs.to_string()), ("retry-after-ms", ms.to_string())]);
-    }
-    if let Some(should_retry) = error.should_retry {
-        set_headers(headers, &[("x-should-retry", should_retry.to_string())]);
-    }
+    set_headers(response.headers_mut(), &error.headers());
     response
 }
 
@@ -506,7 +568,7 @@ fn json_response(status: u16, body: String) -> Response {
     ResponseBuilder::new().with_status(status).with_headers(headers).fixed(body.into_bytes())
 }
 
-/// Adds what every response carries: security headers, CORS, rate-limit state, the request id, and no caching.
+/// Adds what every response carries: security headers, CORS, rate-limit state, the request ids, and no caching.
 fn decorate(mut response: Response, exchange: &Exchange, cors_headers: &[(&'static str, String)]) -> Response {
     let headers = response.headers_mut();
     for (name, value) in SECURITY_HEADERS {
@@ -516,6 +578,9 @@ fn decorate(mut response: Response, exchange: &Exchange, cors_headers: &[(&'stat
         let _ = headers.set("cache-control", "no-store");
     }
     let _ = headers.set("x-request-id", &exchange.log.request_id);
+    if let Some(client_id) = &exchange.log.client_request_id {
+        let _ = headers.set("x-client-request-id", client_id);
+    }
     set_headers(headers, cors_headers);
     set_headers(headers, &exchange.rate_headers);
     response

@@ -3,14 +3,8 @@
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
+use crate::pricing::ModelPrice;
 use crate::usage_event::UsageEvent;
-
-/// Prices per token for one model (from OpenRouter's model list), used only to split the reported total cost.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct TokenPrices {
-    pub prompt: f64,
-    pub completion: f64,
-}
 
 /// What to do with the events of a batch after PostHog answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,7 +37,7 @@ pub fn event_uuid(request_id: &str) -> String {
 
 /// Splits OpenRouter's total cost into input and output parts. PostHog keeps the costs we send only when both
 /// parts are present, so both always are: by the model's prices when known, else by token share.
-pub fn split_cost(total: f64, input_tokens: u64, output_tokens: u64, prices: Option<TokenPrices>) -> (f64, f64) {
+pub fn split_cost(total: f64, input_tokens: u64, output_tokens: u64, prices: Option<ModelPrice>) -> (f64, f64) {
     let input = match prices {
         Some(p) => {
             let priced_input = input_tokens as f64 * p.prompt;
@@ -65,7 +59,7 @@ pub fn generation_event(
     event: &UsageEvent,
     timestamp: &str,
     upstream_base_url: &str,
-    prices: Option<TokenPrices>,
+    prices: Option<ModelPrice>,
     capture_content: bool,
 ) -> Value {
     let (input_cost, output_cost) = split_cost(event.cost_usd, event.input_tokens, event.output_tokens, prices);
@@ -107,6 +101,12 @@ pub fn generation_event(
     put("requested_model", json!(event.model));
     put("api_key_id", json!(event.key_id));
     put("usage_source", json!(event.usage_source.as_str()));
+    if let Some(client_id) = &event.client_request_id {
+        put("client_request_id", json!(client_id));
+    }
+    if let Some(generation_id) = &event.generation_id {
+        put("generation_id", json!(generation_id));
+    }
     if capture_content {
         if let Some(content) = &event.content {
             put("$ai_input", content.input.clone());
@@ -127,17 +127,6 @@ pub fn batch_body(api_key: &str, events: Vec<Value>) -> Value {
     json!({"api_key": api_key, "batch": events})
 }
 
-/// Per-token prices of a model from the cached OpenAI-shaped model list (`pricing.prompt`/`completion` are
-/// decimal strings in USD per token).
-pub fn prices_from_model_list(list: &Value, model: &str) -> Option<TokenPrices> {
-    let entry = list.get("data")?.as_array()?.iter().find(|m| m.get("id").and_then(Value::as_str) == Some(model))?;
-    let price = |field: &str| -> Option<f64> {
-        let v = entry.get("pricing")?.get(field)?;
-        v.as_str().and_then(|s| s.parse().ok()).or_else(|| v.as_f64())
-    };
-    Some(TokenPrices { prompt: price("prompt")?, completion: price("completion")? })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,6 +135,9 @@ mod tests {
     fn event() -> UsageEvent {
         UsageEvent {
             request_id: "req_abc".into(),
+            client_request_id: None,
+            generation_id: Some("gen-1".into()),
+            admitted_at_ms: 0,
             key_id: "key1".into(),
             user_id: "alice".into(),
             model: "openai/gpt-4o-mini".into(),
@@ -217,7 +209,7 @@ mod tests {
 
     #[test]
     fn cost_split_by_price_or_token_share_always_sums_to_the_total() {
-        let (i, o) = split_cost(1.0, 100, 100, Some(TokenPrices { prompt: 1e-6, completion: 3e-6 }));
+        let (i, o) = split_cost(1.0, 100, 100, Some(ModelPrice { prompt: 1e-6, completion: 3e-6, request: 0.0 }));
         assert!((i - 0.25).abs() < 1e-12 && (o - 0.75).abs() < 1e-12);
         let (i, o) = split_cost(0.9, 200, 100, None);
         assert!((i - 0.6).abs() < 1e-12 && (o - 0.3).abs() < 1e-12);
@@ -233,12 +225,5 @@ mod tests {
         for reject in [Some(400), Some(401), Some(413)] {
             assert_eq!(classify(reject), Delivery::Rejected);
         }
-    }
-
-    #[test]
-    fn prices_are_read_from_the_model_list() {
-        let list = json!({"data": [{"id": "a/b", "pricing": {"prompt": "0.000001", "completion": "0.000002"}}]});
-        assert_eq!(prices_from_model_list(&list, "a/b"), Some(TokenPrices { prompt: 1e-6, completion: 2e-6 }));
-        assert_eq!(prices_from_model_list(&list, "x/y"), None);
     }
 }

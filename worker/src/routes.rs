@@ -98,6 +98,12 @@ mod tests {
     fn wrong_method_names_the_allowed_one() {
         assert_eq!(route("GET", "/v1/chat/completions"), Route::MethodNotAllowed { allowed: "POST" });
         assert_eq!(route("DELETE", "/v1/models"), Route::MethodNotAllowed { allowed: "GET" });
+        // Methods the `worker` crate does not know (it would call them GET) are refused, not served.
+        for method in ["PROPFIND", "FOO", "get"] {
+            assert_eq!(route(method, "/v1/models"), Route::MethodNotAllowed { allowed: "GET" }, "{method}");
+            assert_eq!(route(method, "/health"), Route::MethodNotAllowed { allowed: "GET" }, "{method}");
+            assert!(matches!(route(method, "/admin/keys"), Route::MethodNotAllowed { .. }), "{method}");
+        }
     }
 
     #[test]

@@ -31,8 +31,11 @@ pub struct StreamSummary {
     pub usage: Option<Usage>,
     pub served_model: Option<String>,
     pub finish_reason: Option<String>,
-    /// Characters of generated text seen (content and reasoning), for estimating usage of a cut-off stream.
+    /// Characters generated so far, over every choice: content, reasoning, and tool calls' names and
+    /// arguments — for estimating the usage of a stream that ended without a usage report.
     pub completion_chars: usize,
+    /// The chunks' `id`: OpenRouter's generation id.
+    pub generation_id: Option<String>,
     /// The generated content, kept only when content capture is on.
     pub completion_text: Option<String>,
     pub first_token_seen: bool,
@@ -215,6 +218,9 @@ fn classify(event: &[u8], include_usage: bool, summary: &mut StreamSummary) -> V
     let Ok(Value::Object(chunk)) = serde_json::from_slice::<Value>(&data) else {
         return Verdict::Malformed;
     };
+    if summary.generation_id.is_none() {
+        summary.generation_id = chunk.get("id").and_then(Value::as_str).map(str::to_owned);
+    }
     if let Some(error) = chunk.get("error").filter(|e| !e.is_null()) {
         let message = error.get("message").and_then(Value::as_str).unwrap_or("upstream error");
         summary.upstream_error = Some(message.to_owned());
@@ -250,6 +256,8 @@ fn record_content_chunk(data: &[u8], summary: &mut StreamSummary) -> bool {
     #[derive(serde::Deserialize)]
     struct Chunk<'a> {
         #[serde(borrow)]
+        id: Option<Cow<'a, str>>,
+        #[serde(borrow)]
         model: Option<Cow<'a, str>>,
         #[serde(borrow, default)]
         choices: Vec<Choice<'a>>,
@@ -269,11 +277,27 @@ fn record_content_chunk(data: &[u8], summary: &mut StreamSummary) -> bool {
         content: Option<Cow<'a, str>>,
         #[serde(borrow)]
         reasoning: Option<Cow<'a, str>>,
-        tool_calls: Option<IgnoredAny>,
+        #[serde(borrow)]
+        tool_calls: Option<Vec<ToolCall<'a>>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct ToolCall<'a> {
+        #[serde(borrow)]
+        function: Option<Function<'a>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Function<'a> {
+        #[serde(borrow)]
+        name: Option<Cow<'a, str>>,
+        #[serde(borrow)]
+        arguments: Option<Cow<'a, str>>,
     }
     let Ok(chunk) = serde_json::from_slice::<Chunk>(data) else { return false };
     if chunk.choices.is_empty() || chunk.usage.is_some() || chunk.error.is_some() {
         return false;
+    }
+    if summary.generation_id.is_none() {
+        summary.generation_id = chunk.id.map(Cow::into_owned);
     }
     if let Some(model) = chunk.model {
         if summary.served_model.as_deref() != Some(model.as_ref()) {
@@ -282,36 +306,59 @@ fn record_content_chunk(data: &[u8], summary: &mut StreamSummary) -> bool {
     }
     for choice in chunk.choices {
         let delta = choice.delta.as_ref();
+        let tool_calls = delta.and_then(|d| d.tool_calls.as_ref());
+        let tool_chars = tool_calls.map_or(0, |calls| {
+            calls
+                .iter()
+                .filter_map(|c| c.function.as_ref())
+                .map(|f| chars(f.name.as_deref()) + chars(f.arguments.as_deref()))
+                .sum()
+        });
         record_delta(
             summary,
             choice.finish_reason.as_deref(),
             delta.and_then(|d| d.content.as_deref()),
             delta.and_then(|d| d.reasoning.as_deref()),
-            delta.is_some_and(|d| d.tool_calls.is_some()),
+            tool_calls.map(|_| tool_chars),
         );
     }
     true
 }
 
+fn chars(text: Option<&str>) -> usize {
+    text.map_or(0, |t| t.chars().count())
+}
+
 fn record_choice(choice: &Value, summary: &mut StreamSummary) {
     let delta = choice.get("delta");
     let text = |field: &str| delta.and_then(|d| d.get(field)).and_then(Value::as_str);
+    let tool_calls = delta.and_then(|d| d.get("tool_calls")).and_then(Value::as_array);
+    let tool_chars = tool_calls.map(|calls| {
+        calls
+            .iter()
+            .map(|c| {
+                let field = |name: &str| c.get("function").and_then(|f| f.get(name)).and_then(Value::as_str);
+                chars(field("name")) + chars(field("arguments"))
+            })
+            .sum()
+    });
     record_delta(
         summary,
         choice.get("finish_reason").and_then(Value::as_str),
         text("content"),
         text("reasoning"),
-        delta.and_then(|d| d.get("tool_calls")).is_some_and(|t| !t.is_null()),
+        tool_chars,
     );
 }
 
-/// What one choice of a chunk tells the summary, however the chunk was read.
+/// What one choice of a chunk tells the summary, however the chunk was read. `tool_call_chars` is `Some` when
+/// the delta carries tool calls (their names' and arguments' characters).
 fn record_delta(
     summary: &mut StreamSummary,
     finish_reason: Option<&str>,
     content: Option<&str>,
     reasoning: Option<&str>,
-    has_tool_calls: bool,
+    tool_call_chars: Option<usize>,
 ) {
     if let Some(reason) = finish_reason {
         summary.finish_reason = Some(reason.to_owned());
@@ -319,9 +366,9 @@ fn record_delta(
     if let (Some(text), Some(content)) = (summary.completion_text.as_mut(), content) {
         text.push_str(content);
     }
-    let text_chars = content.map_or(0, |c| c.chars().count()) + reasoning.map_or(0, |r| r.chars().count());
-    summary.completion_chars += text_chars;
-    if text_chars > 0 || has_tool_calls {
+    let generated = chars(content) + chars(reasoning) + tool_call_chars.unwrap_or(0);
+    summary.completion_chars += generated;
+    if generated > 0 || tool_call_chars.is_some() {
         summary.first_token_seen = true;
     }
 }
@@ -484,6 +531,26 @@ mod tests {
         let tool =
             "data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"name\":\"f\"}}]}}]}\n\n";
         assert!(scanner.push(tool.as_bytes()).first_token);
+    }
+
+    #[test]
+    fn the_output_estimate_counts_reasoning_tool_calls_and_every_choice() {
+        let chunks = [
+            r#"{"id":"gen-9","choices":[{"index":0,"delta":{"content":null,"reasoning":"think"}}]}"#,
+            r#"{"id":"gen-9","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"c1","type":"function","function":{"name":"get_weather","arguments":""}}]}}]}"#,
+            r#"{"id":"gen-9","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\"city\":"}}]}}]}"#,
+            r#"{"id":"gen-9","choices":[{"index":0,"delta":{"content":"ab"}},{"index":1,"delta":{"content":"cde"}}]}"#,
+        ];
+        let stream: String = chunks.iter().map(|c| format!("data: {c}\n\n")).collect();
+        let (_, summary) = run(false, &[stream.as_bytes()]);
+        assert_eq!(summary.completion_chars, 5 + "get_weather".len() + r#"{"city":"#.len() + 2 + 3);
+        assert_eq!(summary.generation_id.as_deref(), Some("gen-9"));
+        assert!(summary.first_token_seen);
+        // The same read loosely (an odd field elsewhere in the chunk forces the JSON-tree path).
+        let odd: String = chunks.iter().map(|c| format!("data: {}\n\n", c.replacen('{', "{\"model\":5,", 1))).collect();
+        let (_, loose) = run(false, &[odd.as_bytes()]);
+        assert_eq!(loose.completion_chars, summary.completion_chars);
+        assert_eq!(loose.generation_id.as_deref(), Some("gen-9"));
     }
 
     #[test]

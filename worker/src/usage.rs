@@ -1,6 +1,8 @@
 //! Token usage as OpenRouter reports it (in a completion body or the final stream chunk), read leniently:
-//! a missing or oddly typed field is a zero, never a failed request.
+//! a missing or oddly typed field is a zero, never a failed request, and absurd values are clamped to what one
+//! request can account for ([`Amount::MAX_TOKENS`], [`Amount::MAX_USD`]).
 
+use key_limiter::protocol::Amount;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -21,7 +23,9 @@ impl Usage {
     pub fn from_json(usage: &Value) -> Option<Usage> {
         let usage = usage.as_object()?;
         let count = |v: Option<&Value>| {
-            v.and_then(Value::as_f64).filter(|n| n.is_finite() && *n >= 0.0).map_or(0, |n| n as u64)
+            v.and_then(Value::as_f64)
+                .filter(|n| n.is_finite() && *n >= 0.0)
+                .map_or(0, |n| (n as u64).min(Amount::MAX_TOKENS))
         };
         let nested = |outer: &str, inner: &str| count(usage.get(outer).and_then(|o| o.get(inner)));
         Some(Usage {
@@ -29,12 +33,16 @@ impl Usage {
             completion_tokens: count(usage.get("completion_tokens")),
             cached_tokens: nested("prompt_tokens_details", "cached_tokens"),
             reasoning_tokens: nested("completion_tokens_details", "reasoning_tokens"),
-            cost: usage.get("cost").and_then(Value::as_f64).filter(|c| c.is_finite() && *c >= 0.0),
+            cost: usage
+                .get("cost")
+                .and_then(Value::as_f64)
+                .filter(|c| c.is_finite() && *c >= 0.0)
+                .map(|c| c.min(Amount::MAX_USD)),
         })
     }
 
     pub fn total_tokens(&self) -> u64 {
-        self.prompt_tokens + self.completion_tokens
+        self.prompt_tokens.saturating_add(self.completion_tokens)
     }
 }
 
@@ -69,5 +77,14 @@ mod tests {
         let u = Usage::from_json(&json!({"prompt_tokens": "7", "completion_tokens": -1, "cost": null})).expect("usage");
         assert_eq!(u, Usage::default());
         assert!(Usage::from_json(&json!(null)).is_none());
+    }
+
+    #[test]
+    fn absurd_counts_are_clamped() {
+        let u = Usage::from_json(&json!({"prompt_tokens": 1e30, "completion_tokens": u64::MAX, "cost": 1e300}))
+            .expect("usage");
+        assert_eq!((u.prompt_tokens, u.completion_tokens), (Amount::MAX_TOKENS, Amount::MAX_TOKENS));
+        assert_eq!(u.cost, Some(Amount::MAX_USD));
+        assert_eq!(u.total_tokens(), 2 * Amount::MAX_TOKENS);
     }
 }

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::pricing::ModelPrice;
 use crate::usage::Usage;
 
 /// Queue messages are at most 128 KB; captured content is cut to keep an event well inside that.
@@ -11,8 +12,18 @@ pub const MAX_CAPTURED_CONTENT_BYTES: usize = 32 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UsageEvent {
-    /// The request id: the idempotency key of the ledger row and the PostHog event.
+    /// The gateway's own request id (never the client's): the reservation's name, the idempotency key of the
+    /// ledger row and the PostHog event.
     pub request_id: String,
+    /// The client's `x-client-request-id` / `x-request-id`, when it sent a sane one: recorded, never a key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_request_id: Option<String>,
+    /// OpenRouter's generation id (`X-Generation-Id`, or the chunks' `id`): what reconciliation looks up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation_id: Option<String>,
+    /// When the key's Durable Object admitted the request (its budget period); 0 if it was admitted without it.
+    #[serde(default)]
+    pub admitted_at_ms: u64,
     pub key_id: String,
     pub user_id: String,
     /// The model asked for.
@@ -48,8 +59,14 @@ pub struct UsageEvent {
 pub enum UsageSource {
     /// The upstream's usage report (final stream chunk or response body).
     Reported,
-    /// No report arrived (client left, stream cut): estimated from what was generated.
+    /// No report arrived (client left, stream cut, timeout): estimated from what was generated, until
+    /// reconciliation replaces it.
     Estimated,
+    /// An estimate corrected with OpenRouter's own accounting of the generation (`GET /generation`).
+    Reconciled,
+    /// The request's Worker never settled it: charged as reserved when its lease ended (sent by the key's
+    /// Durable Object).
+    Reserved,
     /// The upstream produced nothing (it answered with an error): nothing to charge.
     None,
 }
@@ -59,6 +76,8 @@ impl UsageSource {
         match self {
             UsageSource::Reported => "reported",
             UsageSource::Estimated => "estimated",
+            UsageSource::Reconciled => "reconciled",
+            UsageSource::Reserved => "reserved",
             UsageSource::None => "none",
         }
     }
@@ -70,15 +89,30 @@ pub struct CapturedContent {
     pub output: String,
 }
 
-/// Token counts for an event: the report when there is one, else an estimate of what was generated.
-pub fn tokens_for(usage: Option<&Usage>, estimate: Option<(u64, u64)>) -> (Usage, UsageSource) {
+/// What an event bills: the report when there is one, else an estimate of what was generated (its cost at the
+/// model's price, when known), else nothing.
+pub fn usage_for(usage: Option<&Usage>, estimate: Option<Estimate>) -> (Usage, UsageSource) {
     match (usage, estimate) {
         (Some(u), _) => (*u, UsageSource::Reported),
-        (None, Some((prompt, completion))) => {
-            (Usage { prompt_tokens: prompt, completion_tokens: completion, ..Usage::default() }, UsageSource::Estimated)
-        }
+        (None, Some(e)) => (
+            Usage {
+                prompt_tokens: e.prompt_tokens,
+                completion_tokens: e.completion_tokens,
+                cost: e.price.map(|p| p.cost(e.prompt_tokens, e.completion_tokens)),
+                ..Usage::default()
+            },
+            UsageSource::Estimated,
+        ),
         (None, None) => (Usage::default(), UsageSource::None),
     }
+}
+
+/// What was generated, estimated, for a request that ended without a usage report.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Estimate {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub price: Option<ModelPrice>,
 }
 
 /// Captured content, cut to [`MAX_CAPTURED_CONTENT_BYTES`] each (a cut input becomes a string preview).
@@ -109,12 +143,17 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn reported_usage_wins_over_estimates() {
+    fn reported_usage_wins_over_estimates_and_estimates_are_priced() {
         let usage = Usage { prompt_tokens: 3, completion_tokens: 4, ..Usage::default() };
-        assert_eq!(tokens_for(Some(&usage), Some((100, 100))), (usage, UsageSource::Reported));
-        let (estimated, source) = tokens_for(None, Some((10, 20)));
+        let estimate = Estimate { prompt_tokens: 10, completion_tokens: 20, price: None };
+        assert_eq!(usage_for(Some(&usage), Some(estimate)), (usage, UsageSource::Reported));
+        let (estimated, source) = usage_for(None, Some(estimate));
         assert_eq!((estimated.prompt_tokens, estimated.completion_tokens, source), (10, 20, UsageSource::Estimated));
-        assert_eq!(tokens_for(None, None).1, UsageSource::None);
+        assert_eq!(estimated.cost, None, "no price known: reconciliation will tell");
+        let price = ModelPrice { prompt: 1e-6, completion: 2e-6, request: 0.001 };
+        let (priced, _) = usage_for(None, Some(Estimate { price: Some(price), ..estimate }));
+        assert!((priced.cost.unwrap_or_default() - (10e-6 + 40e-6 + 0.001)).abs() < 1e-12);
+        assert_eq!(usage_for(None, None).1, UsageSource::None);
     }
 
     #[test]
@@ -131,6 +170,9 @@ mod tests {
     fn events_round_trip_through_json() {
         let e = UsageEvent {
             request_id: "req_1".into(),
+            client_request_id: Some("client-7".into()),
+            generation_id: Some("gen-1".into()),
+            admitted_at_ms: 2,
             key_id: "k".into(),
             user_id: "u".into(),
             model: "m".into(),

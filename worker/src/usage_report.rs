@@ -106,7 +106,7 @@ pub fn parse_time_bound(field: &str, raw: Option<&str>) -> Result<Option<String>
 }
 
 /// The rows as CSV: a header, one line per group, RFC 4180 quoting. Cells that a spreadsheet would run as a
-/// formula (`=`, `+`, `-`, `@`) are prefixed with `'`.
+/// formula (starting with `=`, `+`, `-`, `@`, a tab or a carriage return, OWASP's list) are prefixed with `'`.
 pub fn to_csv(group_by: GroupBy, rows: &[UsageRow]) -> String {
     let mut out = format!("{},requests,input_tokens,output_tokens,cached_tokens,cost_usd\r\n", group_by.column_name());
     for row in rows {
@@ -124,7 +124,8 @@ pub fn to_csv(group_by: GroupBy, rows: &[UsageRow]) -> String {
 }
 
 fn csv_cell(value: &str) -> String {
-    let value = if value.starts_with(['=', '+', '-', '@']) { format!("'{value}") } else { value.to_owned() };
+    let value =
+        if value.starts_with(['=', '+', '-', '@', '\t', '\r']) { format!("'{value}") } else { value.to_owned() };
     if value.contains([',', '"', '\r', '\n']) {
         format!("\"{}\"", value.replace('"', "\"\""))
     } else {
@@ -196,5 +197,9 @@ mod tests {
         assert_eq!(lines[1], "openai/gpt-4o,2,10,5,0,0.25");
         assert_eq!(lines[2], "\"a,\"\"b\"\"\",1,1,1,1,0");
         assert_eq!(lines[3], "'=cmd(),1,0,0,0,0");
+        let sneaky = |grp: &str| UsageRow { grp: grp.into(), ..rows[2].clone() };
+        let csv = to_csv(GroupBy::Model, &[sneaky("\t=cmd()"), sneaky("\r=cmd()")]);
+        assert!(csv.contains("'\t=cmd(),"), "{csv}");
+        assert!(csv.contains("\"'\r=cmd()\","), "a cell with a CR is also quoted: {csv}");
     }
 }

@@ -17,6 +17,8 @@ use crate::error::ApiError;
 
 const VALID_ROLES: [&str; 5] = ["system", "user", "assistant", "tool", "developer"];
 const MAX_MODEL_NAME_CHARS: usize = 256;
+/// OpenAI's own ceiling on `n`.
+pub const MAX_CHOICES: u64 = 128;
 
 /// A validated request, ready to forward.
 #[derive(Debug, Clone, PartialEq)]
@@ -28,10 +30,13 @@ pub struct ChatRequest {
     pub stream: bool,
     /// Whether the client asked for the final usage chunk (`stream_options.include_usage`).
     pub include_usage: bool,
-    /// Upper bound on output tokens, as forwarded upstream.
+    /// Upper bound on output tokens per choice, as forwarded upstream.
     pub max_tokens: u32,
+    /// How many choices the upstream generates (`n`): the output bound is `max_tokens × choices`.
+    pub choices: u32,
     pub temperature: Option<f64>,
-    /// Characters of message content, for the prompt-token estimate.
+    /// Characters of everything the model reads, for the prompt-token estimate: message text (strings and text
+    /// parts), tool-call names and arguments, tool and function definitions, `response_format`, and a `prompt`.
     pub prompt_chars: usize,
     pub message_count: usize,
     /// The `messages` array as the client sent it (JSON), for content capture.
@@ -54,7 +59,9 @@ pub fn validate_chat(raw: &[u8], config: &Config) -> Result<ChatRequest, ApiErro
         )),
     })?;
 
-    let (message_count, prompt_chars) = check_messages(fields.get("messages").copied())?;
+    let (message_count, message_chars) = check_messages(fields.get("messages").copied())?;
+    let prompt_chars = message_chars + read_by_the_model(&fields);
+    let choices = check_choices(small(&fields, "n")?)?;
     let temperature = check_temperature(small(&fields, "temperature")?)?;
     let stream = optional_bool(&fields, "stream")?.unwrap_or(false);
     let include_usage = check_stream_options(small(&fields, "stream_options")?)?;
@@ -67,30 +74,21 @@ pub fn validate_chat(raw: &[u8], config: &Config) -> Result<ChatRequest, ApiErro
         (None, None) => config.max_tokens_default,
     };
 
-    let fallbacks = small(&fields, "models")?;
-    let first_fallback = fallbacks.as_ref().and_then(|m| m.as_array()?.first()?.as_str().map(str::to_owned));
+    let fallbacks = check_fallbacks(small(&fields, "models")?, config.max_fallback_models)?;
     let (model, inject_model) = match small(&fields, "model")? {
-        None | Some(Value::Null) => match first_fallback {
+        None | Some(Value::Null) => match fallbacks.first() {
             // OpenRouter routes by `models` alone; injecting a default would change which model is tried first.
-            Some(first) => (first, false),
+            Some(first) => (first.clone(), false),
             None => (config.default_model.clone(), true),
         },
-        Some(Value::String(m)) if !m.trim().is_empty() && m.chars().count() <= MAX_MODEL_NAME_CHARS => (m, false),
-        Some(Value::String(_)) => {
-            return Err(ApiError::invalid_param(
-                "model",
-                format!("'model' must be a non-empty model id of at most {MAX_MODEL_NAME_CHARS} characters."),
-            ))
-        }
+        Some(Value::String(m)) => (check_model_id("model", m)?, false),
         Some(_) => return Err(ApiError::invalid_param("model", "'model' must be a string.")),
     };
 
     let mut models = vec![model.clone()];
-    if let Some(list) = fallbacks.as_ref().and_then(Value::as_array) {
-        for m in list.iter().filter_map(Value::as_str) {
-            if !models.iter().any(|x| x == m) {
-                models.push(m.to_owned());
-            }
+    for m in fallbacks {
+        if !models.contains(&m) {
+            models.push(m);
         }
     }
 
@@ -107,12 +105,72 @@ pub fn validate_chat(raw: &[u8], config: &Config) -> Result<ChatRequest, ApiErro
         stream,
         include_usage,
         max_tokens: effective_max_tokens,
+        choices,
         temperature,
         prompt_chars,
         message_count,
         messages_json: fields.get("messages").map(|m| m.get().to_owned()).unwrap_or_default(),
         models,
     })
+}
+
+/// A model id: non-empty, bounded, and without control characters (it reaches logs, the ledger and headers).
+fn check_model_id(param: &str, id: String) -> Result<String, ApiError> {
+    if !id.trim().is_empty() && id.chars().count() <= MAX_MODEL_NAME_CHARS && !id.chars().any(char::is_control) {
+        return Ok(id);
+    }
+    Err(ApiError::invalid_param(
+        param,
+        format!(
+            "'{param}' must be a non-empty model id of at most {MAX_MODEL_NAME_CHARS} characters, without control characters."
+        ),
+    ))
+}
+
+/// OpenRouter's `models` fallback list: model ids, at most `max` of them (each one is checked against the key's
+/// allowed models, so none may hide in an odd shape).
+fn check_fallbacks(value: Option<Value>, max: usize) -> Result<Vec<String>, ApiError> {
+    let list = match value {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(list)) if !list.is_empty() && list.len() <= max => list,
+        Some(_) => {
+            return Err(ApiError::invalid_param("models", format!("'models' must be a list of 1 to {max} model ids.")))
+        }
+    };
+    list.into_iter()
+        .enumerate()
+        .map(|(i, m)| match m {
+            Value::String(m) => check_model_id(&format!("models[{i}]"), m),
+            _ => Err(ApiError::invalid_param(format!("models[{i}]"), format!("models[{i}] must be a model id."))),
+        })
+        .collect()
+}
+
+/// `n`: how many choices to generate.
+fn check_choices(value: Option<Value>) -> Result<u32, ApiError> {
+    match value {
+        None | Some(Value::Null) => Ok(1),
+        Some(v) => match v.as_u64() {
+            Some(n) if (1..=MAX_CHOICES).contains(&n) => Ok(n as u32),
+            _ => Err(ApiError::invalid_param("n", format!("'n' must be an integer from 1 to {MAX_CHOICES}."))),
+        },
+    }
+}
+
+/// Characters outside `messages` that the model reads: tool and (legacy) function definitions and a structured
+/// output schema are serialized into the prompt; a `prompt` is read as text. Counted as the client wrote them.
+fn read_by_the_model(fields: &Fields) -> usize {
+    let raw_len = |field: &str| fields.get(field).map_or(0, |v| if v.get() == "null" { 0 } else { v.get().len() });
+    let prompt = fields.get("prompt").map_or(0, |raw| {
+        if let Ok(text) = serde_json::from_str::<Cow<str>>(raw.get()) {
+            text.chars().count()
+        } else if let Ok(texts) = serde_json::from_str::<Vec<Cow<str>>>(raw.get()) {
+            texts.iter().map(|t| t.chars().count()).sum()
+        } else {
+            raw.get().len()
+        }
+    });
+    raw_len("tools") + raw_len("functions") + raw_len("response_format") + prompt
 }
 
 /// The client's object with some fields replaced: untouched fields are copied as the client wrote them.
@@ -192,7 +250,7 @@ fn check_messages(messages: Option<&RawValue>) -> Result<(usize, usize), ApiErro
                 ))
             }
         }
-        chars += content_chars(message.get("content").copied());
+        chars += content_chars(message.get("content").copied()) + tool_call_chars(message.get("tool_calls").copied());
     }
     Ok((list.len(), chars))
 }
@@ -212,6 +270,34 @@ fn content_chars(content: Option<&RawValue>) -> usize {
     }
     let Ok(parts) = serde_json::from_str::<Vec<&RawValue>>(raw) else { return 0 };
     parts.iter().filter_map(|p| serde_json::from_str::<Part>(p.get()).ok()?.text).map(|t| t.chars().count()).sum()
+}
+
+/// Characters of the tool calls an assistant message replays: function names and arguments (the arguments are a
+/// JSON string the model reads back).
+fn tool_call_chars(tool_calls: Option<&RawValue>) -> usize {
+    #[derive(Deserialize)]
+    struct Call<'a> {
+        #[serde(borrow)]
+        function: Option<Function<'a>>,
+    }
+    #[derive(Deserialize)]
+    struct Function<'a> {
+        #[serde(borrow)]
+        name: Option<Cow<'a, str>>,
+        #[serde(borrow)]
+        arguments: Option<Cow<'a, str>>,
+    }
+    let Some(raw) = tool_calls else { return 0 };
+    let Ok(calls) = serde_json::from_str::<Vec<&RawValue>>(raw.get()) else { return raw.get().len() };
+    calls
+        .iter()
+        .map(|call| match serde_json::from_str::<Call>(call.get()) {
+            Ok(Call { function: Some(f) }) => {
+                f.name.map_or(0, |n| n.chars().count()) + f.arguments.map_or(0, |a| a.chars().count())
+            }
+            _ => call.get().len(),
+        })
+        .sum()
 }
 
 fn check_temperature(value: Option<Value>) -> Result<Option<f64>, ApiError> {
@@ -293,7 +379,7 @@ mod tests {
     fn param_of(body: Value) -> Option<String> {
         check(body).err().and_then(|e| {
             assert_eq!(e.status, 400);
-            e.param
+            e.param.map(String::from)
         })
     }
 
@@ -329,7 +415,8 @@ mod tests {
             assert_eq!(&sent(&r)[k], v, "field {k} changed");
         }
         assert!(r.stream && r.include_usage);
-        assert_eq!(r.prompt_chars, 2);
+        let read_by_the_model = body["tools"].to_string().len() + body["response_format"].to_string().len();
+        assert_eq!(r.prompt_chars, 2 + read_by_the_model, "text parts, tool definitions, response format");
     }
 
     #[test]
@@ -397,6 +484,54 @@ mod tests {
         assert_eq!(param_of(json!({"messages": hello(), "model": ""})).as_deref(), Some("model"));
         assert_eq!(param_of(json!({"messages": hello(), "model": "x".repeat(300)})).as_deref(), Some("model"));
         assert_eq!(check(json!({"messages": hello(), "model": null})).expect("valid").model, "default/model");
+    }
+
+    #[test]
+    fn model_ids_refuse_control_characters_and_fallbacks_are_checked_one_by_one() {
+        assert_eq!(param_of(json!({"messages": hello(), "model": "a/b\u{0}"})).as_deref(), Some("model"));
+        assert_eq!(param_of(json!({"messages": hello(), "model": "a/b\nX-Injected: 1"})).as_deref(), Some("model"));
+        assert_eq!(param_of(json!({"messages": hello(), "models": "a/b"})).as_deref(), Some("models"));
+        assert_eq!(param_of(json!({"messages": hello(), "models": []})).as_deref(), Some("models"));
+        assert_eq!(param_of(json!({"messages": hello(), "models": ["a/b", 7]})).as_deref(), Some("models[1]"));
+        assert_eq!(
+            param_of(json!({"messages": hello(), "models": ["a/b", {"id": "c"}]})).as_deref(),
+            Some("models[1]")
+        );
+        assert_eq!(param_of(json!({"messages": hello(), "models": ["a/b", "\t"]})).as_deref(), Some("models[1]"));
+        let nine: Vec<String> = (0..9).map(|i| format!("m/{i}")).collect();
+        assert_eq!(param_of(json!({"messages": hello(), "models": nine})).as_deref(), Some("models"));
+        let eight: Vec<String> = (0..8).map(|i| format!("m/{i}")).collect();
+        assert_eq!(check(json!({"messages": hello(), "models": eight})).expect("valid").models.len(), 8);
+    }
+
+    #[test]
+    fn n_is_validated_and_counted() {
+        assert_eq!(check(json!({"messages": hello()})).expect("valid").choices, 1);
+        assert_eq!(check(json!({"messages": hello(), "n": 3})).expect("valid").choices, 3);
+        for bad in [json!(0), json!(129), json!(1.5), json!("2"), json!(-1)] {
+            assert_eq!(param_of(json!({"messages": hello(), "n": bad})).as_deref(), Some("n"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_prompt_estimate_counts_everything_the_model_reads() {
+        let base = check(json!({"messages": hello()})).expect("valid").prompt_chars;
+        assert_eq!(base, 5);
+        let tools =
+            json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]);
+        let with_tools = check(json!({"messages": hello(), "tools": tools})).expect("valid").prompt_chars;
+        assert_eq!(with_tools, 5 + tools.to_string().len());
+        let replayed = json!([{"role": "user", "content": "hello"}, {"role": "assistant", "content": null,
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]);
+        let r = check(json!({"messages": replayed})).expect("valid");
+        assert_eq!(r.prompt_chars, 5 + "get_weather".len() + "{\"city\":\"Paris\"}".len() + 5);
+        let prompt = check(json!({"messages": hello(), "prompt": "four"})).expect("valid").prompt_chars;
+        assert_eq!(prompt, 9);
+        let parts = check(json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "ab"},
+            {"type": "text", "text": "cd"}]}]}))
+        .expect("valid");
+        assert_eq!(parts.prompt_chars, 4, "every text part");
     }
 
     #[test]
