@@ -15,4 +15,4 @@ node --test standins/
 
 echo "[test] integration tests (workerd via Miniflare, see scripts/serve.mjs)" >&2
 # One test binary at a time (cargo's default); tests inside a binary share one gateway and run in parallel.
-cargo test --quiet -p gateway-tests -- --test-threads 8
+cargo test --quiet --no-fail-fast -p gateway-tests -- --test-threads 8

@@ -1,12 +1,12 @@
 // Reads the gateway's one-JSON-line-per-request log from workerd's stdout/stderr while the bench runs, and
 // keeps per-phase totals. The phase is the prefix of the request id the load generator sends
-// (`<phase>-<worker>-<seq>`). Only lines that carry something the report needs are parsed, so the reader stays
+// (`<phase>-<worker>-<seq>`, logged as `client_request_id`; the gateway's own `request_id` is random). Only lines that carry something the report needs are parsed, so the reader stays
 // cheap next to a workerd serving thousands of requests per second.
 
 import { createWriteStream } from 'node:fs';
 import { createInterface } from 'node:readline';
 
-const PHASE = /"request_id":"([^"]+)-\d+-\d+"/;
+const PHASE = /"client_request_id":"([^"]+)-\d+-\d+"/;
 const LIMITER_MS = /"limiter_ms":(\d+)/;
 
 export class GatewayLog {
@@ -57,7 +57,7 @@ export class GatewayLog {
       this.problem(line);
       return;
     }
-    const m = /^(.*)-\d+-\d+$/.exec(entry.request_id ?? '');
+    const m = /^(.*)-\d+-\d+$/.exec(entry.client_request_id ?? '');
     const p = this.phase(m ? m[1] : '(other)');
     p.lines++;
     if (Number.isFinite(entry.limiter_ms)) p.limiter_ms.set(entry.limiter_ms, (p.limiter_ms.get(entry.limiter_ms) ?? 0) + 1);

@@ -162,12 +162,22 @@ async fn absurd_usage_reports_are_clamped_not_wrapped() {
 async fn a_limiter_that_cannot_answer_in_time_is_a_503_not_a_hang() {
     let gw = sluggish();
     let started = Instant::now();
-    let (status, code) = error_code(post(gw, &gw.key("slow").secret, &chat()).await).await;
+    let response = post(gw, &gw.key("slow").secret, &chat()).await;
+    let id = response.headers()["x-request-id"].to_str().expect("ascii").to_owned();
+    let (status, code) = error_code(response).await;
     assert_eq!((status, code.as_str()), (503, Some("service_unavailable")));
     let waited = started.elapsed();
     assert!(waited >= Duration::from_millis(300), "the deadline was waited for: {waited:?}");
     assert!(waited < Duration::from_secs(5), "the object's 5 s delay was not: {waited:?}");
-    let line = gw.request_logs().into_iter().last().expect("a log line");
+    // The log line is written once the response is out.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        if let Some(line) = gw.request_logs().into_iter().find(|l| l["request_id"] == id.as_str()) {
+            break line;
+        }
+        assert!(Instant::now() < deadline, "no log line for {id}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert_eq!(line["error"], "limiter_timeout", "{line}");
 }
 

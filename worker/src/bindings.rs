@@ -107,7 +107,7 @@ pub async fn find_active_key(env: &Env, config: &Config, hash: &str) -> Result<O
 /// The active key with this hash, read from D1 now (what the request path uses when the key's Durable Object,
 /// which knows of revocations first, cannot be asked).
 pub async fn find_active_key_uncached(env: &Env, hash: &str) -> Result<Option<KeyRecord>, ApiError> {
-    let query = async {
+    let query = || async {
         env.d1(DB)?
             .prepare(
                 "SELECT id, user_id, rpm, tpm, usage_limit, budget_period, usd_limit, max_concurrency, allowed_models, \
@@ -117,7 +117,7 @@ pub async fn find_active_key_uncached(env: &Env, hash: &str) -> Result<Option<Ke
             .first::<KeyRecord>(None)
             .await
     };
-    bounded("key lookup", query).await.map_err(|e| {
+    read_retrying("key lookup", query).await.map_err(|e| {
         log_error("d1_key_lookup_failed", &e.to_string());
         ApiError::unavailable("auth_unavailable", "API key verification")
     })
@@ -174,8 +174,30 @@ pub async fn d1_rows<T: serde::de::DeserializeOwned>(
     sql: &str,
     params: &[JsValue],
 ) -> Result<Vec<T>, Error> {
-    let statement = env.d1(DB)?.prepare(sql).bind(params)?;
-    bounded("D1 query", statement.all()).await?.results::<T>()
+    let query = || async { env.d1(DB)?.prepare(sql).bind(params)?.all().await?.results::<T>() };
+    read_retrying("D1 query", query).await
+}
+
+/// Pauses before the second and third try of a read.
+const READ_RETRIES_MS: [u64; 2] = [25, 150];
+
+/// A D1 read, each try bounded, tried again after a transient failure (D1 reports some — a busy database, a
+/// lost connection — that the next try does not meet). Only reads: a write is retried by whoever owns it (the
+/// queue redelivers a ledger batch).
+async fn read_retrying<T, F, Fut>(what: &str, read: F) -> Result<T, Error>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<T, Error>>,
+{
+    let mut result = bounded(what, read()).await;
+    for pause_ms in READ_RETRIES_MS {
+        if result.is_ok() {
+            break;
+        }
+        worker::Delay::from(Duration::from_millis(pause_ms)).await;
+        result = bounded(what, read()).await;
+    }
+    result
 }
 
 /// A D1 parameter: a string, or NULL.
