@@ -261,11 +261,13 @@ async fn every_admitted_request_gets_exactly_one_ledger_row_and_one_posthog_even
     assert_eq!(error_event["properties"]["$ai_is_error"], true);
 }
 
-/// Makes D1 reject about one ledger row in `one_in` (the whole INSERT statement fails, as a real D1 error would
-/// make it): a trigger installed in the local database by the operator's tool, not by the gateway.
+/// Makes D1 reject ledger rows (the whole INSERT statement fails, as a real D1 error would make it): every one
+/// when `one_in` is 1, else about one in `one_in`. A trigger installed in the local database by the operator's
+/// tool, not by the gateway.
 fn make_ledger_writes_flaky(gw: &Gateway, one_in: u32) {
+    gw.d1("DROP TRIGGER IF EXISTS injected_fault");
     gw.d1(&format!(
-        "CREATE TRIGGER IF NOT EXISTS injected_fault BEFORE INSERT ON usage_logs \
+        "CREATE TRIGGER injected_fault BEFORE INSERT ON usage_logs \
          WHEN abs(random()) % {one_in} = 0 BEGIN SELECT RAISE(ABORT, 'injected fault'); END"
     ));
 }
@@ -280,7 +282,9 @@ async fn failing_sinks_lose_nothing_and_never_duplicate_ledger_rows() {
     let key = gw.key("unlucky").secret.clone();
     let prefix = format!("fault-{}-", random_hex(4));
     let n = 40;
-    make_ledger_writes_flaky(gw, 25);
+    // Every write fails until the queue has had to redeliver a batch (so both the gateway's own tries and the
+    // queue's redelivery are exercised whatever the dice say), then about one row in 25 fails.
+    make_ledger_writes_flaky(gw, 1);
 
     let one = |i: usize| {
         let key = key.clone();
@@ -296,6 +300,14 @@ async fn failing_sinks_lose_nothing_and_never_duplicate_ledger_rows() {
     // In waves a batch timeout apart, so the queue delivers many batches, each rolling the fault dice.
     for wave in 0..n / 5 {
         join_all((wave * 5..wave * 5 + 5).map(one)).await;
+        if wave == 0 {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !gw.logs().contains("ledger_write_failed") {
+                assert!(Instant::now() < deadline, "a ledger batch failed within 60 s of an always-failing D1");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            make_ledger_writes_flaky(gw, 25);
+        }
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
 
@@ -321,9 +333,10 @@ async fn failing_sinks_lose_nothing_and_never_duplicate_ledger_rows() {
         stats["batches_failed"].as_u64().unwrap_or(0) + stats["batches_timed_out"].as_u64().unwrap_or(0) > 0,
         "faults were injected"
     );
-    let ledger_failures = gw.logs().matches("ledger_write_failed").count();
-    println!("faults: {ledger_failures} ledger batch writes failed in D1 and were retried");
-    assert!(ledger_failures > 0, "D1 faults were injected");
+    let logs = gw.logs();
+    let (tries, batches) = (logs.matches("d1_call_retried").count(), logs.matches("ledger_write_failed").count());
+    println!("faults: {tries} D1 statements failed and were tried again, {batches} ledger batches were redelivered");
+    assert!(tries >= 3 && batches >= 1, "each failed statement was tried three times, then the batch redelivered");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

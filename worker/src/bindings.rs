@@ -117,7 +117,7 @@ pub async fn find_active_key_uncached(env: &Env, hash: &str) -> Result<Option<Ke
             .first::<KeyRecord>(None)
             .await
     };
-    read_retrying("key lookup", query).await.map_err(|e| {
+    d1_retrying("key lookup", query).await.map_err(|e| {
         log_error("d1_key_lookup_failed", &e.to_string());
         ApiError::unavailable("auth_unavailable", "API key verification")
     })
@@ -158,14 +158,18 @@ pub fn log_error(label: &str, detail: &str) {
     worker::console_error!("{line}");
 }
 
-/// Runs one D1 statement; returns how many rows it changed.
+/// Runs one D1 statement; returns how many rows it changed. Every statement the gateway writes with is
+/// idempotent (ledger inserts ignore conflicts, updates set values, a key's id is chosen before the insert), so a
+/// transient failure is tried again like a read's.
 pub async fn d1_run(env: &Env, sql: &str, params: &[JsValue]) -> Result<u64, Error> {
-    let statement = env.d1(DB)?.prepare(sql).bind(params)?;
-    let result = bounded("D1 statement", statement.run()).await?;
-    if let Some(error) = result.error() {
-        return Err(Error::RustError(error));
-    }
-    Ok(result.meta()?.and_then(|m| m.changes).map_or(0, |c| c as u64))
+    let run = || async {
+        let result = env.d1(DB)?.prepare(sql).bind(params)?.run().await?;
+        if let Some(error) = result.error() {
+            return Err(Error::RustError(error));
+        }
+        Ok(result.meta()?.and_then(|m| m.changes).map_or(0, |c| c as u64))
+    };
+    d1_retrying("D1 statement", run).await
 }
 
 /// Runs a D1 query and decodes every row.
@@ -175,27 +179,25 @@ pub async fn d1_rows<T: serde::de::DeserializeOwned>(
     params: &[JsValue],
 ) -> Result<Vec<T>, Error> {
     let query = || async { env.d1(DB)?.prepare(sql).bind(params)?.all().await?.results::<T>() };
-    read_retrying("D1 query", query).await
+    d1_retrying("D1 query", query).await
 }
 
-/// Pauses before the second and third try of a read.
-const READ_RETRIES_MS: [u64; 2] = [25, 150];
+/// Pauses before the second and third try of a D1 call.
+const D1_RETRIES_MS: [u64; 2] = [25, 150];
 
-/// A D1 read, each try bounded, tried again after a transient failure (D1 reports some — a busy database, a
-/// lost connection — that the next try does not meet). Only reads: a write is retried by whoever owns it (the
-/// queue redelivers a ledger batch).
-async fn read_retrying<T, F, Fut>(what: &str, read: F) -> Result<T, Error>
+/// A D1 call, each try bounded, tried again after a transient failure (D1 reports some — a busy database, a
+/// lost connection — that the next try does not meet). Only for idempotent statements.
+async fn d1_retrying<T, F, Fut>(what: &str, call: F) -> Result<T, Error>
 where
     F: Fn() -> Fut,
     Fut: Future<Output = Result<T, Error>>,
 {
-    let mut result = bounded(what, read()).await;
-    for pause_ms in READ_RETRIES_MS {
-        if result.is_ok() {
-            break;
-        }
+    let mut result = bounded(what, call()).await;
+    for pause_ms in D1_RETRIES_MS {
+        let Err(e) = &result else { break };
+        log_error("d1_call_retried", &format!("{what}: {e}"));
         worker::Delay::from(Duration::from_millis(pause_ms)).await;
-        result = bounded(what, read()).await;
+        result = bounded(what, call()).await;
     }
     result
 }
