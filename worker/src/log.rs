@@ -41,6 +41,10 @@ pub struct RequestLog {
     pub wasm_bytes_in: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub wasm_bytes_out: Option<usize>,
+    /// Which relay carried a stream: `native` (the runtime's pipe, a copy read for billing) or `edited` (the
+    /// gateway's transform).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relay: Option<&'static str>,
     /// How a stream ended: `done`, `upstream_error`, `cut_off`, `malformed`, `client_abort`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stream_end: Option<&'static str>,

@@ -36,6 +36,7 @@ use crate::error::ApiError;
 use crate::forward::{self, Upstream};
 use crate::limiter::{self, Reservation};
 use crate::log::RequestLog;
+use crate::native_relay::NativeRelay;
 use crate::pricing;
 use crate::relay::{Relay, RelayOutcome, StreamEnd};
 use crate::respond::{self, SECURITY_HEADERS};
@@ -95,9 +96,25 @@ impl Reply {
 }
 
 struct StreamJob {
-    relay: Relay,
+    relay: StreamRelay,
     idle_timeout_secs: u64,
     drain: Option<Duration>,
+}
+
+/// A stream that needs no edit (the client asked for the usage chunk) goes on the runtime's own pipe; the
+/// others through the gateway's transform (see `native_relay` and `relay`).
+enum StreamRelay {
+    Native(NativeRelay),
+    Edited(Relay),
+}
+
+impl StreamJob {
+    async fn run(self) -> RelayOutcome {
+        match self.relay {
+            StreamRelay::Native(relay) => relay.run(self.idle_timeout_secs, self.drain).await,
+            StreamRelay::Edited(relay) => relay.run(self.idle_timeout_secs, self.drain).await,
+        }
+    }
 }
 
 pub async fn handle(req: Request, env: Env, ctx: Context) -> Response {
@@ -369,14 +386,22 @@ fn stream_reply(
         return Err(ApiError::upstream_malformed());
     };
     let scanner = SseScanner::new(chat.include_usage, capture_content(config));
-    let relay = Relay::new(body, abort, client_signal, scanner, started_ms)?;
+    let (relay, client_body) = if chat.include_usage {
+        let relay = NativeRelay::new(body, abort, client_signal, scanner, started_ms)?;
+        let client_body = relay.client_body.clone();
+        (StreamRelay::Native(relay), client_body)
+    } else {
+        let relay = Relay::new(body, abort, client_signal, scanner, started_ms)?;
+        let client_body = relay.client_body.clone();
+        (StreamRelay::Edited(relay), client_body)
+    };
     let headers = Headers::new();
     set_headers(
         &headers,
         &[("content-type", "text/event-stream; charset=utf-8".to_owned()), ("cache-control", "no-cache".to_owned())],
     );
     copy_generation_id(&response, &headers);
-    let client = ResponseBuilder::new().with_status(200).with_headers(headers).stream(relay.client_body.clone());
+    let client = ResponseBuilder::new().with_status(200).with_headers(headers).stream(client_body);
     let job = StreamJob {
         relay,
         idle_timeout_secs: config.upstream_timeout_secs,
@@ -389,7 +414,11 @@ fn stream_reply(
 /// event, write the log line. Runs for every request, whatever happened to it; every wait in it is bounded.
 async fn finish(env: Env, config: Rc<Config>, mut exchange: Exchange, stream: Option<StreamJob>) {
     if let Some(job) = stream {
-        let outcome = job.relay.run(job.idle_timeout_secs, job.drain).await;
+        exchange.log.relay = Some(match job.relay {
+            StreamRelay::Native(_) => "native",
+            StreamRelay::Edited(_) => "edited",
+        });
+        let outcome = job.run().await;
         record_stream(&mut exchange, outcome);
     }
     if let Some(usage) = &exchange.answer.usage {

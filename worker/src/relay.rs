@@ -87,18 +87,18 @@ extern "C" {
     fn pipe_to(this: &PipeSource, destination: &WritableStream, options: &JsValue) -> Promise;
 }
 
-/// What the transform learns, shared with the code that finishes the relay.
-struct Scan {
-    scanner: SseScanner,
+/// What the relay learns from the stream, shared with the code that finishes it (also the native relay's).
+pub(crate) struct Scan {
+    pub(crate) scanner: SseScanner,
     started_ms: u64,
-    ttft_ms: Option<u64>,
+    pub(crate) ttft_ms: Option<u64>,
     last_chunk_ms: u64,
     bytes_in: usize,
     bytes_rewritten: usize,
     /// Set once the upstream is over: what is written now is the gateway's own closing event, passed as is.
     closing: bool,
     /// The client cancelled its side of the stream (it went away).
-    client_left: bool,
+    pub(crate) client_left: bool,
     /// Woken when the client leaves (see [`ClientLeft`]).
     on_client_left: Option<Waker>,
     /// The transform's controller (from `start`), for heartbeats between chunks.
@@ -108,6 +108,10 @@ struct Scan {
 }
 
 impl Scan {
+    pub(crate) fn new(scanner: SseScanner, started_ms: u64) -> Scan {
+        Scan { scanner, started_ms, last_chunk_ms: started_ms, last_output_ms: started_ms, ..Scan::empty() }
+    }
+
     fn empty() -> Scan {
         Scan {
             scanner: SseScanner::new(false, false),
@@ -124,7 +128,7 @@ impl Scan {
         }
     }
 
-    fn client_left(&mut self) {
+    pub(crate) fn client_left(&mut self) {
         self.client_left = true;
         if let Some(waker) = self.on_client_left.take() {
             waker.wake();
@@ -146,6 +150,16 @@ impl Scan {
                 self.last_output_ms = now;
                 self.bytes_rewritten += HEARTBEAT.len();
             }
+        }
+    }
+
+    /// Bytes of a copy of the stream the client receives by another way: read for billing only.
+    pub(crate) fn observe(&mut self, bytes: &[u8]) {
+        let now = now_ms();
+        self.last_chunk_ms = now;
+        self.bytes_in += bytes.len();
+        if self.scanner.push(bytes).first_token {
+            self.ttft_ms = Some(now.saturating_sub(self.started_ms));
         }
     }
 
@@ -224,19 +238,7 @@ impl Relay {
         scanner: SseScanner,
         started_ms: u64,
     ) -> Result<Relay, ApiError> {
-        let scan = Rc::new(RefCell::new(Scan {
-            scanner,
-            started_ms,
-            ttft_ms: None,
-            last_chunk_ms: started_ms,
-            bytes_in: 0,
-            bytes_rewritten: 0,
-            closing: false,
-            client_left: false,
-            on_client_left: None,
-            controller: None,
-            last_output_ms: started_ms,
-        }));
+        let scan = Rc::new(RefCell::new(Scan::new(scanner, started_ms)));
         let on_chunk = scan.clone();
         let transform: TransformFn = Closure::new(move |chunk: JsValue, controller: TransformController| {
             let chunk = chunk.dyn_into::<Uint8Array>().unwrap_or_else(|v| Uint8Array::new(&v));
@@ -322,17 +324,7 @@ impl Relay {
             cancel.forget();
             signal_abort.forget();
         }
-        let scan = match Rc::try_unwrap(scan) {
-            Ok(scan) => scan.into_inner(),
-            Err(shared) => shared.replace(Scan::empty()),
-        };
-        RelayOutcome {
-            summary: scan.scanner.into_summary(),
-            end,
-            ttft_ms: scan.ttft_ms,
-            bytes_in: scan.bytes_in,
-            bytes_rewritten: scan.bytes_rewritten,
-        }
+        outcome(scan, end)
     }
 
     /// Waits for the pipe to end, for the upstream to fall silent, or for the client to leave, and acts on the
@@ -435,22 +427,40 @@ impl Relay {
     }
 
     fn upstream_end(&self) -> StreamEnd {
-        let scan = self.scan.borrow();
-        let summary = scan.scanner.summary();
-        if summary.done {
-            StreamEnd::Done
-        } else if summary.upstream_error.is_some() {
-            StreamEnd::UpstreamError
-        } else if summary.gateway_stop == Some(GatewayStop::Malformed) {
-            StreamEnd::Malformed
-        } else {
-            StreamEnd::CutOff
-        }
+        upstream_end(self.scan.borrow().scanner.summary())
     }
 }
 
-/// Resolves when the client has left (the transform's `cancel` was called).
-struct ClientLeft(Rc<RefCell<Scan>>);
+/// How a stream ended, from what its events said, once the upstream is over.
+pub(crate) fn upstream_end(summary: &StreamSummary) -> StreamEnd {
+    if summary.done {
+        StreamEnd::Done
+    } else if summary.upstream_error.is_some() {
+        StreamEnd::UpstreamError
+    } else if summary.gateway_stop == Some(GatewayStop::Malformed) {
+        StreamEnd::Malformed
+    } else {
+        StreamEnd::CutOff
+    }
+}
+
+/// The relay's outcome, once nothing else holds the scan.
+pub(crate) fn outcome(scan: Rc<RefCell<Scan>>, end: StreamEnd) -> RelayOutcome {
+    let scan = match Rc::try_unwrap(scan) {
+        Ok(scan) => scan.into_inner(),
+        Err(shared) => shared.replace(Scan::empty()),
+    };
+    RelayOutcome {
+        summary: scan.scanner.into_summary(),
+        end,
+        ttft_ms: scan.ttft_ms,
+        bytes_in: scan.bytes_in,
+        bytes_rewritten: scan.bytes_rewritten,
+    }
+}
+
+/// Resolves when the client has left (the transform's `cancel` was called, or the request's signal aborted).
+pub(crate) struct ClientLeft(pub(crate) Rc<RefCell<Scan>>);
 
 impl Future for ClientLeft {
     type Output = ();
@@ -480,10 +490,10 @@ const HEARTBEAT: &[u8] = b": keep-alive\n\n";
 const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 
 /// How long the relay waits on the client side (an error event, a close) or on releasing the upstream.
-const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+pub(crate) const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Resolves when no chunk has arrived for `idle_timeout_secs`. One timer per idle period, not one per chunk.
-async fn watch_idle(scan: &Rc<RefCell<Scan>>, idle_timeout_secs: u64) {
+pub(crate) async fn watch_idle(scan: &Rc<RefCell<Scan>>, idle_timeout_secs: u64) {
     let idle_ms = idle_timeout_secs * 1000;
     let mut wait_ms = idle_ms;
     loop {
