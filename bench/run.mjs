@@ -241,11 +241,13 @@ const PROMPT = Array.from({ length: 64 }, (_, i) => ['bench', 'gateway', 'latenc
 
 // max_tokens is explicit so every target gets the same answer: the gateway would otherwise add its default, and
 // the stand-in stops after that many words.
-function chatBody({ stream, chunks, chunkBytes, maxTokens, prompt = PROMPT }) {
+function chatBody({ stream, chunks, chunkBytes, maxTokens, prompt = PROMPT, includeUsage = true }) {
   const body = { model: 'openai/gpt-4o-mini', messages: [{ role: 'user', content: prompt }], max_tokens: maxTokens };
   if (!stream) return { ...body, standin: {} };
-  // include_usage: the usage chunk reaches the client through every target, so (a), (b), (g) send the same bytes.
-  return { ...body, stream: true, stream_options: { include_usage: true }, standin: { chunks, chunk_bytes: chunkBytes } };
+  // include_usage: the usage chunk reaches the client through every target, so (a), (b), (g) send the same bytes,
+  // and the gateway relays natively. Without it the gateway edits the stream (it asks OpenRouter for usage and
+  // removes the usage chunk), while (a) and (b) simply send none.
+  return { ...body, stream: true, stream_options: { include_usage: includeUsage }, standin: { chunks, chunk_bytes: chunkBytes } };
 }
 
 /** Runs bench/load once and returns its JSON plus the CPU use of the processes involved. */
@@ -416,8 +418,11 @@ async function main() {
   const bodies = {
     chat: bodyFile(tmp, 'chat', chatBody({ stream: false, maxTokens })),
     stream: bodyFile(tmp, 'stream', chatBody({ stream: true, chunks: knobs.streamChunks, chunkBytes: knobs.chunkBytes, maxTokens })),
+    streamEdited: bodyFile(tmp, 'stream-edited', chatBody({ stream: true, chunks: knobs.streamChunks, chunkBytes: knobs.chunkBytes, maxTokens, includeUsage: false })),
     memShort: bodyFile(tmp, 'mem-short', chatBody({ stream: true, chunks: knobs.streamChunks, chunkBytes: knobs.memoryChunkBytes, maxTokens: maxTokensLimit, prompt: memoryPrompt })),
     memLong: bodyFile(tmp, 'mem-long', chatBody({ stream: true, chunks: knobs.longChunks, chunkBytes: knobs.memoryChunkBytes, maxTokens: maxTokensLimit, prompt: memoryPrompt })),
+    memShortEdited: bodyFile(tmp, 'mem-short-edited', chatBody({ stream: true, chunks: knobs.streamChunks, chunkBytes: knobs.memoryChunkBytes, maxTokens: maxTokensLimit, prompt: memoryPrompt, includeUsage: false })),
+    memLongEdited: bodyFile(tmp, 'mem-long-edited', chatBody({ stream: true, chunks: knobs.longChunks, chunkBytes: knobs.memoryChunkBytes, maxTokens: maxTokensLimit, prompt: memoryPrompt, includeUsage: false })),
   };
 
   // (g) the gateway, storage on disk as `wrangler dev` keeps it: cold start first --------------------------
@@ -499,19 +504,26 @@ async function main() {
   // the stream keeps RSS level through the long stream; holding it would add at least the bytes streamed, so
   // the verdict compares RSS at the middle of the long stream with its end.
   results.memory = {};
-  for (const t of ['g', 'b']) {
+  // The gateway twice: a stream that needs no edit (native relay), then one it edits.
+  const memoryRows = [
+    ['g', 'g', bodies.memShort, bodies.memLong],
+    ['g_edited', 'g', bodies.memShortEdited, bodies.memLongEdited],
+    ['b', 'b', bodies.memShort, bodies.memLong],
+  ];
+  for (const [row, t, shortBody, longBody] of memoryRows) {
     const pid = targets[t].pids.server;
+    const label = `${TARGET_NAMES[t]}${row === t ? '' : ', edited stream'}`;
     await sleep(300);
     const idle = memory(pid).rss;
     const run = async (bodyPath, chunks, requests, name) => {
       const sampler = sampleRss(pid, 100);
-      const r = await load({ url: targets[t].url, bodyPath, concurrency: 1, stream: true, requests, phase: `${t}-mem-${name}`, pids: targets[t].pids, timeout: 600 });
+      const r = await load({ url: targets[t].url, bodyPath, concurrency: 1, stream: true, requests, phase: `${t}-mem-${row === t ? '' : 'edited-'}${name}`, pids: targets[t].pids, timeout: 600 });
       const mem = sampler.stop();
-      if (r.errors) problem(`${TARGET_NAMES[t]} memory run (${chunks} chunks): ${r.errors} errors: ${r.error_samples.join(' | ')}`);
+      if (r.errors) problem(`${label} memory run (${chunks} chunks): ${r.errors} errors: ${r.error_samples.join(' | ')}`);
       return { chunks, requests, client_bytes: r.bytes_per_request, total_ms_p50: r.latency_ms?.p50 ?? null, errors: r.errors, ...mem };
     };
-    const short = await run(bodies.memShort, knobs.streamChunks, 100, 'short');
-    const long = await run(bodies.memLong, knobs.longChunks, 1, 'long');
+    const short = await run(shortBody, knobs.streamChunks, 100, 'short');
+    const long = await run(longBody, knobs.longChunks, 1, 'long');
     // The sample nearest the middle of the long stream, and the highest over its last fifth (short streams
     // have few samples: the final one is always there).
     const duration = long.series.at(-1)[0];
@@ -521,7 +533,7 @@ async function main() {
     const allowed = Math.max(2 * 2 ** 20, 0.5 * (long.client_bytes / 2));
     const verdict = secondHalfGrowth <= allowed ? 'flat: does not grow with stream length' : 'GROWS with stream length';
     for (const m of [short, long]) delete m.series;
-    results.memory[t] = {
+    results.memory[row] = {
       pid,
       idle_rss: idle,
       short,
@@ -534,13 +546,13 @@ async function main() {
       verdict,
     };
     const mib = (b) => (b / 2 ** 20).toFixed(1);
-    log(`${TARGET_NAMES[t]} RSS MiB: idle ${mib(idle)}, short peak ${mib(short.peak_rss)}, long peak ${mib(long.peak_rss)}, long mid→end ${mib(mid)}→${mib(end)}`);
+    log(`${label} RSS MiB: idle ${mib(idle)}, short peak ${mib(short.peak_rss)}, long peak ${mib(long.peak_rss)}, long mid→end ${mib(mid)}→${mib(end)}`);
     if (!verdict.startsWith('flat')) {
-      problem(`${TARGET_NAMES[t]}: workerd RSS grew by ${mib(secondHalfGrowth)} MiB over the second half of a ${knobs.longChunks}-chunk stream (${mib(long.client_bytes / 2)} MiB streamed in it)`);
+      problem(`${label}: workerd RSS grew by ${mib(secondHalfGrowth)} MiB over the second half of a ${knobs.longChunks}-chunk stream (${mib(long.client_bytes / 2)} MiB streamed in it)`);
     }
     const expectedRatio = knobs.longChunks / knobs.streamChunks;
     if (long.client_bytes < (short.client_bytes * expectedRatio) / 2) {
-      problem(`${TARGET_NAMES[t]}: the ${knobs.longChunks}-chunk stream delivered only ${long.client_bytes} B (vs ${short.client_bytes} B for ${knobs.streamChunks} chunks): cut short, so the memory comparison is weak`);
+      problem(`${label}: the ${knobs.longChunks}-chunk stream delivered only ${long.client_bytes} B (vs ${short.client_bytes} B for ${knobs.streamChunks} chunks): cut short, so the memory comparison is weak`);
     }
   }
 
@@ -570,14 +582,18 @@ async function main() {
       log(`${TARGET_NAMES[t]} chat c=${c}: ${brief(r)}`);
     }
   }
-  results.stream = {};
-  for (const c of knobs.streamConcurrency) {
-    results.stream[c] = {};
-    for (const t of TARGETS) {
-      const phase = `${t}-stream-c${c}`;
-      const r = await load({ url: targets[t].url, bodyPath: bodies.stream, concurrency: c, stream: true, phase, pids: targets[t].pids });
-      results.stream[c][t] = { target: t, phase, ...r };
-      log(`${TARGET_NAMES[t]} stream c=${c}: ${brief(r)}`);
+  // Both kinds of stream: `stream` needs no edit (include_usage; the gateway's native relay), `stream_edited`
+  // does (the gateway's edited relay).
+  for (const [kind, bodyPath, tag] of [['stream', bodies.stream, 'stream'], ['stream_edited', bodies.streamEdited, 'stream-edited']]) {
+    results[kind] = {};
+    for (const c of knobs.streamConcurrency) {
+      results[kind][c] = {};
+      for (const t of TARGETS) {
+        const phase = `${t}-${tag}-c${c}`;
+        const r = await load({ url: targets[t].url, bodyPath, concurrency: c, stream: true, phase, pids: targets[t].pids });
+        results[kind][c][t] = { target: t, phase, ...r };
+        log(`${TARGET_NAMES[t]} ${tag} c=${c}: ${brief(r)}`);
+      }
     }
   }
 
@@ -712,7 +728,7 @@ async function main() {
 
 function summarize(results, gatewayLog, { limiterObjects, limiterHeaders, wasmPath, mainModule, problem }) {
   const s = results.settings;
-  for (const group of [results.nonstream, results.stream]) {
+  for (const group of [results.nonstream, results.stream, results.stream_edited]) {
     for (const byTarget of Object.values(group)) {
       for (const run of Object.values(byTarget)) {
         if (run.target === 'g' || run.target === 'm') run.gateway_log = gatewayLog.summary(run.phase);
@@ -751,16 +767,25 @@ function summarize(results, gatewayLog, { limiterObjects, limiterHeaders, wasmPa
         : {}),
     };
   }
-  results.stream_overhead = {};
-  for (const c of s.stream_concurrency) {
-    const { b, g } = results.stream[c];
-    results.stream_overhead[c] = {
-      ttfb_p50_delta: sub(g.ttfb_ms?.p50, b.ttfb_ms?.p50),
-      ttfb_p99_delta: sub(g.ttfb_ms?.p99, b.ttfb_ms?.p99),
-      total_p50_delta: sub(g.latency_ms?.p50, b.latency_ms?.p50),
-      total_p99_delta: sub(g.latency_ms?.p99, b.latency_ms?.p99),
-      rps_ratio_g_b: div(g.rps, b.rps),
-    };
+  // Per kind of stream: the gateway against the pass-through, and the CPU each target's workerd spent per
+  // streamed event (its cores in use over the run / events relayed per second).
+  const cpuPerEventMs = (run) =>
+    run?.cpu?.server != null && run.rps > 0 ? round((run.cpu.server * 1000) / (run.rps * s.stream_chunks), 4) : null;
+  for (const kind of ['stream', 'stream_edited']) {
+    results[`${kind}_overhead`] = {};
+    for (const c of s.stream_concurrency) {
+      const { a, b, g } = results[kind][c];
+      results[`${kind}_overhead`][c] = {
+        ttfb_p50_delta: sub(g.ttfb_ms?.p50, b.ttfb_ms?.p50),
+        ttfb_p99_delta: sub(g.ttfb_ms?.p99, b.ttfb_ms?.p99),
+        total_p50_delta: sub(g.latency_ms?.p50, b.latency_ms?.p50),
+        total_p99_delta: sub(g.latency_ms?.p99, b.latency_ms?.p99),
+        rps_ratio_g_b: div(g.rps, b.rps),
+        rps_ratio_b_a: div(b.rps, a.rps),
+        cpu_ms_per_event_b: cpuPerEventMs(b),
+        cpu_ms_per_event_g: cpuPerEventMs(g),
+      };
+    }
   }
 
   const firstStream = results.stream[s.stream_concurrency[0]];
@@ -802,7 +827,7 @@ function summarize(results, gatewayLog, { limiterObjects, limiterHeaders, wasmPa
   // Problems: invalid rows, and what bounded each figure.
   const nproc = results.machine.nproc;
   const saturated = [];
-  for (const [kind, group] of [['chat', results.nonstream], ['stream', results.stream]]) {
+  for (const [kind, group] of [['chat', results.nonstream], ['stream', results.stream], ['stream-edited', results.stream_edited]]) {
     for (const [c, byTarget] of Object.entries(group)) {
       for (const t of [...TARGETS, 'm']) {
         const run = byTarget[t];

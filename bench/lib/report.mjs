@@ -89,32 +89,39 @@ export function renderMarkdown(r) {
   }
   out.push('');
 
-  out.push(`## Streaming chat completion (${s.stream_chunks} chunks × ~${s.chunk_bytes} B + usage chunk, ${r.payloads.stream_response_bytes} B SSE)`);
-  out.push('');
-  out.push('| c | target | streams/s | TTFB p50 | TTFB p99 | total p50 | total p99 | errors | CPU server / upstream / client / runner / other |');
-  out.push('|---:|---|---:|---:|---:|---:|---:|---|---|');
-  for (const c of s.stream_concurrency) {
-    for (const t of ['a', 'b', 'g']) {
-      const run = r.stream[c]?.[t];
-      if (!run) continue;
-      const l = run.latency_ms ?? {};
-      const f = run.ttfb_ms ?? {};
+  const kinds = [
+    ['stream', 'needs no edit: `include_usage`, the native relay', 'usage chunk'],
+    ['stream_edited', 'edited: no `include_usage`, the gateway removes the usage chunk', 'no usage chunk to the client'],
+  ];
+  for (const [kind, what, tail] of kinds) {
+    if (!r[kind]) continue;
+    out.push(`## Streaming chat completion, ${what} (${s.stream_chunks} chunks × ~${s.chunk_bytes} B, ${tail})`);
+    out.push('');
+    out.push('| c | target | streams/s | TTFB p50 | TTFB p99 | total p50 | total p99 | errors | CPU server / upstream / client / runner / other |');
+    out.push('|---:|---|---:|---:|---:|---:|---:|---|---|');
+    for (const c of s.stream_concurrency) {
+      for (const t of ['a', 'b', 'g']) {
+        const run = r[kind][c]?.[t];
+        if (!run) continue;
+        const l = run.latency_ms ?? {};
+        const f = run.ttfb_ms ?? {};
+        out.push(
+          `| ${c} | ${TARGET_NAMES[t]} | ${num(run.rps)} | ${ms(f.p50)} | ${ms(f.p99)} | ${ms(l.p50)} | ${ms(l.p99)} | ${errorsCell(run)} | ${cpuCell(run)} |`,
+        );
+      }
+    }
+    out.push('');
+    out.push('| c | TTFB p50 (g)−(b) | TTFB p99 (g)−(b) | total p50 (g)−(b) | total p99 (g)−(b) | streams/s (g)/(b) | (b)/(a) | CPU ms per event (b) | (g) |');
+    out.push('|---:|---:|---:|---:|---:|---:|---:|---:|---:|');
+    for (const c of s.stream_concurrency) {
+      const o = r[`${kind}_overhead`]?.[c];
+      if (!o) continue;
       out.push(
-        `| ${c} | ${TARGET_NAMES[t]} | ${num(run.rps)} | ${ms(f.p50)} | ${ms(f.p99)} | ${ms(l.p50)} | ${ms(l.p99)} | ${errorsCell(run)} | ${cpuCell(run)} |`,
+        `| ${c} | ${signed(o.ttfb_p50_delta)} | ${signed(o.ttfb_p99_delta)} | ${signed(o.total_p50_delta)} | ${signed(o.total_p99_delta)} | ${ratio(o.rps_ratio_g_b)} | ${ratio(o.rps_ratio_b_a)} | ${o.cpu_ms_per_event_b ?? '—'} | ${o.cpu_ms_per_event_g ?? '—'} |`,
       );
     }
+    out.push('');
   }
-  out.push('');
-  out.push('| c | TTFB p50 (g)−(b) | TTFB p99 (g)−(b) | total p50 (g)−(b) | total p99 (g)−(b) | streams/s (g)/(b) |');
-  out.push('|---:|---:|---:|---:|---:|---:|');
-  for (const c of s.stream_concurrency) {
-    const o = r.stream_overhead[c];
-    if (!o) continue;
-    out.push(
-      `| ${c} | ${signed(o.ttfb_p50_delta)} | ${signed(o.ttfb_p99_delta)} | ${signed(o.total_p50_delta)} | ${signed(o.total_p99_delta)} | ${ratio(o.rps_ratio_g_b)} |`,
-    );
-  }
-  out.push('');
 
   limiterSections(r, out);
 
@@ -127,7 +134,7 @@ export function renderMarkdown(r) {
           `${w.bytes_out_per_stream.toLocaleString('en-US')} B created for the client; the client received ${w.client_bytes_per_stream.toLocaleString('en-US')} B.`
       : `- **Bytes through wasm per streamed request**: not reported (the gateway's stream log line has no \`wasm_bytes_in\`/\`wasm_bytes_out\`).`,
   );
-  for (const [label, mem] of [['gateway', r.memory.g], ['pass-through', r.memory.b]]) {
+  for (const [label, mem] of [['gateway (native relay)', r.memory.g], ['gateway (edited relay)', r.memory.g_edited], ['pass-through', r.memory.b]]) {
     if (!mem) continue;
     out.push(
       `- **Peak memory, workerd process of the ${label}** (VmRSS every 100 ms): ${mb(mem.idle_rss)} idle; peak ${mb(mem.short.peak_rss)} during ` +

@@ -55,7 +55,8 @@ const MIX: [Leave; 6] = [
     Leave::Never,
 ];
 
-fn body(leave: Leave, text: &str) -> Value {
+/// `native`: the client asks for the usage chunk, so the stream needs no edit and goes on the runtime's pipe.
+fn body(leave: Leave, text: &str, native: bool) -> Value {
     let standin = match leave {
         Leave::BeforeFirstByte => json!({"delay_ms": 1500}),
         Leave::AfterFirstChunk => json!({"chunks": 60, "delay_ms": 20, "pause_after": 2, "pause_ms": 800}),
@@ -65,18 +66,18 @@ fn body(leave: Leave, text: &str) -> Value {
         Leave::Never => json!({"chunks": 20, "delay_ms": 2}),
     };
     json!({"messages": [{"role": "user", "content": text}], "stream": leave != Leave::BeforeFirstByte,
-        "max_tokens": 4000, "standin": standin})
+        "stream_options": {"include_usage": native}, "max_tokens": 4000, "standin": standin})
 }
 
 /// Sends one request and leaves where `leave` says.
-async fn one(gw: &Gateway, key: &str, id: String, leave: Leave) {
+async fn one(gw: &Gateway, key: &str, id: String, leave: Leave, native: bool) {
     let timeout = if leave == Leave::BeforeFirstByte { Duration::from_millis(300) } else { Duration::from_secs(60) };
     let http = reqwest::Client::builder().timeout(timeout).build().expect("client");
     let sent = http
         .post(gw.url("/v1/chat/completions"))
         .bearer_auth(key)
         .header("x-request-id", &id)
-        .json(&body(leave, "tell me a long story"))
+        .json(&body(leave, "tell me a long story", native))
         .send()
         .await;
     let mut response = match (leave, sent) {
@@ -121,12 +122,18 @@ async fn run_mix(gw: &Gateway, rounds: usize, concurrency: usize) -> Figures {
     let _alone = ONE_MIX_AT_A_TIME.lock().await;
     let key = gw.key("leaver").secret.clone();
     let prefix = format!("mix-{}-", random_hex(4));
+    // Every other round asks for the usage chunk: its streams go on the native relay, the others are edited.
+    let native = |n: usize| (n / MIX.len()) % 2 == 1;
     let requests: Vec<(String, Leave)> = (0..rounds)
         .flat_map(|round| MIX.iter().enumerate().map(move |(i, leave)| (round * MIX.len() + i, *leave)))
         .map(|(n, leave)| (format!("{prefix}{n:04}"), leave))
         .collect();
-    for wave in requests.chunks(concurrency) {
-        join_all(wave.iter().map(|(id, leave)| one(gw, &key, id.clone(), *leave))).await;
+    for (w, wave) in requests.chunks(concurrency).enumerate() {
+        let sent = wave
+            .iter()
+            .enumerate()
+            .map(|(i, (id, leave))| one(gw, &key, id.clone(), *leave, native(w * concurrency + i)));
+        join_all(sent).await;
     }
 
     // Every request was admitted (no limit is near): one row each, none left pending.
@@ -167,6 +174,19 @@ async fn run_mix(gw: &Gateway, rounds: usize, concurrency: usize) -> Figures {
             // The answer may have been complete before the relay noticed the client had gone.
             _ => assert!(["reconciled", "reported"].contains(&source), "{id} ({leave:?}): {row}"),
         }
+    }
+
+    // Each stream went the way it was meant to.
+    let logs = gw.request_logs();
+    for (n, (id, leave)) in requests.iter().enumerate() {
+        let line = logs.iter().find(|l| l["client_request_id"] == id.as_str());
+        let line = line.unwrap_or_else(|| panic!("{id} ({leave:?}): no log line"));
+        let expected = match leave {
+            Leave::BeforeFirstByte => None,
+            _ if native(n) => Some("native"),
+            _ => Some("edited"),
+        };
+        assert_eq!(line["relay"].as_str(), expected, "{id} ({leave:?}): {line}");
     }
 
     // Every reservation was settled: nothing is left in flight in the key's Durable Object.

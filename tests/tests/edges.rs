@@ -97,9 +97,11 @@ async fn a_client_that_never_finishes_its_body_gets_a_408() {
             }
         }
     });
+    // The gateway is started (on first use) before the clock starts.
+    let url = gateway().url("/v1/chat/completions");
     let started = std::time::Instant::now();
     let response = client()
-        .post(gateway().url("/v1/chat/completions"))
+        .post(url)
         .bearer_auth(carol())
         .header("content-type", "application/json")
         .body(reqwest::Body::wrap_stream(chunks))
@@ -116,6 +118,7 @@ async fn upstream_bodies_are_read_within_the_timeout_and_size_cap() {
     // A completion whose body stops half-way: 504, and the upstream request is aborted.
     let mut body = chat_body();
     body["standin"] = json!({"scenario": "stall_body"});
+    gateway(); // started (on first use) before the clock starts
     let started = std::time::Instant::now();
     let response = chat_as(carol(), &body).await;
     assert_eq!(response.status(), 504);

@@ -324,8 +324,11 @@ async fn a_usd_budget_holds_under_concurrency_and_refunds_are_exact() {
     let key = gw.key("usd").secret.clone();
     let limit: f64 = USD_LIMIT.parse().expect("number");
     assert!((limit - 10.5 * usd_worst_case()).abs() < 1e-12);
-    // 50 at once, each reserving its worst case: exactly ten fit.
-    let statuses = burst(gw, &key, 50, &usd_chat()).await;
+    // 50 at once, each reserving its worst case: exactly ten fit. The admitted ones are held for 3 s, far longer
+    // than the burst takes to arrive, so none settles (and refunds) before the last of the fifty is decided.
+    let mut held = usd_chat();
+    held["standin"]["delay_ms"] = json!(3000);
+    let statuses = burst(gw, &key, 50, &held).await;
     assert_eq!(count(&statuses, 200), 10, "{statuses:?}");
     assert_eq!(count(&statuses, 429), 40, "{statuses:?}");
 

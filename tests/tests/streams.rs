@@ -120,6 +120,7 @@ fn assert_ended_unfinished(text: &str) {
 #[tokio::test]
 async fn on_the_native_path_a_silent_upstream_is_aborted_and_the_client_s_stream_ends_unfinished() {
     let case = id("silent");
+    gateway(); // started (on first use) before the clock starts
     let started = Instant::now();
     let (status, text, _) =
         stream(&case, &body(true, json!({"chunks": 10, "pause_after": 2, "pause_ms": 30000}))).await;

@@ -20,7 +20,6 @@ pub mod ledger;
 pub mod limiter;
 pub mod log;
 pub mod models;
-pub mod native_relay;
 mod pipeline;
 pub mod posthog;
 pub mod pricing;

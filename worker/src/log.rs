@@ -41,8 +41,11 @@ pub struct RequestLog {
     pub wasm_bytes_in: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub wasm_bytes_out: Option<usize>,
-    /// Which relay carried a stream: `native` (the runtime's pipe, a copy read for billing) or `edited` (the
-    /// gateway's transform).
+    /// Streams: how many reads of the copy it took (each read coalesces the events that arrived meanwhile).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub copy_reads: Option<usize>,
+    /// How a stream was delivered: `native` (the runtime's pipe; the gateway reads a copy for billing) or
+    /// `edited` (the gateway writes what the client gets).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub relay: Option<&'static str>,
     /// How a stream ended: `done`, `upstream_error`, `cut_off`, `malformed`, `client_abort`.

@@ -36,9 +36,8 @@ use crate::error::ApiError;
 use crate::forward::{self, Upstream};
 use crate::limiter::{self, Reservation};
 use crate::log::RequestLog;
-use crate::native_relay::NativeRelay;
 use crate::pricing;
-use crate::relay::{Relay, RelayOutcome, StreamEnd};
+use crate::relay::{Delivery, Relay, RelayOutcome, StreamEnd};
 use crate::respond::{self, SECURITY_HEADERS};
 use crate::routes::{route, Route};
 use crate::sse::SseScanner;
@@ -96,25 +95,9 @@ impl Reply {
 }
 
 struct StreamJob {
-    relay: StreamRelay,
+    relay: Relay,
     idle_timeout_secs: u64,
     drain: Option<Duration>,
-}
-
-/// A stream that needs no edit (the client asked for the usage chunk) goes on the runtime's own pipe; the
-/// others through the gateway's transform (see `native_relay` and `relay`).
-enum StreamRelay {
-    Native(NativeRelay),
-    Edited(Relay),
-}
-
-impl StreamJob {
-    async fn run(self) -> RelayOutcome {
-        match self.relay {
-            StreamRelay::Native(relay) => relay.run(self.idle_timeout_secs, self.drain).await,
-            StreamRelay::Edited(relay) => relay.run(self.idle_timeout_secs, self.drain).await,
-        }
-    }
 }
 
 pub async fn handle(req: Request, env: Env, ctx: Context) -> Response {
@@ -386,15 +369,10 @@ fn stream_reply(
         return Err(ApiError::upstream_malformed());
     };
     let scanner = SseScanner::new(chat.include_usage, capture_content(config));
-    let (relay, client_body) = if chat.include_usage {
-        let relay = NativeRelay::new(body, abort, client_signal, scanner, started_ms)?;
-        let client_body = relay.client_body.clone();
-        (StreamRelay::Native(relay), client_body)
-    } else {
-        let relay = Relay::new(body, abort, client_signal, scanner, started_ms)?;
-        let client_body = relay.client_body.clone();
-        (StreamRelay::Edited(relay), client_body)
-    };
+    // A stream that needs no edit (the client asked for the usage chunk) goes on the runtime's own pipe.
+    let delivery = if chat.include_usage { Delivery::Native } else { Delivery::Edited };
+    let relay = Relay::new(body, delivery, abort, client_signal, scanner, started_ms)?;
+    let client_body = relay.client_body.clone();
     let headers = Headers::new();
     set_headers(
         &headers,
@@ -414,11 +392,8 @@ fn stream_reply(
 /// event, write the log line. Runs for every request, whatever happened to it; every wait in it is bounded.
 async fn finish(env: Env, config: Rc<Config>, mut exchange: Exchange, stream: Option<StreamJob>) {
     if let Some(job) = stream {
-        exchange.log.relay = Some(match job.relay {
-            StreamRelay::Native(_) => "native",
-            StreamRelay::Edited(_) => "edited",
-        });
-        let outcome = job.run().await;
+        exchange.log.relay = Some(job.relay.delivery.label());
+        let outcome = job.relay.run(job.idle_timeout_secs, job.drain).await;
         record_stream(&mut exchange, outcome);
     }
     if let Some(usage) = &exchange.answer.usage {
@@ -573,6 +548,7 @@ fn record_stream(exchange: &mut Exchange, outcome: RelayOutcome) {
     log.stream_end = Some(outcome.end.label());
     log.wasm_bytes_in = Some(outcome.bytes_in);
     log.wasm_bytes_out = Some(outcome.bytes_rewritten);
+    log.copy_reads = Some(outcome.reads);
     if outcome.end != StreamEnd::Done {
         log.error = Some(outcome.end.label());
     }

@@ -1,39 +1,47 @@
-//! Relaying an upstream SSE body to the client while reading it.
+//! Relaying an upstream SSE body to the client while reading it for billing.
 //!
-//! The runtime pipes the upstream body (`pipeTo`) through a `TransformStream` whose transform is a Rust closure:
-//! each chunk is shown to the [`SseScanner`] and, when the scanner passes it unchanged, handed on as the *same* JS
-//! buffer (one copy into wasm to read it, none back out); only rewritten chunks are built anew. The pipe itself —
-//! reads, writes, backpressure, and cancelling the upstream when the client leaves — is the runtime's, so a chunk
-//! costs one synchronous call into wasm rather than a round of promises.
+//! The upstream body is `tee()`d, and the gateway reads one branch, the *copy*, with a BYOB reader. The other
+//! branch is drained by the runtime: while it is, the copy accumulates, so a read made after a short pause takes
+//! every event that arrived meanwhile (into wasm once per read, not once per event; a body read directly would
+//! hand out one event per read however late it is read). What drains the other branch is the [`Delivery`]:
 //!
-//! Why a transform and not `ReadableStream::tee`: the client must not see OpenRouter's usage-only chunk unless it
-//! asked for it, nor malformed data, and a cut-off stream must end with an error event — all of which need a hand
-//! in the client's path. The transform is that hand, and it sees the final usage chunk on its way through.
+//! - [`Delivery::Native`], for a stream that needs no edit (the client asked for `stream_options.include_usage`,
+//!   so OpenRouter's usage-only chunk is what it wants): the branch *is* the client's response body, piped by the
+//!   runtime with no JS or wasm per event. The gateway cannot write into it, so where the edited relay adds an
+//!   error event the client sees what the upstream sent, then the end: an upstream silent for
+//!   `UPSTREAM_TIMEOUT_SECONDS` is aborted and the client's stream ends there; one that breaks before `[DONE]`
+//!   ends the client's stream where it broke, both without `[DONE]` and without a finish reason (the runtime ends
+//!   a body that failed like one that finished: workerd writes the last chunk and closes the connection); data
+//!   that is not JSON reaches the client as sent.
+//! - [`Delivery::Edited`], for the others (the usage-only chunk must be removed, malformed data replaced by an
+//!   error event, a cut-off told): the branch is drained into a native sink, and what the client receives is
+//!   what the gateway writes, one write per read of the copy, into an `IdentityTransformStream`: the read's bytes
+//!   as they came when the scanner changed nothing, else the scanner's rewrite.
 //!
-//! Knowing that the client left: the runtime notices a closed connection only when it writes to it (the
-//! transform's `cancel` is then called, and `request.signal` aborts). While the upstream is silent nothing is
-//! written, so the relay writes an SSE comment (`: keep-alive`, which clients ignore) after
-//! [`HEARTBEAT_INTERVAL`] of silence, so that there is a write to fail. Not every closed connection makes a write
-//! fail, so nothing depends on it: the upstream idle timeout bounds the relay either way.
+//! Knowing that the client left: the runtime notices a closed connection only when it writes to it. The relay
+//! hears of it from `request.signal` (both deliveries) and from a failed write (edited). While the upstream is
+//! silent nothing is written, so the edited relay writes an SSE comment (`: keep-alive`, which clients ignore)
+//! after [`HEARTBEAT_INTERVAL`] of silence, so that there is a write to fail. Not every closed connection makes a
+//! write fail, so nothing depends on it: the upstream idle timeout bounds the relay either way.
 
 use std::cell::RefCell;
 use std::future::Future;
-use std::pin::Pin;
+use std::pin::{pin, Pin};
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use futures_util::future::{select, Either};
-use js_sys::{Object, Promise, Reflect, Uint8Array};
+use js_sys::{Array, Object, Promise, Reflect, Uint8Array};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
 use wasm_bindgen_futures::JsFuture;
-use web_sys::{ReadableStream, ReadableStreamDefaultReader, TransformStream, WritableStream};
+use web_sys::{AbortSignal, ReadableStream, WritableStream, WritableStreamDefaultWriter};
 use worker::{AbortController, Delay};
 
 use crate::bindings::{now_ms, within};
 use crate::error::ApiError;
-use crate::sse::{GatewayStop, Output, SseScanner, StreamSummary};
+use crate::sse::{Output, SseScanner, StreamSummary};
 
 /// How a relayed stream ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,401 +74,427 @@ impl StreamEnd {
 pub struct RelayOutcome {
     pub summary: StreamSummary,
     pub end: StreamEnd,
-    /// Milliseconds from `started_ms` to the chunk carrying the first token.
+    /// Milliseconds from `started_ms` to the read carrying the first token.
     pub ttft_ms: Option<u64>,
     /// Bytes copied into wasm to be read (the whole stream) and bytes built anew for the client (rewrites only).
     pub bytes_in: usize,
     pub bytes_rewritten: usize,
+    /// Reads of the copy.
+    pub reads: usize,
 }
 
-#[wasm_bindgen]
-extern "C" {
-    type TransformController;
-    #[wasm_bindgen(method, catch)]
-    fn enqueue(this: &TransformController, chunk: &JsValue) -> Result<(), JsValue>;
-    #[wasm_bindgen(method)]
-    fn terminate(this: &TransformController);
-
-    /// A `ReadableStream` seen through `pipeTo` with options (web-sys's binding takes none).
-    type PipeSource;
-    #[wasm_bindgen(method, js_name = pipeTo)]
-    fn pipe_to(this: &PipeSource, destination: &WritableStream, options: &JsValue) -> Promise;
+/// How the client receives the stream (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    Native,
+    Edited,
 }
 
-/// What the relay learns from the stream, shared with the code that finishes it (also the native relay's).
-pub(crate) struct Scan {
-    pub(crate) scanner: SseScanner,
-    started_ms: u64,
-    pub(crate) ttft_ms: Option<u64>,
-    last_chunk_ms: u64,
-    bytes_in: usize,
-    bytes_rewritten: usize,
-    /// Set once the upstream is over: what is written now is the gateway's own closing event, passed as is.
-    closing: bool,
-    /// The client cancelled its side of the stream (it went away).
-    pub(crate) client_left: bool,
-    /// Woken when the client leaves (see [`ClientLeft`]).
-    on_client_left: Option<Waker>,
-    /// The transform's controller (from `start`), for heartbeats between chunks.
-    controller: Option<TransformController>,
-    /// When the client was last written to.
-    last_output_ms: u64,
-}
-
-impl Scan {
-    pub(crate) fn new(scanner: SseScanner, started_ms: u64) -> Scan {
-        Scan { scanner, started_ms, last_chunk_ms: started_ms, last_output_ms: started_ms, ..Scan::empty() }
-    }
-
-    fn empty() -> Scan {
-        Scan {
-            scanner: SseScanner::new(false, false),
-            started_ms: 0,
-            ttft_ms: None,
-            last_chunk_ms: 0,
-            bytes_in: 0,
-            bytes_rewritten: 0,
-            closing: false,
-            client_left: false,
-            on_client_left: None,
-            controller: None,
-            last_output_ms: 0,
+impl Delivery {
+    pub fn label(self) -> &'static str {
+        match self {
+            Delivery::Native => "native",
+            Delivery::Edited => "edited",
         }
     }
 
-    pub(crate) fn client_left(&mut self) {
+    /// The pause between two reads of the copy once the first token has been seen (the first reads are
+    /// immediate, so time to first token is measured where it happens). Native: it only bounds how late billing
+    /// sees an event. Edited: it is how late the client may get one, and measured best of 0, 1, 3 and 10 ms
+    /// (see the README's benchmarks).
+    fn pause(self) -> Duration {
+        match self {
+            Delivery::Native => Duration::from_millis(10),
+            Delivery::Edited => Duration::from_millis(1),
+        }
+    }
+}
+
+/// Bytes asked for per read of the copy.
+const READ_BYTES: u32 = 64 * 1024;
+
+/// The keep-alive comment (SSE comments are ignored by clients).
+const HEARTBEAT: &[u8] = b": keep-alive\n\n";
+
+/// How long a silent stream goes without a keep-alive comment: how late a departed client may be noticed.
+const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How long the relay waits on the client for its last words (an error event, a close) or on releasing the
+/// upstream.
+const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+
+#[wasm_bindgen]
+extern "C" {
+    /// A stream reader, BYOB (`read(view)`) or default (`read()`), and the stream that hands it out.
+    type StreamReader;
+    #[wasm_bindgen(method, js_name = read)]
+    fn read_into(this: &StreamReader, view: &Uint8Array) -> Promise;
+    #[wasm_bindgen(method, js_name = read)]
+    fn read_next(this: &StreamReader) -> Promise;
+    #[wasm_bindgen(method)]
+    fn cancel(this: &StreamReader) -> Promise;
+
+    type ReaderSource;
+    #[wasm_bindgen(method, catch, js_name = getReader)]
+    fn get_reader(this: &ReaderSource, options: &JsValue) -> Result<StreamReader, JsValue>;
+}
+
+/// What the relay learns from the stream.
+struct Scan {
+    scanner: SseScanner,
+    started_ms: u64,
+    ttft_ms: Option<u64>,
+    bytes_in: usize,
+    bytes_rewritten: usize,
+    reads: usize,
+    /// The client went away (its request's signal aborted, or a write to it failed).
+    client_left: bool,
+    /// Woken when the client leaves (see [`ClientLeft`]).
+    on_client_left: Option<Waker>,
+}
+
+impl Scan {
+    fn client_left(&mut self) {
         self.client_left = true;
         if let Some(waker) = self.on_client_left.take() {
             waker.wake();
         }
     }
-
-    /// Writes a keep-alive comment if the client has heard nothing for a heartbeat interval. Between transform
-    /// calls the client has only ever been sent whole events (the scanner holds back a torn one), so a comment
-    /// cannot split an event.
-    fn heartbeat(&mut self, now: u64) {
-        if self.closing
-            || self.client_left
-            || now.saturating_sub(self.last_output_ms) < HEARTBEAT_INTERVAL.as_millis() as u64
-        {
-            return;
-        }
-        if let Some(controller) = &self.controller {
-            if controller.enqueue(&Uint8Array::from(HEARTBEAT)).is_ok() {
-                self.last_output_ms = now;
-                self.bytes_rewritten += HEARTBEAT.len();
-            }
-        }
-    }
-
-    /// Bytes of a copy of the stream the client receives by another way: read for billing only.
-    pub(crate) fn observe(&mut self, bytes: &[u8]) {
-        let now = now_ms();
-        self.last_chunk_ms = now;
-        self.bytes_in += bytes.len();
-        if self.scanner.push(bytes).first_token {
-            self.ttft_ms = Some(now.saturating_sub(self.started_ms));
-        }
-    }
-
-    /// One upstream chunk: what (if anything) the client gets instead, and whether the stream must stop.
-    fn chunk(&mut self, chunk: &Uint8Array, controller: &TransformController) -> Result<(), JsValue> {
-        if self.closing {
-            return controller.enqueue(chunk);
-        }
-        let bytes = chunk.to_vec();
-        let now = now_ms();
-        self.last_chunk_ms = now;
-        self.bytes_in += bytes.len();
-        let step = self.scanner.push(&bytes);
-        if step.first_token {
-            self.ttft_ms = Some(now.saturating_sub(self.started_ms));
-        }
-        match step.output {
-            Output::Same => {
-                controller.enqueue(chunk)?;
-                self.last_output_ms = now;
-            }
-            Output::Rewritten(out) if out.is_empty() => {}
-            Output::Rewritten(out) => {
-                self.bytes_rewritten += out.len();
-                controller.enqueue(&Uint8Array::from(out.as_slice()))?;
-                self.last_output_ms = now;
-            }
-        }
-        if step.stop {
-            // Ends the client's stream; the pipe then cancels the upstream.
-            controller.terminate();
-        }
-        Ok(())
-    }
-
-    /// The upstream ended (`interrupted`: it broke or went silent): the bytes still owed to the client.
-    fn tail(&mut self, interrupted: bool) -> Option<Uint8Array> {
-        self.closing = true;
-        let tail = self.scanner.finish(interrupted)?;
-        self.bytes_rewritten += tail.len();
-        Some(Uint8Array::from(tail.as_slice()))
-    }
 }
 
-type TransformFn = Closure<dyn FnMut(JsValue, TransformController) -> Result<(), JsValue>>;
-type FlushFn = Closure<dyn FnMut(TransformController) -> Result<(), JsValue>>;
 type HookFn = Closure<dyn FnMut(JsValue)>;
-
-/// The closures the runtime calls while the pipe runs (kept alive as long as it may call them).
-struct Hooks {
-    transform: TransformFn,
-    flush: FlushFn,
-    start: HookFn,
-    cancel: HookFn,
-    signal_abort: HookFn,
-}
 
 pub struct Relay {
     /// The body to return to the client.
     pub client_body: ReadableStream,
-    upstream: ReadableStream,
-    /// Aborts the upstream request (a silent upstream does not answer to anything gentler); taken when used.
+    pub delivery: Delivery,
+    copy: ReadableStream,
+    /// Edited: the writing end of the client's body.
+    client: Option<WritableStreamDefaultWriter>,
+    /// Aborts the upstream request (a silent upstream answers to nothing gentler); taken when used.
     upstream_abort: RefCell<Option<AbortController>>,
-    client_side: WritableStream,
-    /// The client's request's signal (it aborts when the client disconnects, on runtimes that say so).
-    client_signal: web_sys::AbortSignal,
+    /// The client's request's signal: it aborts when the client disconnects.
+    client_signal: AbortSignal,
     scan: Rc<RefCell<Scan>>,
-    hooks: Hooks,
+    signal_abort: HookFn,
+}
+
+/// The copy's reader: BYOB (coalescing whatever has accumulated), or, where the runtime gives no byte stream,
+/// chunk by chunk. A buffer whose bytes were only copied into wasm is read into again (a read transfers it).
+struct Copy {
+    reader: StreamReader,
+    byob: bool,
+    spare: RefCell<Option<js_sys::ArrayBuffer>>,
+}
+
+impl Copy {
+    fn new(stream: &ReadableStream) -> Option<Copy> {
+        let source: &ReaderSource = stream.unchecked_ref();
+        let options = Object::new();
+        let _ = Reflect::set(&options, &"mode".into(), &"byob".into());
+        let (reader, byob) = match source.get_reader(&options) {
+            Ok(reader) => (reader, true),
+            Err(_) => (source.get_reader(&JsValue::UNDEFINED).ok()?, false),
+        };
+        Some(Copy { reader, byob, spare: RefCell::new(None) })
+    }
+
+    /// The next bytes, `Ok(None)` at the end, `Err` when the upstream broke.
+    async fn read(&self) -> Result<Option<Uint8Array>, JsValue> {
+        let promise = if self.byob {
+            let view = match self.spare.borrow_mut().take() {
+                Some(buffer) => Uint8Array::new(&buffer),
+                None => Uint8Array::new_with_length(READ_BYTES),
+            };
+            self.reader.read_into(&view)
+        } else {
+            self.reader.read_next()
+        };
+        let result = JsFuture::from(promise).await?;
+        if Reflect::get(&result, &"done".into())?.as_bool() == Some(true) {
+            return Ok(None);
+        }
+        let value = Reflect::get(&result, &"value".into())?;
+        Ok(Some(value.dyn_into::<Uint8Array>().unwrap_or_else(|v| Uint8Array::new(&v))))
+    }
+
+    /// Gives back a read's buffer, nothing else holding it.
+    fn recycle(&self, bytes: &Uint8Array) {
+        if self.byob {
+            *self.spare.borrow_mut() = bytes.buffer().dyn_into().ok();
+        }
+    }
+
+    async fn cancel(&self) {
+        let _ = within(CLIENT_WRITE_TIMEOUT, JsFuture::from(self.reader.cancel())).await;
+    }
+}
+
+/// How one read of the copy went.
+enum Read {
+    /// Bytes were read (and, edited, written); read on, at once if the read filled its buffer (the copy is
+    /// behind), else after the pause.
+    More { full: bool },
+    /// The stream is over, as said.
+    End(StreamEnd),
 }
 
 impl Relay {
     pub fn new(
         upstream: &ReadableStream,
+        delivery: Delivery,
         upstream_abort: Option<AbortController>,
-        client_signal: web_sys::AbortSignal,
+        client_signal: AbortSignal,
         scanner: SseScanner,
         started_ms: u64,
     ) -> Result<Relay, ApiError> {
-        let scan = Rc::new(RefCell::new(Scan::new(scanner, started_ms)));
-        let on_chunk = scan.clone();
-        let transform: TransformFn = Closure::new(move |chunk: JsValue, controller: TransformController| {
-            let chunk = chunk.dyn_into::<Uint8Array>().unwrap_or_else(|v| Uint8Array::new(&v));
-            on_chunk.borrow_mut().chunk(&chunk, &controller)
-        });
-        let on_end = scan.clone();
-        let flush: FlushFn =
-            Closure::new(move |controller: TransformController| match on_end.borrow_mut().tail(false) {
-                Some(tail) => controller.enqueue(&tail),
-                None => Ok(()),
-            });
-        let on_start = scan.clone();
-        let start: HookFn = Closure::new(move |controller: JsValue| {
-            on_start.borrow_mut().controller = Some(controller.unchecked_into());
-        });
-        let on_cancel = scan.clone();
-        let cancel: HookFn = Closure::new(move |_reason: JsValue| on_cancel.borrow_mut().client_left());
+        let scan = Rc::new(RefCell::new(Scan {
+            scanner,
+            started_ms,
+            ttft_ms: None,
+            bytes_in: 0,
+            bytes_rewritten: 0,
+            reads: 0,
+            client_left: false,
+            on_client_left: None,
+        }));
         let on_abort = scan.clone();
         let signal_abort: HookFn = Closure::new(move |_event: JsValue| on_abort.borrow_mut().client_left());
-        let setup = || -> Result<TransformStream, JsValue> {
-            let transformer = Object::new();
-            Reflect::set(&transformer, &"start".into(), start.as_ref())?;
-            Reflect::set(&transformer, &"transform".into(), transform.as_ref())?;
-            Reflect::set(&transformer, &"flush".into(), flush.as_ref())?;
-            // Called when the client cancels its side: it went away.
-            Reflect::set(&transformer, &"cancel".into(), cancel.as_ref())?;
+        let setup = || -> Result<(ReadableStream, ReadableStream, Option<WritableStreamDefaultWriter>), JsValue> {
+            let branches = upstream.tee();
+            let (other, copy): (ReadableStream, ReadableStream) =
+                (branches.get(0).dyn_into()?, branches.get(1).dyn_into()?);
+            let (client_body, client) = match delivery {
+                Delivery::Native => (other, None),
+                Delivery::Edited => {
+                    drain_natively(&other)?;
+                    let (readable, writable) = identity_pipe()?;
+                    (readable, Some(writable.get_writer()?))
+                }
+            };
             client_signal.add_event_listener_with_callback("abort", signal_abort.as_ref().unchecked_ref())?;
-            TransformStream::new_with_transformer(&transformer)
+            Ok((client_body, copy, client))
         };
-        let pipe = setup().map_err(|_| ApiError::internal("relay_setup_failed"))?;
+        let (client_body, copy, client) = setup().map_err(|_| ApiError::internal("relay_setup_failed"))?;
         Ok(Relay {
-            client_body: pipe.readable(),
-            upstream: upstream.clone(),
+            client_body,
+            delivery,
+            copy,
+            client,
             upstream_abort: RefCell::new(upstream_abort),
-            client_side: pipe.writable(),
             client_signal,
             scan,
-            hooks: Hooks { transform, flush, start, cancel, signal_abort },
+            signal_abort,
         })
     }
 
-    /// Runs the relay to the end of the stream. `idle_timeout_secs` bounds the silence between upstream chunks.
+    /// Runs the relay to the end of the stream. `idle_timeout_secs` bounds the silence between upstream reads.
     /// When the client leaves, the upstream is aborted at once — or, with `drain` (the policy's time limit), read
-    /// on without forwarding for at most that long, so its usage report can still be billed exactly. Nothing here
-    /// waits on the client without a deadline: billing runs after this, whatever the client does.
+    /// on for at most that long, so its usage report can still be billed exactly. Nothing here waits on the
+    /// client without a deadline: billing runs after this, whatever the client does.
     pub async fn run(self, idle_timeout_secs: u64, drain: Option<Duration>) -> RelayOutcome {
-        let options = Object::new();
-        let set = |key: &str, value: &JsValue| {
-            let _ = Reflect::set(&options, &key.into(), value);
+        let end = match Copy::new(&self.copy) {
+            Some(copy) => self.relay(&copy, Duration::from_secs(idle_timeout_secs), drain).await,
+            None => StreamEnd::CutOff,
         };
-        // Keep the client's side open when the upstream fails, to tell the client so; keep the upstream open when
-        // the client leaves only if it is to be drained.
-        set("preventAbort", &JsValue::TRUE);
-        set("preventCancel", &JsValue::from_bool(drain.is_some()));
-        let source: &PipeSource = self.upstream.unchecked_ref();
-        let piped = JsFuture::from(source.pipe_to(&self.client_side, &options));
-        // `settled`: whether the pipe is over, so that the runtime will not call the transform's closures again.
-        let (pipe_result, settled) = self.watch(piped, idle_timeout_secs, drain).await;
-
-        let client_left = self.scan.borrow().client_left;
-        let end = match pipe_result {
-            _ if client_left => StreamEnd::ClientAbort,
-            // The upstream ended and `flush` sent what was owed.
-            Ok(()) => self.upstream_end(),
-            Err(_) if self.scan.borrow().scanner.summary().gateway_stop == Some(GatewayStop::Malformed) => {
-                StreamEnd::Malformed
-            }
-            Err(_) => self.after_broken_pipe().await,
-        };
-        // The pipe is over: the runtime will not call the closures again, so the scan is ours alone. A pipe that
-        // did not settle (a runtime that never released it) keeps its closures: a call into a dropped closure would
-        // throw inside the runtime's stream machinery.
-        let Relay { scan, hooks, client_signal, .. } = self;
-        let _ = client_signal.remove_event_listener_with_callback("abort", hooks.signal_abort.as_ref().unchecked_ref());
-        if settled {
-            drop(hooks);
-        } else {
-            crate::bindings::log_error("relay_pipe_unsettled", "the stream pipe did not settle after an abort");
-            let Hooks { transform, flush, start, cancel, signal_abort } = hooks;
-            transform.forget();
-            flush.forget();
-            start.forget();
-            cancel.forget();
-            signal_abort.forget();
-        }
+        let Relay { scan, client_signal, signal_abort, .. } = self;
+        let _ = client_signal.remove_event_listener_with_callback("abort", signal_abort.as_ref().unchecked_ref());
+        drop(signal_abort);
         outcome(scan, end)
     }
 
-    /// Waits for the pipe to end, for the upstream to fall silent, or for the client to leave, and acts on the
-    /// latter two. Returns the pipe's result and whether it settled.
-    async fn watch(
-        &self,
-        piped: JsFuture,
-        idle_timeout_secs: u64,
-        drain: Option<Duration>,
-    ) -> (Result<(), JsValue>, bool) {
-        let idle = std::pin::pin!(watch_idle(&self.scan, idle_timeout_secs));
-        let client_left = std::pin::pin!(async {
-            let heartbeats = std::pin::pin!(heartbeats(&self.scan));
-            select(heartbeats, ClientLeft(self.scan.clone())).await;
-        });
-        let stop = select(idle, client_left);
-        let mut settled = true;
-        let pipe_result = match select(std::pin::pin!(piped), stop).await {
-            Either::Left((result, _)) => result.map(|_| ()),
-            Either::Right((Either::Left(((), _)), piped)) => {
-                // The upstream went silent: abort it; its body fails, and the pipe lets go of both streams.
-                self.abort_upstream();
-                // The pipe settles once its pending write is taken, which a client that stopped reading never does.
-                settled = within(CLIENT_WRITE_TIMEOUT, piped).await.is_some();
-                Err(JsValue::from_str("upstream idle"))
-            }
-            Either::Right((Either::Right(((), _)), mut piped)) => {
-                // The client left. The pipe notices only at the upstream's next chunk, which may be long in coming:
-                // wait for it no longer than the policy allows (a drain's time limit; no time to cancel).
-                let started = now_ms();
-                match within(drain.unwrap_or_default(), &mut piped).await {
-                    Some(_) => {
-                        if let Some(limit) = drain {
-                            let spent = Duration::from_millis(now_ms().saturating_sub(started));
-                            self.drain(limit.saturating_sub(spent), idle_timeout_secs).await;
-                        }
+    async fn relay(&self, copy: &Copy, idle: Duration, drain: Option<Duration>) -> StreamEnd {
+        let mut read_all = pin!(async {
+            loop {
+                match self.read_once(copy, idle).await {
+                    Read::End(end) => return end,
+                    Read::More { full: false } if self.scan.borrow().ttft_ms.is_some() => {
+                        Delay::from(self.delivery.pause()).await
                     }
-                    None => {
-                        self.abort_upstream();
-                        settled = within(CLIENT_WRITE_TIMEOUT, piped).await.is_some();
-                    }
+                    Read::More { .. } => {}
                 }
-                Err(JsValue::from_str("client left"))
+            }
+        });
+        let mut end = match select(read_all.as_mut(), ClientLeft(self.scan.clone())).await {
+            Either::Left((end, _)) => end,
+            Either::Right(((), _)) => {
+                // The client left: under `drain`, read on (nothing more is written) within the limit.
+                let drained = match drain {
+                    Some(limit) => within(limit, read_all.as_mut()).await,
+                    None => None,
+                };
+                match drained {
+                    Some(StreamEnd::Done | StreamEnd::UpstreamError) => {}
+                    _ => self.stop_upstream(copy).await,
+                }
+                return StreamEnd::ClientAbort;
             }
         };
-        (pipe_result, settled)
+        if !matches!(end, StreamEnd::Done | StreamEnd::UpstreamError) {
+            self.stop_upstream(copy).await;
+        }
+        if let Some(client) = &self.client {
+            let interrupted = end == StreamEnd::CutOff;
+            let tail = self.scan.borrow_mut().scanner.finish(interrupted);
+            if let Some(tail) = tail {
+                self.scan.borrow_mut().bytes_rewritten += tail.len();
+                if !self.write_last(client, &Uint8Array::from(tail.as_slice()).into()).await {
+                    end = StreamEnd::ClientAbort;
+                }
+            }
+            let _ = within(CLIENT_WRITE_TIMEOUT, JsFuture::from(client.close())).await;
+        }
+        // A stream the client left is a client abort, however the upstream then ended.
+        if self.scan.borrow().client_left {
+            return StreamEnd::ClientAbort;
+        }
+        end
     }
 
-    /// The upstream broke or went silent: the client is told with an error event (unless it has gone too). A
-    /// client that does not read it within [`CLIENT_WRITE_TIMEOUT`] is not waited for.
-    async fn after_broken_pipe(&self) -> StreamEnd {
-        let tail = self.scan.borrow_mut().tail(true);
-        // Make sure the broken upstream is released (its promise is awaited so that a rejection is handled).
-        let _ = within(CLIENT_WRITE_TIMEOUT, JsFuture::from(self.upstream.cancel())).await;
-        let Ok(writer) = self.client_side.get_writer() else { return StreamEnd::ClientAbort };
-        let told = match &tail {
-            Some(tail) => within(CLIENT_WRITE_TIMEOUT, JsFuture::from(writer.write_with_chunk(tail)))
-                .await
-                .is_some_and(|r| r.is_ok()),
-            None => true,
+    /// One read of the copy (writing keep-alive comments while it waits, edited), then what the client gets of
+    /// it. A read waits at most `idle`.
+    async fn read_once(&self, copy: &Copy, idle: Duration) -> Read {
+        let mut read = pin!(within(idle, copy.read()));
+        let bytes = loop {
+            match select(read.as_mut(), Delay::from(HEARTBEAT_INTERVAL)).await {
+                Either::Left((result, _)) => break result,
+                Either::Right(_) => {
+                    if let Some(client) = &self.client {
+                        if !self.scan.borrow().client_left {
+                            self.scan.borrow_mut().bytes_rewritten += HEARTBEAT.len();
+                            self.write(client, &Uint8Array::from(HEARTBEAT).into(), idle).await;
+                        }
+                    }
+                }
+            }
         };
-        let _ = within(CLIENT_WRITE_TIMEOUT, JsFuture::from(writer.close())).await;
-        if told {
-            self.upstream_end()
+        let bytes = match bytes {
+            // Silent for too long, or broken.
+            None | Some(Err(_)) => return Read::End(StreamEnd::CutOff),
+            Some(Ok(None)) => return Read::End(upstream_end(self.scan.borrow().scanner.summary())),
+            Some(Ok(Some(bytes))) => bytes,
+        };
+        let full = bytes.length() >= READ_BYTES;
+        let step = {
+            let mut scan = self.scan.borrow_mut();
+            let data = bytes.to_vec();
+            scan.bytes_in += data.len();
+            scan.reads += 1;
+            let step = scan.scanner.push(&data);
+            if step.first_token {
+                scan.ttft_ms = Some(now_ms().saturating_sub(scan.started_ms));
+            }
+            step
+        };
+        // Native: the client has these bytes already (garbage included: it is read on to the end). Draining:
+        // read for billing, write nothing.
+        let Some(client) = self.client.as_ref().filter(|_| !self.scan.borrow().client_left) else {
+            copy.recycle(&bytes);
+            return Read::More { full };
+        };
+        let chunk: JsValue = match step.output {
+            // The read's own buffer goes to the client.
+            Output::Same => bytes.into(),
+            Output::Rewritten(out) => {
+                copy.recycle(&bytes);
+                if out.is_empty() {
+                    JsValue::UNDEFINED
+                } else {
+                    self.scan.borrow_mut().bytes_rewritten += out.len();
+                    Uint8Array::from(out.as_slice()).into()
+                }
+            }
+        };
+        if !chunk.is_undefined() {
+            self.write(client, &chunk, idle).await;
+        }
+        if step.stop {
+            Read::End(StreamEnd::Malformed)
         } else {
-            StreamEnd::ClientAbort
+            Read::More { full }
         }
     }
 
-    /// Aborts the upstream request (it stops generating; a silent upstream answers to nothing gentler).
-    fn abort_upstream(&self) {
+    /// Writes to the client. A write that fails, or that the client does not take within `deadline`, means the
+    /// client is gone.
+    async fn write(&self, client: &WritableStreamDefaultWriter, chunk: &JsValue, deadline: Duration) -> bool {
+        let written = within(deadline, JsFuture::from(client.write_with_chunk(chunk))).await;
+        let ok = matches!(written, Some(Ok(_)));
+        if !ok {
+            self.scan.borrow_mut().client_left();
+        }
+        ok
+    }
+
+    /// The gateway's closing event: the client gets [`CLIENT_WRITE_TIMEOUT`] to take it.
+    async fn write_last(&self, client: &WritableStreamDefaultWriter, chunk: &JsValue) -> bool {
+        !self.scan.borrow().client_left && self.write(client, chunk, CLIENT_WRITE_TIMEOUT).await
+    }
+
+    /// Aborts the upstream request (it stops generating) and lets go of the copy.
+    async fn stop_upstream(&self, copy: &Copy) {
         if let Some(abort) = self.upstream_abort.borrow_mut().take() {
             abort.abort();
         }
-    }
-
-    /// Reads what is left of the upstream without forwarding it, for its usage report: for at most `limit`, and
-    /// no longer than `idle_timeout_secs` between chunks. An upstream that takes longer is aborted (the request
-    /// is then billed by estimate and reconciled).
-    async fn drain(&self, limit: Duration, idle_timeout_secs: u64) {
-        let Ok(reader) = ReadableStreamDefaultReader::new(&self.upstream) else { return };
-        let idle = Duration::from_secs(idle_timeout_secs).min(limit);
-        let read_all = async {
-            loop {
-                let Some(Ok(result)) = within(idle, JsFuture::from(reader.read())).await else { return false };
-                if Reflect::get(&result, &"done".into()).ok().and_then(|d| d.as_bool()) != Some(false) {
-                    return true;
-                }
-                let Ok(value) = Reflect::get(&result, &"value".into()) else { return false };
-                let chunk = Uint8Array::new(&value).to_vec();
-                let mut scan = self.scan.borrow_mut();
-                scan.bytes_in += chunk.len();
-                scan.scanner.push(&chunk);
-            }
-        };
-        if within(limit, read_all).await != Some(true) {
-            self.abort_upstream();
-            let _ = within(CLIENT_WRITE_TIMEOUT, JsFuture::from(reader.cancel())).await;
-        }
-    }
-
-    fn upstream_end(&self) -> StreamEnd {
-        upstream_end(self.scan.borrow().scanner.summary())
+        copy.cancel().await;
     }
 }
 
+/// Has the runtime read `stream` to its end into a native sink (a SHA-1 `DigestStream`; a plain
+/// `WritableStream` where there is none), so that the other branch of a tee accumulates.
+fn drain_natively(stream: &ReadableStream) -> Result<(), JsValue> {
+    let crypto = Reflect::get(&js_sys::global(), &"crypto".into())?;
+    let sink: WritableStream = match Reflect::get(&crypto, &"DigestStream".into())?.dyn_into::<js_sys::Function>() {
+        Ok(digest) => Reflect::construct(&digest, &Array::of1(&"SHA-1".into()))?.unchecked_into(),
+        Err(_) => WritableStream::new()?,
+    };
+    let piped = JsFuture::from(stream.pipe_to(&sink));
+    // The pipe fails when the upstream is aborted; nothing waits on it.
+    wasm_bindgen_futures::spawn_local(async move {
+        let _ = piped.await;
+    });
+    Ok(())
+}
+
+/// A native pipe (`IdentityTransformStream`): what is written to the writable side is read from the readable.
+fn identity_pipe() -> Result<(ReadableStream, WritableStream), JsValue> {
+    let constructor = Reflect::get(&js_sys::global(), &"IdentityTransformStream".into())?;
+    let pipe = match constructor.dyn_into::<js_sys::Function>() {
+        Ok(identity) => Reflect::construct(&identity, &Array::new())?,
+        Err(_) => web_sys::TransformStream::new()?.into(),
+    };
+    Ok((Reflect::get(&pipe, &"readable".into())?.dyn_into()?, Reflect::get(&pipe, &"writable".into())?.dyn_into()?))
+}
+
 /// How a stream ended, from what its events said, once the upstream is over.
-pub(crate) fn upstream_end(summary: &StreamSummary) -> StreamEnd {
+fn upstream_end(summary: &StreamSummary) -> StreamEnd {
     if summary.done {
         StreamEnd::Done
     } else if summary.upstream_error.is_some() {
         StreamEnd::UpstreamError
-    } else if summary.gateway_stop == Some(GatewayStop::Malformed) {
+    } else if summary.gateway_stop == Some(crate::sse::GatewayStop::Malformed) {
         StreamEnd::Malformed
     } else {
         StreamEnd::CutOff
     }
 }
 
-/// The relay's outcome, once nothing else holds the scan.
-pub(crate) fn outcome(scan: Rc<RefCell<Scan>>, end: StreamEnd) -> RelayOutcome {
-    let scan = match Rc::try_unwrap(scan) {
-        Ok(scan) => scan.into_inner(),
-        Err(shared) => shared.replace(Scan::empty()),
-    };
+/// The relay's outcome, from what it learnt.
+fn outcome(scan: Rc<RefCell<Scan>>, end: StreamEnd) -> RelayOutcome {
+    let mut scan = scan.borrow_mut();
+    let scanner = std::mem::replace(&mut scan.scanner, SseScanner::new(false, false));
     RelayOutcome {
-        summary: scan.scanner.into_summary(),
+        summary: scanner.into_summary(),
         end,
         ttft_ms: scan.ttft_ms,
         bytes_in: scan.bytes_in,
         bytes_rewritten: scan.bytes_rewritten,
+        reads: scan.reads,
     }
 }
 
-/// Resolves when the client has left (the transform's `cancel` was called, or the request's signal aborted).
-pub(crate) struct ClientLeft(pub(crate) Rc<RefCell<Scan>>);
+/// Resolves when the client has left.
+struct ClientLeft(Rc<RefCell<Scan>>);
 
 impl Future for ClientLeft {
     type Output = ();
@@ -472,36 +506,5 @@ impl Future for ClientLeft {
         }
         scan.on_client_left = Some(cx.waker().clone());
         Poll::Pending
-    }
-}
-
-/// Writes keep-alive comments while the upstream is silent (see the module docs); never ends by itself.
-async fn heartbeats(scan: &Rc<RefCell<Scan>>) {
-    loop {
-        Delay::from(HEARTBEAT_INTERVAL).await;
-        scan.borrow_mut().heartbeat(now_ms());
-    }
-}
-
-/// The keep-alive comment (SSE comments are ignored by clients).
-const HEARTBEAT: &[u8] = b": keep-alive\n\n";
-
-/// How long a silent stream goes without a keep-alive comment: how late a departed client may be noticed.
-const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
-
-/// How long the relay waits on the client side (an error event, a close) or on releasing the upstream.
-pub(crate) const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// Resolves when no chunk has arrived for `idle_timeout_secs`. One timer per idle period, not one per chunk.
-pub(crate) async fn watch_idle(scan: &Rc<RefCell<Scan>>, idle_timeout_secs: u64) {
-    let idle_ms = idle_timeout_secs * 1000;
-    let mut wait_ms = idle_ms;
-    loop {
-        Delay::from(Duration::from_millis(wait_ms)).await;
-        let silent_for = now_ms().saturating_sub(scan.borrow().last_chunk_ms);
-        if silent_for >= idle_ms {
-            return;
-        }
-        wait_ms = idle_ms - silent_for;
     }
 }
