@@ -195,13 +195,14 @@ fn drainer() -> &'static Gateway {
     })
 }
 
-#[tokio::test]
-async fn a_drain_is_bounded_and_what_it_could_not_read_is_reconciled() {
+/// Leaves a slow stream after its first content; `native`: the client asked for the usage chunk (the stream goes on
+/// the runtime's pipe).
+async fn drain_is_bounded(native: bool) {
     let gw = drainer();
     let id = format!("drain-{}", random_hex(4));
     // 200 words, one every 100 ms: 20 s to generate the whole answer.
     let body = json!({"messages": [{"role": "user", "content": "a slow answer"}], "stream": true, "max_tokens": 1000,
-        "standin": {"chunks": 200, "delay_ms": 100}});
+        "stream_options": {"include_usage": native}, "standin": {"chunks": 200, "delay_ms": 100}});
     let key = gw.key("leaver").secret.clone();
     let (head, _) =
         post_and_leave(&gw.base, "/v1/chat/completions", &key, &[("x-request-id", &id)], &body, "\"content\"").await;
@@ -224,4 +225,14 @@ async fn a_drain_is_bounded_and_what_it_could_not_read_is_reconciled() {
     assert_eq!(generation["cancelled"], true, "the drain stopped the upstream");
     assert!(generation["tokens_completion"].as_u64().is_some_and(|n| n > 0 && n < 150), "{generation}");
     assert_eq!(row["output_tokens"], generation["tokens_completion"], "billed what was generated before the stop");
+}
+
+#[tokio::test]
+async fn a_drain_is_bounded_and_what_it_could_not_read_is_reconciled() {
+    drain_is_bounded(false).await;
+}
+
+#[tokio::test]
+async fn on_the_native_path_a_drain_is_bounded_too() {
+    drain_is_bounded(true).await;
 }
