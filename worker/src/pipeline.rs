@@ -372,14 +372,13 @@ fn stream_reply(
     // A stream that needs no edit (the client asked for the usage chunk) goes on the runtime's own pipe.
     let delivery = if chat.include_usage { Delivery::Native } else { Delivery::Edited };
     let relay = Relay::new(body, delivery, abort, client_signal, scanner, started_ms)?;
-    let client_body = relay.client_body.clone();
     let headers = Headers::new();
     set_headers(
         &headers,
         &[("content-type", "text/event-stream; charset=utf-8".to_owned()), ("cache-control", "no-cache".to_owned())],
     );
     copy_generation_id(&response, &headers);
-    let client = ResponseBuilder::new().with_status(200).with_headers(headers).stream(client_body);
+    let client = ResponseBuilder::new().with_status(200).with_headers(headers).stream(relay.client_body.clone());
     let job = StreamJob {
         relay,
         idle_timeout_secs: config.upstream_timeout_secs,

@@ -288,13 +288,8 @@ impl Relay {
                 // bare branch.
                 Delivery::Native => {
                     let (readable, writable) = identity_pipe()?;
-                    let piped = JsFuture::from(other.pipe_to(&writable));
                     let on_failure = scan.clone();
-                    wasm_bindgen_futures::spawn_local(async move {
-                        if piped.await.is_err() {
-                            on_failure.borrow_mut().client_pipe_failed();
-                        }
-                    });
+                    pipe_natively(&other, &writable, move || on_failure.borrow_mut().client_pipe_failed());
                     (readable, None)
                 }
                 Delivery::Edited => {
@@ -491,16 +486,18 @@ fn drain_natively(stream: &ReadableStream) -> Result<(), JsValue> {
         Ok(digest) => Reflect::construct(&digest, &Array::of1(&"SHA-1".into()))?.unchecked_into(),
         Err(_) => WritableStream::new()?,
     };
-    pipe_natively(stream, &sink);
+    // The pipe fails when the upstream is aborted; the relay learns of that from the copy.
+    pipe_natively(stream, &sink, || {});
     Ok(())
 }
 
-/// Has the runtime pipe `stream` into `sink`. The pipe fails when the upstream is aborted or the client leaves;
-/// nothing waits on it (the relay learns of both otherwise).
-fn pipe_natively(stream: &ReadableStream, sink: &WritableStream) {
+/// Has the runtime pipe `stream` into `sink`; nothing waits on it, `on_failure` is called if it fails.
+fn pipe_natively(stream: &ReadableStream, sink: &WritableStream, on_failure: impl FnOnce() + 'static) {
     let piped = JsFuture::from(stream.pipe_to(sink));
     wasm_bindgen_futures::spawn_local(async move {
-        let _ = piped.await;
+        if piped.await.is_err() {
+            on_failure();
+        }
     });
 }
 
