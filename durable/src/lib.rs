@@ -7,6 +7,7 @@
 //! [`protocol::Call`]).
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+pub mod lease;
 pub mod protocol;
 pub mod quota;
 pub mod store;
@@ -17,9 +18,11 @@ use std::time::Duration;
 use futures_util::future::{select, Either};
 use worker::{durable_object, DurableObject, Env, Request, Response, Result, ScheduledTime, State};
 
+use std::collections::HashMap;
+
 use crate::protocol::{
-    AdjustBatch, AdjustResponse, AdmitRequest, AdmitResponse, Call, DenyReason, KeyControl, Limits, SettleBatch,
-    SettleRequest, SettleResponse, StateRequest, StateResponse,
+    AdjustBatch, AdjustResponse, AdmitDecision, AdmitRequest, AdmitResponse, Call, DenyReason, KeyControl, LeaseGrant,
+    LeaseReport, Limits, SettleBatch, SettleRequest, SettleResponse, StateRequest, StateResponse,
 };
 use crate::quota::{Change, Decision, Quota};
 use crate::store::Store;
@@ -89,9 +92,9 @@ impl DurableObject for KeyLimiter {
             SettleBatch::PATH => {
                 let Ok(message) = req.json::<SettleBatch>().await else { return Response::error("bad settle", 400) };
                 let mut changes = Vec::new();
-                let settled = live.settle(&message.settle, &mut changes);
-                live.store.apply(&changes, None)?;
-                answer::<SettleBatch>(&SettleResponse { settled })
+                let settled = live.settle(&message.settle, &message.reports, &mut changes);
+                let rows_written = live.store.apply(&changes, &HashMap::new())?;
+                answer::<SettleBatch>(&SettleResponse { settled, rows_written })
             }
             AdjustBatch::PATH => {
                 let Ok(message) = req.json::<AdjustBatch>().await else { return Response::error("bad adjust", 400) };
@@ -122,16 +125,9 @@ impl DurableObject for KeyLimiter {
         self.alarm_at.set(None);
         let Ok(live) = &self.live else { return Response::ok("storage unreadable") };
         let Some(limits) = live.limits.borrow().clone() else { return Response::ok("nothing to expire") };
-        let changes = live.quota.borrow_mut().expire_leases(now_ms(), &limits);
-        let expired: Vec<&str> = changes
-            .iter()
-            .filter_map(|c| match c {
-                Change::Settled { request_id, .. } => Some(request_id.as_str()),
-                _ => None,
-            })
-            .collect();
+        let (changes, expired) = live.quota.borrow_mut().expire_leases(now_ms(), &limits);
         let events = live.store.unsettled_events(&expired)?;
-        live.store.apply(&changes, None)?;
+        live.store.apply(&changes, &HashMap::new())?;
         self.send_unsettled_events(events).await;
         self.ensure_alarm(live).await?;
         Response::ok("expired")
@@ -152,7 +148,9 @@ impl Live {
         Ok(Live { store, quota: RefCell::new(quota), limits: RefCell::new(limits), pushed: RefCell::new(pushed) })
     }
 
-    /// Decide and persist in one synchronous step (no `.await` between reading and writing the state).
+    /// Decide and persist in one synchronous step (no `.await` between reading and writing the state): the
+    /// carried settlements and reports first, then each candidate in order, then the lease if one was asked for
+    /// and every candidate was admitted.
     fn admit(&self, message: &AdmitRequest) -> Result<AdmitResponse> {
         let pushed = self.pushed.borrow().clone();
         let control = KeyControl::newest(pushed.as_ref(), &message.control);
@@ -160,44 +158,87 @@ impl Live {
         self.remember_limits(limits)?;
         let now = now_ms();
         let mut changes = Vec::new();
-        self.settle(&message.settle, &mut changes);
-        let refusal = if control.revoked {
-            Some((DenyReason::Revoked, None))
-        } else {
-            control.forbidden_model(&message.models).map(|m| (DenyReason::ModelNotAllowed, Some(m.to_owned())))
-        };
-        if let Some((reason, model)) = refusal {
-            self.store.apply(&changes, None)?;
-            let state = self.quota.borrow().snapshot(now, limits);
-            return Ok(AdmitResponse::Denied { reason, retry_after_ms: None, state, limits: limits.clone(), model });
-        }
-        let (decision, admitted) = self.quota.borrow_mut().admit(now, limits, &message.request_id, message.reserve);
-        changes.extend(admitted);
-        self.store.apply(&changes, message.unsettled_event.as_deref())?;
-        Ok(match decision {
-            Decision::Admitted(state) => AdmitResponse::Admitted { state, limits: limits.clone(), at_ms: now },
-            Decision::Denied { reason, retry_after_ms, state } => {
-                AdmitResponse::Denied { reason, retry_after_ms, state, limits: limits.clone(), model: None }
+        self.settle(&message.settle, &message.reports, &mut changes);
+        let mut decisions = Vec::with_capacity(message.candidates.len());
+        let mut events = HashMap::new();
+        for candidate in &message.candidates {
+            let refusal = if control.revoked {
+                Some((DenyReason::Revoked, None))
+            } else {
+                control.forbidden_model(&candidate.models).map(|m| (DenyReason::ModelNotAllowed, Some(m.to_owned())))
+            };
+            if let Some((reason, model)) = refusal {
+                let state = self.quota.borrow().snapshot(now, limits);
+                decisions.push(AdmitDecision::Denied {
+                    reason,
+                    retry_after_ms: None,
+                    state,
+                    limits: limits.clone(),
+                    model,
+                });
+                continue;
             }
-        })
+            let (decision, admitted) =
+                self.quota.borrow_mut().admit(now, limits, &candidate.request_id, candidate.reserve);
+            changes.extend(admitted);
+            decisions.push(match decision {
+                Decision::Admitted(state) => {
+                    if let Some(event) = &candidate.unsettled_event {
+                        events.insert(candidate.request_id.as_str(), event.as_str());
+                    }
+                    AdmitDecision::Admitted { state, limits: limits.clone(), at_ms: now }
+                }
+                Decision::Denied { reason, retry_after_ms, state } => {
+                    AdmitDecision::Denied { reason, retry_after_ms, state, limits: limits.clone(), model: None }
+                }
+            });
+        }
+        let all_admitted = decisions.iter().all(|d| matches!(d, AdmitDecision::Admitted { .. }));
+        let lease = match &message.lease {
+            Some(want) if all_admitted && !control.revoked => {
+                let (granted, grant_changes) = self.quota.borrow_mut().grant(now, limits, want);
+                changes.extend(grant_changes);
+                granted.map(|g| {
+                    if let Some(event) = &want.unsettled_event {
+                        events.insert(want.lease_id.as_str(), event.as_str());
+                    }
+                    LeaseGrant {
+                        lease_id: want.lease_id.clone(),
+                        slots: g.slots,
+                        allowance: g.allowance,
+                        valid_ms: g.valid_ms,
+                        state: g.state,
+                        control: control.clone(),
+                        at_ms: g.at_ms,
+                    }
+                })
+            }
+            _ => None,
+        };
+        let rows_written = self.store.apply(&changes, &events)?;
+        Ok(AdmitResponse { decisions, lease, rows_written })
     }
 
     /// Keeps the newest control the admin API pushed; says whether this one was kept.
     fn configure(&self, control: KeyControl) -> Result<bool> {
         let newer = self.pushed.borrow().as_ref().is_none_or(|current| control.version >= current.version);
         if newer {
-            self.store.save_meta("control", &control)?;
+            let _ = self.store.save_meta("control", &control)?;
             *self.pushed.borrow_mut() = Some(control);
         }
         Ok(newer)
     }
 
-    /// Settles reservations; the caller writes the changes (with whatever else its turn writes).
-    fn settle(&self, settles: &[SettleRequest], changes: &mut Vec<Change>) -> usize {
+    /// Settles reservations and applies lease reports; the caller writes the changes (with whatever else its
+    /// turn writes).
+    fn settle(&self, settles: &[SettleRequest], reports: &[LeaseReport], changes: &mut Vec<Change>) -> usize {
         let limits = self.limits.borrow().clone();
         let Some(limits) = limits else { return 0 };
         let now = now_ms();
         let mut quota = self.quota.borrow_mut();
+        for report in reports {
+            changes.extend(quota.report(now, &limits, report).1);
+        }
         settles
             .iter()
             .filter(|s| {
@@ -220,13 +261,13 @@ impl Live {
             applied += usize::from(changed);
             changes.extend(adjust_changes);
         }
-        self.store.apply(&changes, None)?;
+        self.store.apply(&changes, &HashMap::new())?;
         Ok(applied)
     }
 
     fn remember_limits(&self, limits: &Limits) -> Result<()> {
         if self.limits.borrow().as_ref() != Some(limits) {
-            self.store.save_meta("limits", limits)?;
+            let _ = self.store.save_meta("limits", limits)?;
             *self.limits.borrow_mut() = Some(limits.clone());
         }
         Ok(())

@@ -122,11 +122,30 @@ impl KeyControl {
     }
 }
 
+/// One call admits the requests of a key that one isolate had waiting (concurrent admissions are combined), and
+/// may ask for a lease of further slots the isolate then admits from without calling.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AdmitRequest {
+    pub control: KeyControl,
+    /// Decided one by one, in order, each exactly as a request on its own.
+    pub candidates: Vec<Candidate>,
+    /// Settlements of this key's earlier requests that the Worker held back to send along (applied first, and
+    /// written in the same storage transaction as these admissions).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub settle: Vec<SettleRequest>,
+    /// Where the isolate's earlier leases of this key stand (applied first, like `settle`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reports: Vec<LeaseReport>,
+    /// Granted only if every candidate was admitted and the key has room to spare (see `quota::Quota::grant`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<LeaseWant>,
+}
+
+/// A request waiting for admission.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Candidate {
     /// The request id: the reservation's name, used to settle it.
     pub request_id: String,
-    pub control: KeyControl,
     /// Every model the request may be served by (`model` and OpenRouter's `models` fallbacks).
     pub models: Vec<String>,
     pub reserve: Amount,
@@ -134,10 +153,71 @@ pub struct AdmitRequest {
     /// usage queue when it charges the reservation at the end of its lease, so even then the ledger gets its row.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unsettled_event: Option<String>,
-    /// Settlements of this key's earlier requests that the Worker held back to send along (applied first, and
-    /// written in the same storage transaction as this admission).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub settle: Vec<SettleRequest>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdmitResponse {
+    /// One per candidate, in order.
+    pub decisions: Vec<AdmitDecision>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<LeaseGrant>,
+    /// Storage rows this call wrote (for the platform bill).
+    #[serde(default)]
+    pub rows_written: u64,
+}
+
+/// What an isolate asks for: slots for the requests it expects during the lease, each worth `per_slot`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaseWant {
+    /// Named by the Worker (like a request id): reports name it.
+    pub lease_id: String,
+    pub slots: u32,
+    pub per_slot: Amount,
+    /// How long the isolate may admit from it, from the moment it sent this call.
+    pub valid_ms: u64,
+    /// The usage event to bill if the lease is never accounted for (its isolate died): the object fills in
+    /// what it charged (`output_tokens`, `cost_usd`) and sends it to the usage queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unsettled_event: Option<String>,
+}
+
+/// Slots granted to one isolate: it admits up to `slots` requests whose reserves fit `allowance` in total, for
+/// `valid_ms` from when it sent the call. The object counts every slot in the request window from now until the
+/// lease's end, as if each were used at any instant of it, so the window can never exceed its limit however
+/// the slots are used.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaseGrant {
+    pub lease_id: String,
+    pub slots: u32,
+    pub allowance: Amount,
+    pub valid_ms: u64,
+    /// The key's state with the lease counted in full, and the control that applied (it may be newer than the
+    /// one the Worker sent: the isolate checks models against it).
+    pub state: Snapshot,
+    pub control: KeyControl,
+    /// The object's clock at the grant (the budget period its requests count in).
+    pub at_ms: u64,
+}
+
+/// Where a lease stands, as totals since it was granted (so a report sent twice, or late, is harmless: the
+/// object applies only what is newer than what it holds).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct LeaseTotals {
+    /// The isolate admits nothing more from it: unused slots and allowance are released.
+    pub returned: bool,
+    /// Requests admitted from it, and how many of those have settled.
+    pub used: u32,
+    pub settled: u32,
+    /// What the admitted requests reserved, what the settled ones had reserved, and what they used.
+    pub reserved_used: Amount,
+    pub reserved_settled: Amount,
+    pub actual_settled: Amount,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaseReport {
+    pub lease_id: String,
+    pub totals: LeaseTotals,
 }
 
 /// Asks where the key stands without admitting anything (owner view, model list).
@@ -159,10 +239,12 @@ pub struct SettleRequest {
     pub actual: Amount,
 }
 
-/// Settlements sent on their own (`POST /settle`), when no admission came along to carry them.
+/// Settlements and lease reports sent on their own (`POST /settle`), when no admission came along to carry them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SettleBatch {
     pub settle: Vec<SettleRequest>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reports: Vec<LeaseReport>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -170,6 +252,8 @@ pub struct SettleResponse {
     /// How many reservations were settled (unknown ones — settled twice, or already charged by lease expiry —
     /// are not counted).
     pub settled: usize,
+    #[serde(default)]
+    pub rows_written: u64,
 }
 
 /// A settled request's charge corrected after the fact (reconciliation with the upstream's own accounting):
@@ -232,7 +316,7 @@ pub enum DenyReason {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "decision", rename_all = "snake_case")]
-pub enum AdmitResponse {
+pub enum AdmitDecision {
     Admitted {
         state: Snapshot,
         limits: Limits,

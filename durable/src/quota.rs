@@ -12,13 +12,22 @@
 //! - A reservation not settled within its lease is charged as reserved and released.
 //! - A settled request's charge may be corrected once afterwards (reconciliation): the budget of the period it
 //!   was admitted in moves by the difference.
+//! - A lease ([`Quota::grant`]) is an admission of `slots` requests and `allowance` at once, stamped at the
+//!   lease's end: it is in every window from its grant until a window after its end, so however its slots are
+//!   used within that time, no window holds more than the limit. Its reports ([`Quota::report`]) release what
+//!   was returned unused and charge what was used; one that is never accounted for is charged as held when its
+//!   reservation lease ends, like an unsettled request.
 //!
 //! Amounts are clamped on the way in ([`Amount::clamped`]) and totals use saturating arithmetic, so no reported
 //! usage, however absurd, can wrap a running total.
 
 use std::collections::{HashMap, VecDeque};
 
-use crate::protocol::{Adjustment, Amount, DenyReason, Limits, Period, Snapshot, WindowState};
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::{
+    Adjustment, Amount, DenyReason, LeaseReport, LeaseTotals, LeaseWant, Limits, Period, Snapshot, WindowState,
+};
 
 /// One admission inside the sliding window.
 #[derive(Debug, Clone, PartialEq)]
@@ -27,6 +36,8 @@ pub struct Admission {
     pub at_ms: u64,
     /// Reserved tokens until the request settles, then the actual tokens.
     pub tokens: u64,
+    /// Requests it counts for: 1, or a lease's slots (its used ones once it is returned).
+    pub count: u32,
 }
 
 /// An admitted request that has not settled yet.
@@ -35,8 +46,20 @@ pub struct Reservation {
     pub request_id: String,
     /// When it was admitted (finds its admission in the window without a scan).
     pub at_ms: u64,
+    /// What it holds against the budget: the reservation; for a lease, its allowance not yet settled.
     pub reserved: Amount,
     pub expires_at_ms: u64,
+    /// Set for a lease.
+    pub lease: Option<LeaseState>,
+}
+
+/// What the object knows of a lease.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LeaseState {
+    pub slots: u32,
+    pub allowance: Amount,
+    /// The last report applied.
+    pub totals: LeaseTotals,
 }
 
 /// Settled spend in the current budget period.
@@ -70,7 +93,24 @@ pub enum Change {
     },
     /// Corrections recorded before this time are forgotten (no correction arrives that late).
     ForgetAdjustedBefore(u64),
+    /// A lease's report was applied: what it now counts for in the windows and holds against the budget
+    /// (`reservation` is `None` once it is closed).
+    LeaseReported {
+        lease_id: String,
+        count: u32,
+        tokens: u64,
+        reservation: Option<Reservation>,
+    },
 }
+
+/// A lease never takes more than this share of the room left (its slots may go unused, and other isolates need
+/// room too), so grants shrink as the key nears its limit.
+pub const LEASE_SHARE_DIVISOR: u64 = 4;
+/// Below this many slots a lease is not worth its row: requests are admitted one by one.
+pub const MIN_LEASE_SLOTS: u32 = 2;
+pub const MAX_LEASE_SLOTS: u32 = 1024;
+/// The longest lease the object grants.
+pub const MAX_LEASE_MS: u64 = 5_000;
 
 /// How long the object remembers that a request's charge was corrected. Reconciliation retries for minutes, so
 /// two days is far beyond any repeat.
@@ -78,6 +118,26 @@ pub const ADJUSTED_RETENTION_MS: u64 = 2 * 86_400_000;
 
 /// Rows that left the window are deleted this many at a time (one DELETE per batch instead of one per request).
 pub const PURGE_BATCH: usize = 64;
+
+/// A reservation charged at the end of its lease by [`Quota::expire_leases`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Expired {
+    pub request_id: String,
+    pub charged: Amount,
+    /// An admission lease (its usage event names the lease, and says what was charged).
+    pub lease: bool,
+}
+
+/// A lease granted by [`Quota::grant`] (the object adds the control that applied: see `LeaseGrant`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Granted {
+    pub slots: u32,
+    pub allowance: Amount,
+    pub valid_ms: u64,
+    /// The key's state with the lease counted in full.
+    pub state: Snapshot,
+    pub at_ms: u64,
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
@@ -91,8 +151,11 @@ pub enum Decision {
 pub struct Quota {
     /// Admissions in time order (only those that may still be in a window).
     admissions: VecDeque<Admission>,
-    /// Sum of `tokens` over `admissions`.
+    /// Sum of `tokens` and of `count` over `admissions`.
     admitted_tokens: u64,
+    admitted_requests: u64,
+    /// The latest time seen: time never runs backwards inside the window, even if the clock does.
+    clock: u64,
     reservations: HashMap<String, Reservation>,
     /// Sum of `reserved` over `reservations`.
     outstanding: Amount,
@@ -124,6 +187,8 @@ impl Quota {
         let outstanding = reservations.iter().fold(Amount::default(), |sum, r| add(sum, r.reserved));
         Quota {
             admitted_tokens: admissions.iter().fold(0, |sum, a| sum.saturating_add(a.tokens)),
+            admitted_requests: admissions.iter().map(|a| u64::from(a.count)).sum(),
+            clock: 0,
             admissions: admissions.into(),
             reservations: reservations.into_iter().map(|r| (r.request_id.clone(), r)).collect(),
             outstanding,
@@ -137,8 +202,7 @@ impl Quota {
     pub fn admit(&mut self, now: u64, limits: &Limits, request_id: &str, reserve: Amount) -> (Decision, Vec<Change>) {
         let reserve = reserve.clamped();
         let mut changes = Vec::new();
-        // Time never runs backwards inside the window, even if the clock does.
-        let now = now.max(self.admissions.back().map_or(0, |a| a.at_ms));
+        let now = self.tick(now);
         self.prune(now, limits.window_ms, &mut changes);
         self.roll_period(now, limits, &mut changes);
 
@@ -152,13 +216,123 @@ impl Quota {
             at_ms: now,
             reserved: reserve,
             expires_at_ms: now.saturating_add(limits.lease_ms),
+            lease: None,
         };
-        self.admissions.push_back(Admission { request_id: request_id.to_owned(), at_ms: now, tokens: reserve.tokens });
-        self.admitted_tokens = self.admitted_tokens.saturating_add(reserve.tokens);
+        self.insert(Admission { request_id: request_id.to_owned(), at_ms: now, tokens: reserve.tokens, count: 1 });
         self.outstanding = add(self.outstanding, reserve);
         self.reservations.insert(request_id.to_owned(), reservation.clone());
         changes.push(Change::Admitted { reservation });
         (Decision::Admitted(self.snapshot(now, limits)), changes)
+    }
+
+    /// Grants a lease of up to `want.slots` slots worth `want.per_slot` each, valid `want.valid_ms` (at most
+    /// [`MAX_LEASE_MS`]), or nothing. Never to a key with a concurrency cap (a slot would hold an in-flight unit
+    /// for its whole lease), and never more than a [`LEASE_SHARE_DIVISOR`]th of the room any limit has left:
+    /// near a limit grants shrink to nothing and requests are decided one by one, exactly.
+    pub fn grant(&mut self, now: u64, limits: &Limits, want: &LeaseWant) -> (Option<Granted>, Vec<Change>) {
+        let mut changes = Vec::new();
+        let now = self.tick(now);
+        self.prune(now, limits.window_ms, &mut changes);
+        self.roll_period(now, limits, &mut changes);
+        let per_slot = want.per_slot.clamped();
+        let slots = self.room_in_slots(now, limits, per_slot) / LEASE_SHARE_DIVISOR;
+        let slots = slots.min(u64::from(want.slots.min(MAX_LEASE_SLOTS))) as u32;
+        if limits.max_concurrency.is_some() || slots < MIN_LEASE_SLOTS || want.valid_ms == 0 {
+            return (None, changes);
+        }
+        let valid_ms = want.valid_ms.min(MAX_LEASE_MS);
+        let allowance = Amount { tokens: per_slot.tokens * u64::from(slots), usd: per_slot.usd * f64::from(slots) };
+        let ends_at = now.saturating_add(valid_ms);
+        let reservation = Reservation {
+            request_id: want.lease_id.clone(),
+            at_ms: ends_at,
+            reserved: allowance,
+            expires_at_ms: ends_at.saturating_add(limits.lease_ms),
+            lease: Some(LeaseState { slots, allowance, totals: LeaseTotals::default() }),
+        };
+        self.insert(Admission {
+            request_id: want.lease_id.clone(),
+            at_ms: ends_at,
+            tokens: allowance.tokens,
+            count: slots,
+        });
+        self.outstanding = add(self.outstanding, allowance);
+        self.reservations.insert(want.lease_id.clone(), reservation.clone());
+        changes.push(Change::Admitted { reservation });
+        let grant = Granted { slots, allowance, valid_ms, state: self.snapshot(now, limits), at_ms: now };
+        (Some(grant), changes)
+    }
+
+    /// How many more requests of `per_slot` every limit has room for now.
+    fn room_in_slots(&self, now: u64, limits: &Limits, per_slot: Amount) -> u64 {
+        let (_, requests_used, tokens_used) = self.window(now, limits.window_ms);
+        let per = |room: u64, each: u64| room.checked_div(each).unwrap_or(u64::MAX);
+        let mut room = u64::from(limits.requests_per_window).saturating_sub(requests_used);
+        if let Some(tpm) = limits.tokens_per_window {
+            room = room.min(per(tpm.saturating_sub(tokens_used), per_slot.tokens));
+        }
+        if let Some(budget) = &limits.budget {
+            let committed = add(self.budget.spent, self.outstanding);
+            if let Some(limit) = budget.tokens {
+                room = room.min(per(limit.saturating_sub(committed.tokens), per_slot.tokens));
+            }
+            if let Some(limit) = budget.usd {
+                let left = limit - committed.usd;
+                if left <= 0.0 {
+                    return 0;
+                }
+                if per_slot.usd > 0.0 {
+                    room = room.min((left / per_slot.usd).floor() as u64);
+                }
+            }
+        }
+        room
+    }
+
+    /// Applies a lease's report (totals since its grant; anything not newer than the last one is ignored):
+    /// charges the budget what its settled requests used, holds what its unsettled ones reserved (and, while it
+    /// is not returned, the allowance left), and once returned counts only its used slots in the windows.
+    /// Closed when returned with every request settled. Returns whether anything changed.
+    pub fn report(&mut self, now: u64, limits: &Limits, report: &LeaseReport) -> (bool, Vec<Change>) {
+        let mut changes = Vec::new();
+        self.roll_period(now, limits, &mut changes);
+        let Some(reservation) = self.reservations.get(&report.lease_id).cloned() else { return (false, changes) };
+        let Some(lease) = reservation.lease else { return (false, changes) };
+        let totals = sanitized(report.totals, lease.slots);
+        let old = lease.totals;
+        let newer = totals != old
+            && totals.used >= old.used
+            && totals.settled >= old.settled
+            && (totals.returned || !old.returned);
+        if !newer {
+            return (false, changes);
+        }
+        let charged_now = sub(totals.actual_settled, old.actual_settled);
+        let in_flight = sub(totals.reserved_used, totals.reserved_settled);
+        let (count, tokens, held) = if totals.returned {
+            (totals.used, totals.actual_settled.tokens.saturating_add(in_flight.tokens), in_flight)
+        } else {
+            let unsettled = max(sub(lease.allowance, totals.reserved_settled), in_flight);
+            let tokens = lease.allowance.tokens.max(totals.actual_settled.tokens.saturating_add(in_flight.tokens));
+            (lease.slots, tokens, unsettled)
+        };
+        let closed = totals.returned && totals.settled == totals.used;
+        let at_ms = reservation.at_ms;
+        self.set_window_entry(&report.lease_id, at_ms, tokens, Some(count));
+        let mut reservation = reservation;
+        self.outstanding = add(sub(self.outstanding, reservation.reserved), held);
+        self.charge(limits, charged_now, &mut changes);
+        reservation.reserved = held;
+        reservation.lease = Some(LeaseState { totals, ..lease });
+        let kept = if closed {
+            self.reservations.remove(&report.lease_id);
+            None
+        } else {
+            self.reservations.insert(report.lease_id.clone(), reservation.clone());
+            Some(reservation)
+        };
+        changes.push(Change::LeaseReported { lease_id: report.lease_id.clone(), count, tokens, reservation: kept });
+        (true, changes)
     }
 
     /// Replaces a reservation with what the request actually used. Unknown ids (settled twice, or already
@@ -170,8 +344,13 @@ impl Quota {
         let Some(reservation) = self.reservations.remove(request_id) else {
             return (false, changes);
         };
+        if reservation.lease.is_some() {
+            // A lease settles through its reports, never as one request.
+            self.reservations.insert(request_id.to_owned(), reservation);
+            return (false, changes);
+        }
         self.outstanding = sub(self.outstanding, reservation.reserved);
-        self.set_window_tokens(request_id, reservation.at_ms, actual.tokens);
+        self.set_window_entry(request_id, reservation.at_ms, actual.tokens, None);
         changes.push(Change::Settled { request_id: reservation.request_id, tokens: actual.tokens });
         self.charge(limits, actual, &mut changes);
         (true, changes)
@@ -196,7 +375,7 @@ impl Quota {
         let (charged, actual) = (adjustment.charged.clamped(), adjustment.actual.clamped());
         self.adjusted.insert(id.to_owned(), now);
         changes.push(Change::Adjusted { request_id: id.to_owned(), at_ms: now });
-        if self.set_window_tokens(id, adjustment.admitted_at_ms, actual.tokens) {
+        if self.set_window_entry(id, adjustment.admitted_at_ms, actual.tokens, None) {
             changes.push(Change::Settled { request_id: id.to_owned(), tokens: actual.tokens });
         }
         let same_period = limits
@@ -210,8 +389,9 @@ impl Quota {
         (true, changes)
     }
 
-    /// Sets what an admission still in the window holds in the token window; false if it has left.
-    fn set_window_tokens(&mut self, request_id: &str, at_ms: u64, tokens: u64) -> bool {
+    /// Sets what an admission still in the window holds in the token window (and, for a lease, how many
+    /// requests it counts for); false if it has left.
+    fn set_window_entry(&mut self, request_id: &str, at_ms: u64, tokens: u64, count: Option<u32>) -> bool {
         let first_at_that_time = self.admissions.partition_point(|a| a.at_ms < at_ms);
         let admission = self
             .admissions
@@ -221,23 +401,60 @@ impl Quota {
         let Some(admission) = admission else { return false };
         self.admitted_tokens = self.admitted_tokens.saturating_sub(admission.tokens).saturating_add(tokens);
         admission.tokens = tokens;
+        if let Some(count) = count {
+            self.admitted_requests = self.admitted_requests - u64::from(admission.count) + u64::from(count);
+            admission.count = count;
+        }
         true
     }
 
-    /// Charges and releases every reservation whose lease has run out (the request's Worker never settled it).
-    pub fn expire_leases(&mut self, now: u64, limits: &Limits) -> Vec<Change> {
+    /// What an admission still in the window holds in the token window.
+    fn window_tokens(&self, request_id: &str, at_ms: u64) -> Option<u64> {
+        let first_at_that_time = self.admissions.partition_point(|a| a.at_ms < at_ms);
+        self.admissions
+            .range(first_at_that_time..)
+            .take_while(|a| a.at_ms == at_ms)
+            .find(|a| a.request_id == request_id)
+            .map(|a| a.tokens)
+    }
+
+    /// Adds an admission in time order (a lease's is stamped at its end, after admissions made meanwhile).
+    fn insert(&mut self, admission: Admission) {
+        self.admitted_tokens = self.admitted_tokens.saturating_add(admission.tokens);
+        self.admitted_requests += u64::from(admission.count);
+        let at = self.admissions.partition_point(|a| a.at_ms <= admission.at_ms);
+        self.admissions.insert(at, admission);
+    }
+
+    fn tick(&mut self, now: u64) -> u64 {
+        self.clock = self.clock.max(now);
+        self.clock
+    }
+
+    /// Charges and releases every reservation whose lease has run out (the request's Worker never settled it;
+    /// the lease's isolate never accounted for it): what it held is charged. Returns the changes, and each
+    /// expired id with what it was charged.
+    pub fn expire_leases(&mut self, now: u64, limits: &Limits) -> (Vec<Change>, Vec<Expired>) {
         let mut changes = Vec::new();
         self.roll_period(now, limits, &mut changes);
-        let expired: Vec<String> =
+        let mut expired: Vec<String> =
             self.reservations.values().filter(|r| r.expires_at_ms <= now).map(|r| r.request_id.clone()).collect();
+        expired.sort();
+        let mut charged = Vec::new();
         for request_id in expired {
             if let Some(reservation) = self.reservations.remove(&request_id) {
                 self.outstanding = sub(self.outstanding, reservation.reserved);
                 self.charge(limits, reservation.reserved, &mut changes);
-                changes.push(Change::Settled { request_id, tokens: reservation.reserved.tokens });
+                let tokens = match reservation.lease {
+                    // A lease keeps what it counts for in the windows (all of it, if it was never returned).
+                    Some(_) => self.window_tokens(&request_id, reservation.at_ms).unwrap_or(0),
+                    None => reservation.reserved.tokens,
+                };
+                changes.push(Change::Settled { request_id: request_id.clone(), tokens });
+                charged.push(Expired { request_id, charged: reservation.reserved, lease: reservation.lease.is_some() });
             }
         }
-        changes
+        (changes, charged)
     }
 
     pub fn next_lease_expiry(&self) -> Option<u64> {
@@ -246,8 +463,7 @@ impl Quota {
 
     /// Where every limit stands at `now` (no state change).
     pub fn snapshot(&self, now: u64, limits: &Limits) -> Snapshot {
-        let (start, tokens_used) = self.window(now, limits.window_ms);
-        let requests_used = (self.admissions.len() - start) as u64;
+        let (_, requests_used, tokens_used) = self.window(now, limits.window_ms);
         let reset_ms = if requests_used == 0 {
             0
         } else {
@@ -297,9 +513,8 @@ impl Quota {
         }
 
         let window = limits.window_ms;
-        let (start, tokens_used) = self.window(now, window);
+        let (start, count, tokens_used) = self.window(now, window);
         let in_window = self.admissions.range(start..);
-        let count = self.admissions.len() - start;
         let leaves_at = |a: &Admission| (a.at_ms + window).saturating_sub(now);
         let mut reason = None;
         let mut wait: Option<u64> = Some(0);
@@ -308,10 +523,15 @@ impl Quota {
             wait = wait.zip(until).map(|(a, b)| a.max(b));
         };
 
-        let limit = limits.requests_per_window as usize;
+        let limit = u64::from(limits.requests_per_window);
         if count >= limit {
-            // The (count − limit + 1)-th oldest must leave before one more fits.
-            block(DenyReason::Requests, self.admissions.get(start + count - limit).map(leaves_at));
+            // The oldest (count − limit + 1) requests must leave before one more fits.
+            let mut to_leave = count - limit + 1;
+            let until = in_window.clone().find_map(|a| {
+                to_leave = to_leave.saturating_sub(u64::from(a.count));
+                (to_leave == 0).then(|| leaves_at(a))
+            });
+            block(DenyReason::Requests, until);
         }
         if let Some(tpm) = limits.tokens_per_window {
             if tokens_used.saturating_add(reserve.tokens) > tpm {
@@ -345,13 +565,19 @@ impl Quota {
         reason.map(|reason| (reason, wait))
     }
 
-    /// Where the window at `now` starts in `admissions`, and the tokens admitted inside it. After `prune` the
-    /// start is 0; a snapshot taken later only skips the few admissions that have left since.
-    fn window(&self, now: u64, window_ms: u64) -> (usize, u64) {
-        let Some(cutoff) = now.checked_sub(window_ms) else { return (0, self.admitted_tokens) };
+    /// Where the window at `now` starts in `admissions`, and the requests and tokens admitted inside it (a
+    /// lease stamped later than `now` is inside). After `prune` the start is 0; a snapshot taken later only
+    /// skips the few admissions that have left since.
+    fn window(&self, now: u64, window_ms: u64) -> (usize, u64, u64) {
+        let Some(cutoff) = now.checked_sub(window_ms) else {
+            return (0, self.admitted_requests, self.admitted_tokens);
+        };
         let start = self.admissions.partition_point(|a| a.at_ms <= cutoff);
-        let left = self.admissions.range(..start).fold(0u64, |sum, a| sum.saturating_add(a.tokens));
-        (start, self.admitted_tokens.saturating_sub(left))
+        let (requests, tokens) = self
+            .admissions
+            .range(..start)
+            .fold((0u64, 0u64), |(r, t), a| (r + u64::from(a.count), t.saturating_add(a.tokens)));
+        (start, self.admitted_requests - requests, self.admitted_tokens.saturating_sub(tokens))
     }
 
     /// Forgets admissions that have left the window (storage forgets them in batches).
@@ -359,6 +585,7 @@ impl Quota {
         let Some(cutoff) = now.checked_sub(window_ms) else { return };
         while let Some(oldest) = self.admissions.front().filter(|a| a.at_ms <= cutoff) {
             self.admitted_tokens = self.admitted_tokens.saturating_sub(oldest.tokens);
+            self.admitted_requests -= u64::from(oldest.count);
             self.admissions.pop_front();
             self.unpurged += 1;
         }
@@ -393,6 +620,23 @@ fn add(a: Amount, b: Amount) -> Amount {
 
 fn sub(a: Amount, b: Amount) -> Amount {
     Amount { tokens: a.tokens.saturating_sub(b.tokens), usd: (a.usd - b.usd).max(0.0) }
+}
+
+fn max(a: Amount, b: Amount) -> Amount {
+    Amount { tokens: a.tokens.max(b.tokens), usd: a.usd.max(b.usd) }
+}
+
+/// A report's totals made consistent: no more used than granted, no more settled than used, amounts clamped.
+fn sanitized(t: LeaseTotals, slots: u32) -> LeaseTotals {
+    let used = t.used.min(slots);
+    LeaseTotals {
+        returned: t.returned,
+        used,
+        settled: t.settled.min(used),
+        reserved_used: t.reserved_used.clamped(),
+        reserved_settled: t.reserved_settled.clamped(),
+        actual_settled: t.actual_settled.clamped(),
+    }
 }
 
 const DAY_MS: u64 = 86_400_000;
@@ -584,9 +828,9 @@ mod tests {
         };
         q.admit(T0, &l, "a", tokens(300));
         assert_eq!(q.next_lease_expiry(), Some(T0 + 5_000));
-        assert!(q.expire_leases(T0 + 4_999, &l).is_empty());
+        assert!(q.expire_leases(T0 + 4_999, &l).0.is_empty());
         let changes = q.expire_leases(T0 + 5_000, &l);
-        assert!(changes.contains(&Change::Settled { request_id: "a".into(), tokens: 300 }));
+        assert!(changes.0.contains(&Change::Settled { request_id: "a".into(), tokens: 300 }));
         assert_eq!(q.snapshot(T0 + 5_000, &l).budget_used.tokens, 300);
         assert_eq!(q.snapshot(T0 + 5_000, &l).in_flight, 0);
         assert!(!q.settle(T0 + 6_000, &l, "a", tokens(1)).0, "a late settle changes nothing");

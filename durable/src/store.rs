@@ -4,15 +4,18 @@
 //! `.await` between them: nothing else can interleave, and the runtime's output gate holds the response until the
 //! writes are durable.
 
+use std::collections::HashMap;
+
 use serde::Deserialize;
 use worker::{Result, SqlStorage, SqlStorageValue};
 
 use crate::protocol::Amount;
-use crate::quota::{Admission, BudgetSpend, Change, Quota, Reservation};
+use crate::quota::{Admission, BudgetSpend, Change, Expired, LeaseState, Quota, Reservation};
 
 /// `requests`: one row per admitted request still in a window or still reserved. `tokens` is what it holds in the
 /// token window (reserved, then actual); `reserved_*`, `expires_at_ms` and `unsettled_event` are set while it is
-/// unsettled. `adjusted`: requests whose charge was corrected after settlement (see `Quota::adjust`).
+/// unsettled. A lease is a row too (named by its lease id, stamped at its end): `count` is how many requests
+/// it counts for (1 for a request) and `lease` its state (`quota::LeaseState`, JSON) while it is open. `adjusted`: requests whose charge was corrected after settlement (see `Quota::adjust`).
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS requests (request_id TEXT PRIMARY KEY, at_ms INTEGER NOT NULL, tokens INTEGER NOT NULL,
   reserved_tokens INTEGER, reserved_usd REAL, expires_at_ms INTEGER);
@@ -24,7 +27,11 @@ CREATE TABLE IF NOT EXISTS adjusted (request_id TEXT PRIMARY KEY, at_ms INTEGER 
 ";
 
 /// Columns added after the first schema, each added once to objects created before it.
-const ADDED_COLUMNS: [(&str, &str); 1] = [("requests", "unsettled_event TEXT")];
+const ADDED_COLUMNS: [(&str, &str); 3] = [
+    ("requests", "unsettled_event TEXT"),
+    ("requests", "count INTEGER NOT NULL DEFAULT 1"),
+    ("requests", "lease TEXT"),
+];
 
 pub struct Store {
     sql: SqlStorage,
@@ -38,6 +45,8 @@ struct RequestRow {
     reserved_tokens: Option<f64>,
     reserved_usd: Option<f64>,
     expires_at_ms: Option<f64>,
+    count: f64,
+    lease: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -90,22 +99,34 @@ impl Store {
     pub fn load(&self) -> Result<Quota> {
         let rows = self
             .sql
-            .exec("SELECT request_id, at_ms, tokens, reserved_tokens, reserved_usd, expires_at_ms FROM requests", None)?
+            .exec(
+                "SELECT request_id, at_ms, tokens, reserved_tokens, reserved_usd, expires_at_ms, count, lease \
+                 FROM requests",
+                None,
+            )?
             .to_array::<RequestRow>()?;
-        let reservations = rows
-            .iter()
-            .filter_map(|r| {
-                Some(Reservation {
-                    request_id: r.request_id.clone(),
-                    at_ms: r.at_ms as u64,
-                    reserved: Amount { tokens: r.reserved_tokens? as u64, usd: r.reserved_usd.unwrap_or(0.0) },
-                    expires_at_ms: r.expires_at_ms? as u64,
-                })
-            })
-            .collect();
+        let mut reservations = Vec::new();
+        for r in &rows {
+            let (Some(tokens), Some(expires_at_ms)) = (r.reserved_tokens, r.expires_at_ms) else { continue };
+            // An unreadable lease state is an error, not an absence: a lease read as a request would be settled
+            // as one.
+            let lease = r.lease.as_deref().map(serde_json::from_str::<LeaseState>).transpose()?;
+            reservations.push(Reservation {
+                request_id: r.request_id.clone(),
+                at_ms: r.at_ms as u64,
+                reserved: Amount { tokens: tokens as u64, usd: r.reserved_usd.unwrap_or(0.0) },
+                expires_at_ms: expires_at_ms as u64,
+                lease,
+            });
+        }
         let admissions = rows
             .into_iter()
-            .map(|r| Admission { request_id: r.request_id, at_ms: r.at_ms as u64, tokens: r.tokens as u64 })
+            .map(|r| Admission {
+                request_id: r.request_id,
+                at_ms: r.at_ms as u64,
+                tokens: r.tokens as u64,
+                count: r.count as u32,
+            })
             .collect();
         let budget = self
             .sql
@@ -126,12 +147,14 @@ impl Store {
 
     /// Writes a decision's changes. `unsettled_event` is the admitted request's event for the case its Worker
     /// never settles it (see `AdmitRequest::unsettled_event`).
-    pub fn apply(&self, changes: &[Change], unsettled_event: Option<&str>) -> Result<()> {
+    /// Returns the rows written.
+    pub fn apply(&self, changes: &[Change], unsettled_events: &HashMap<&str, &str>) -> Result<u64> {
+        let mut written = 0;
         for change in changes {
-            match change {
+            written += match change {
                 Change::Admitted { reservation: r } => self.exec(
                     "INSERT INTO requests (request_id, at_ms, tokens, reserved_tokens, reserved_usd, expires_at_ms, \
-                     unsettled_event) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                     unsettled_event, count, lease) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     vec![
                         r.request_id.as_str().into(),
                         int(r.at_ms),
@@ -139,12 +162,29 @@ impl Store {
                         int(r.reserved.tokens),
                         r.reserved.usd.into(),
                         int(r.expires_at_ms),
-                        unsettled_event.map_or(SqlStorageValue::Null, |e| e.into()),
+                        unsettled_events.get(r.request_id.as_str()).map_or(SqlStorageValue::Null, |e| (*e).into()),
+                        int(u64::from(r.lease.map_or(1, |l| l.slots))),
+                        lease_json(r)?,
+                    ],
+                )?,
+                Change::LeaseReported { lease_id, count, tokens, reservation } => self.exec(
+                    "UPDATE requests SET count = ?, tokens = ?, reserved_tokens = ?, reserved_usd = ?, \
+                     expires_at_ms = ?, lease = ?, unsettled_event = CASE WHEN ? THEN unsettled_event END \
+                     WHERE request_id = ?",
+                    vec![
+                        int(u64::from(*count)),
+                        int(*tokens),
+                        reservation.as_ref().map_or(SqlStorageValue::Null, |r| int(r.reserved.tokens)),
+                        reservation.as_ref().map_or(SqlStorageValue::Null, |r| r.reserved.usd.into()),
+                        reservation.as_ref().map_or(SqlStorageValue::Null, |r| int(r.expires_at_ms)),
+                        reservation.as_ref().map_or(Ok(SqlStorageValue::Null), lease_json)?,
+                        i64::from(reservation.is_some()).into(),
+                        lease_id.as_str().into(),
                     ],
                 )?,
                 Change::Settled { request_id, tokens } => self.exec(
                     "UPDATE requests SET tokens = ?, reserved_tokens = NULL, reserved_usd = NULL, expires_at_ms = NULL, \
-                     unsettled_event = NULL WHERE request_id = ?",
+                     unsettled_event = NULL, lease = NULL WHERE request_id = ?",
                     vec![int(*tokens), request_id.as_str().into()],
                 )?,
                 Change::Adjusted { request_id, at_ms } => self.exec(
@@ -161,20 +201,23 @@ impl Store {
                     "INSERT OR REPLACE INTO budget (id, period_key, tokens, usd) VALUES (1, ?, ?, ?)",
                     vec![b.period_key.as_str().into(), int(b.spent.tokens), b.spent.usd.into()],
                 )?,
-            }
+            };
         }
-        Ok(())
+        Ok(written)
     }
 
-    /// The usage events stored with these (unsettled) requests, for the lease alarm to send.
-    pub fn unsettled_events(&self, request_ids: &[&str]) -> Result<Vec<String>> {
+    /// The usage events stored with these (unsettled) requests, for the lease alarm to send. A lease's event
+    /// says what was charged for it: all it still held (its isolate never accounted for it).
+    pub fn unsettled_events(&self, expired: &[Expired]) -> Result<Vec<String>> {
         let mut events = Vec::new();
-        for id in request_ids {
+        for e in expired {
             let rows = self
                 .sql
-                .exec("SELECT unsettled_event FROM requests WHERE request_id = ?", vec![(*id).into()])?
+                .exec("SELECT unsettled_event FROM requests WHERE request_id = ?", vec![e.request_id.as_str().into()])?
                 .to_array::<EventRow>()?;
-            events.extend(rows.into_iter().filter_map(|r| r.unsettled_event));
+            for event in rows.into_iter().filter_map(|r| r.unsettled_event) {
+                events.push(if e.lease { charged_event(&event, e.charged) } else { event });
+            }
         }
         Ok(events)
     }
@@ -192,15 +235,35 @@ impl Store {
         row.map(|r| serde_json::from_str(&r.value)).transpose().map_err(worker::Error::from)
     }
 
-    pub fn save_meta<T: serde::Serialize>(&self, name: &str, value: &T) -> Result<()> {
+    pub fn save_meta<T: serde::Serialize>(&self, name: &str, value: &T) -> Result<u64> {
         let json = serde_json::to_string(value)?;
         self.exec("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", vec![name.into(), json.into()])
     }
 
-    fn exec(&self, query: &str, bindings: Vec<SqlStorageValue>) -> Result<()> {
-        self.sql.exec(query, bindings)?;
-        Ok(())
+    /// Runs a statement; returns the rows it wrote (as the platform bills them).
+    fn exec(&self, query: &str, bindings: Vec<SqlStorageValue>) -> Result<u64> {
+        let cursor = self.sql.exec(query, bindings)?;
+        // Rows are billed once the cursor is consumed; these statements return none.
+        let _ = cursor.to_array::<serde_json::Value>();
+        Ok(cursor.rows_written() as u64)
     }
+}
+
+fn charged_event(event: &str, charged: Amount) -> String {
+    let Ok(serde_json::Value::Object(mut event)) = serde_json::from_str::<serde_json::Value>(event) else {
+        return event.to_owned();
+    };
+    event.insert("input_tokens".into(), 0.into());
+    event.insert("output_tokens".into(), charged.tokens.into());
+    event.insert("cost_usd".into(), serde_json::Number::from_f64(charged.usd).map_or(0.into(), Into::into));
+    serde_json::Value::Object(event).to_string()
+}
+
+fn lease_json(r: &Reservation) -> Result<SqlStorageValue> {
+    Ok(match &r.lease {
+        Some(lease) => serde_json::to_string(lease)?.into(),
+        None => SqlStorageValue::Null,
+    })
 }
 
 /// SQLite integers are signed; our counts and timestamps always fit.

@@ -38,6 +38,8 @@ pub struct Config {
     pub limiter_fail_open: bool,
     /// Bounds each call to a key's Durable Object.
     pub limiter_timeout_ms: u64,
+    /// How long an isolate may admit a key's requests from a lease its object granted (0: no leases).
+    pub admission_lease_ms: u64,
     /// When a client leaves mid-stream: cancel the upstream (stop paying) or drain it (bill its exact usage).
     pub drain_on_client_abort: bool,
     /// How long a drain may read after the client left (the platform keeps work after a disconnect alive for
@@ -208,6 +210,8 @@ impl Config {
             )?,
             limiter_fail_open: parse_bool("LIMITER_FAIL_OPEN", get("LIMITER_FAIL_OPEN"), false)?,
             limiter_timeout_ms: parse_num("LIMITER_TIMEOUT_MS", get("LIMITER_TIMEOUT_MS"), 5000, 1, 60_000)?,
+            // At most the object's `MAX_LEASE_MS`: revocations and limit changes reach every isolate within it.
+            admission_lease_ms: parse_num("ADMISSION_LEASE_MS", get("ADMISSION_LEASE_MS"), 1000, 0, 5000)?,
             drain_timeout_secs: parse_num("DRAIN_TIMEOUT_SECONDS", get("DRAIN_TIMEOUT_SECONDS"), 20, 1, 25)?,
             unpriced_model: parse_unpriced(get("UNPRICED_MODEL_POLICY"), get("UNPRICED_MODEL_RESERVE_USD"))?,
             reconcile_estimates: parse_bool("RECONCILE_ESTIMATES", get("RECONCILE_ESTIMATES"), true)?,

@@ -1,28 +1,43 @@
-//! The conversation with a key's Durable Object, from the Worker's side: typed calls (each message knows its
-//! path and its answer, see `key_limiter::protocol::Call`) with a deadline, the [`Reservation`] an admission
-//! hands out, which only settling consumes, and settlements held back to ride with the key's next admission.
+//! The conversation with a key's Durable Object, from the Worker's side — the only code that calls the object.
+//!
+//! - **Typed calls**: each message knows its path and its answer (`key_limiter::protocol::Call`), with a deadline.
+//! - **Admission leases**: the object may grant this isolate a batch of slots and an allowance
+//!   (`key_limiter::lease::HeldLease`); requests are then admitted here, without a call, until the lease ends
+//!   (`ADMISSION_LEASE_MS`) or runs out. The object counts every granted slot as used from its grant to its
+//!   end, so quotas stay exact; what was used and what is left go back with the key's next call, or on their own
+//!   once the lease has ended.
+//! - **Combined calls**: requests of one key that need the object while a call for that key is in flight wait
+//!   for it and go together in the next one (one leader at a time per key; the others poll their own timer, so
+//!   every request resumes in its own request context).
+//! - **Reservations**: [`Reservation`] is `#[must_use]` and only [`Reservation::settle`] consumes it. Settlements
+//!   ride on the key's next call when one comes within [`SETTLE_DEFERRAL`]; otherwise they are sent on their own.
+//! - **Control pushes** from the admin API ([`configure`]), which also give back this isolate's lease of the key.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
+use key_limiter::lease::{HeldLease, Miss};
 use key_limiter::protocol::{
-    AdmitRequest, AdmitResponse, Amount, Call, KeyControl, SettleBatch, SettleRequest, StateRequest, StateResponse,
+    AdmitDecision, AdmitRequest, Amount, Call, Candidate, KeyControl, LeaseReport, LeaseWant, Limits, SettleBatch,
+    SettleRequest, Snapshot, StateRequest, StateResponse,
 };
 use wasm_bindgen::JsValue;
 use worker::Env;
 
-use crate::bindings::{log_error, within};
+use crate::bindings::{log_error, now_ms, within};
 
 pub const KEY_LIMITER: &str = "KEY_LIMITER";
 
 /// How long a settlement waits for an admission to ride with (it holds the reservation that much longer).
 const SETTLE_DEFERRAL: Duration = Duration::from_millis(50);
-
-thread_local! {
-    /// Settlements waiting to ride along with the key's next admission from this isolate.
-    static PENDING_SETTLES: RefCell<HashMap<String, Vec<SettleRequest>>> = RefCell::new(HashMap::new());
-}
+/// How often a request waiting for another's call looks for its answer.
+const WAIT_POLL: Duration = Duration::from_millis(1);
+/// Most requests one call carries (the rest wait for the next).
+const MAX_CANDIDATES: usize = 256;
+/// A lease is asked for when the isolate admitted at least this many requests of the key within the last
+/// lease lifetime: a key doing one request a second gets no batching.
+const MIN_RECENT_FOR_LEASE: usize = 2;
 
 /// Why a call got no answer.
 #[derive(Debug, Clone, PartialEq)]
@@ -48,6 +63,20 @@ impl std::fmt::Display for LimiterError {
             LimiterError::Timeout => f.write_str("no answer within the deadline"),
             LimiterError::Failed(e) => f.write_str(e),
         }
+    }
+}
+
+/// What one request cost the object, for its log line and the platform bill.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Traffic {
+    pub calls: u32,
+    pub rows_written: u64,
+}
+
+impl Traffic {
+    pub fn add(&mut self, other: Traffic) {
+        self.calls += other.calls;
+        self.rows_written += other.rows_written;
     }
 }
 
@@ -83,57 +112,425 @@ pub async fn call<M: Call>(env: &Env, key_id: &str, message: &M, timeout_ms: u64
 #[derive(Debug)]
 pub struct Reservation {
     key_id: String,
-    request_id: String,
-    /// When the object admitted it, by the object's clock.
+    hold: Hold,
+    /// When the object admitted it (or granted its lease), by the object's clock.
     pub admitted_at_ms: u64,
 }
 
-/// Asks the key's object to admit a request. Settlements held back for the key ride along; if the call fails
-/// they are kept for the next one.
-pub async fn admit(
-    env: &Env,
-    message: AdmitRequest,
-    key_id: &str,
-    timeout_ms: u64,
-) -> Result<(AdmitResponse, Option<Reservation>), LimiterError> {
-    let mut message = message;
-    message.settle = take_settles(key_id);
-    match call(env, key_id, &message, timeout_ms).await {
-        Ok(answer) => {
-            let reservation = match &answer {
-                AdmitResponse::Admitted { at_ms, .. } => Some(Reservation {
-                    key_id: key_id.to_owned(),
-                    request_id: message.request_id.clone(),
-                    admitted_at_ms: *at_ms,
-                }),
-                AdmitResponse::Denied { .. } => None,
-            };
-            Ok((answer, reservation))
-        }
-        Err(e) => {
-            // The settlements it carried were not applied: keep them for the next call.
-            for settle in message.settle {
-                defer_settle(key_id, settle);
-            }
-            Err(e)
+#[derive(Debug)]
+enum Hold {
+    /// Admitted by the object: settled by request id.
+    Object { request_id: String },
+    /// Admitted from this isolate's lease: settled into the lease's totals.
+    Lease { lease_id: String, reserved: Amount },
+}
+
+/// How a request was admitted, for its log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// From this isolate's lease: no call.
+    Lease,
+    /// By a call this request made (carrying whoever was waiting with it).
+    Call,
+    /// By a call another request of the key made, or from a lease that call brought.
+    Joined,
+}
+
+impl Route {
+    pub fn label(self) -> &'static str {
+        match self {
+            Route::Lease => "lease",
+            Route::Call => "call",
+            Route::Joined => "joined",
         }
     }
 }
 
-impl Reservation {
-    /// Replaces the reservation with what was used. The settlement first waits briefly for the key's next
-    /// admission from this isolate to carry it (under load it almost always does); otherwise it is sent on its
-    /// own. A settlement that cannot be delivered leaves the reservation to be charged as reserved when its
-    /// lease ends: the key is over-charged, never under-charged.
-    pub async fn settle(self, env: &Env, actual: Amount, timeout_ms: u64) {
-        defer_settle(&self.key_id, SettleRequest { request_id: self.request_id, actual });
-        worker::Delay::from(SETTLE_DEFERRAL).await;
-        let settle = take_settles(&self.key_id);
-        if settle.is_empty() {
-            return;
+/// The object's answer for one request, and where the key stands (for the rate-limit headers).
+#[derive(Debug)]
+pub enum Admission {
+    Admitted {
+        reservation: Reservation,
+        state: Snapshot,
+        limits: Limits,
+    },
+    Denied {
+        reason: key_limiter::protocol::DenyReason,
+        retry_after_ms: Option<u64>,
+        state: Snapshot,
+        limits: Limits,
+        model: Option<String>,
+    },
+}
+
+/// Builds a usage event for `(id, error)`.
+pub type UnsettledEvent = Box<dyn Fn(&str, &str) -> Option<String>>;
+
+/// One request asking to be admitted.
+pub struct Ask {
+    pub control: KeyControl,
+    /// Its `unsettled_event` is filled in only if it goes to the object (a lease needs none).
+    pub candidate: Candidate,
+    /// The usage event the object bills if what it admits is never accounted for, named `(id, error)`: the
+    /// request's own (`unsettled`), or that of a lease its call brings (`unsettled_lease`, which the object
+    /// fills in with what it charged). Built only when a call is made.
+    pub unsettled_event: UnsettledEvent,
+    /// The id a lease this request's call brings would have.
+    pub lease_id: String,
+}
+
+/// Where a waiting request's answer comes from.
+enum Outcome {
+    Answer(Box<Result<Admission, LimiterError>>),
+    /// The call that carried the others has returned: this request makes the next one.
+    Lead,
+}
+
+struct Waiter {
+    ticket: u64,
+    ask: Ask,
+}
+
+/// This isolate's side of one key's conversation.
+#[derive(Default)]
+struct KeyState {
+    leases: Vec<HeldLease>,
+    settles: Vec<SettleRequest>,
+    waiting: Vec<Waiter>,
+    outcomes: HashMap<u64, Outcome>,
+    /// A call for this key is in flight (its leader hands over to a waiter, or clears this).
+    calling: bool,
+    /// When this isolate admitted the key's recent requests (for the lease size).
+    recent: VecDeque<u64>,
+    /// A lone report is already scheduled to go at this time.
+    flush_at: Option<u64>,
+}
+
+thread_local! {
+    static KEYS: RefCell<HashMap<String, KeyState>> = RefCell::new(HashMap::new());
+    static NEXT_TICKET: RefCell<u64> = const { RefCell::new(0) };
+}
+
+fn with_key<T>(key_id: &str, f: impl FnOnce(&mut KeyState) -> T) -> T {
+    KEYS.with(|keys| f(keys.borrow_mut().entry(key_id.to_owned()).or_default()))
+}
+
+/// The settings of one admission.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub timeout_ms: u64,
+    /// `ADMISSION_LEASE_MS`; 0: no leases.
+    pub lease_ms: u64,
+}
+
+/// Admits a request: from this isolate's lease of the key if it can, else by the key's object (with whatever
+/// else of the key is waiting, and asking for a lease if the key is busy here).
+pub async fn admit(
+    env: &Env,
+    key_id: &str,
+    ask: Ask,
+    settings: Settings,
+) -> (Result<Admission, LimiterError>, Route, Traffic) {
+    let now = now_ms();
+    if let Some(admission) = with_key(key_id, |key| key.admit_locally(key_id, &ask, now, settings.lease_ms)) {
+        return (Ok(admission), Route::Lease, Traffic::default());
+    }
+    let ticket = NEXT_TICKET.with(|t| {
+        let mut t = t.borrow_mut();
+        *t += 1;
+        *t
+    });
+    let lead = with_key(key_id, |key| {
+        key.waiting.push(Waiter { ticket, ask });
+        !std::mem::replace(&mut key.calling, true)
+    });
+    if lead {
+        let traffic = lead_calls(env, key_id, settings).await;
+        let outcome = with_key(key_id, |key| key.outcomes.remove(&ticket));
+        return match outcome {
+            Some(Outcome::Answer(answer)) => (*answer, Route::Call, traffic),
+            _ => (Err(LimiterError::Failed("no answer for the leader".into())), Route::Call, traffic),
+        };
+    }
+    // Another request's call is in flight: wait for it (twice the deadline: its call, then ours).
+    let deadline = now.saturating_add(2 * settings.timeout_ms);
+    loop {
+        worker::Delay::from(WAIT_POLL).await;
+        match with_key(key_id, |key| key.outcomes.remove(&ticket)) {
+            Some(Outcome::Answer(answer)) => return (*answer, Route::Joined, Traffic::default()),
+            Some(Outcome::Lead) => {
+                let traffic = lead_calls(env, key_id, settings).await;
+                let answer = with_key(key_id, |key| key.outcomes.remove(&ticket));
+                return match answer {
+                    Some(Outcome::Answer(answer)) => (*answer, Route::Call, traffic),
+                    _ => (Err(LimiterError::Failed("no answer for the leader".into())), Route::Call, traffic),
+                };
+            }
+            None if now_ms() >= deadline => {
+                with_key(key_id, |key| key.waiting.retain(|w| w.ticket != ticket));
+                return (Err(LimiterError::Timeout), Route::Joined, Traffic::default());
+            }
+            None => {}
         }
-        if let Err(e) = call(env, &self.key_id, &SettleBatch { settle }, timeout_ms).await {
+    }
+}
+
+/// Makes one call for everyone waiting on the key, then hands the lead to a request still waiting (if any).
+/// The lead is handed over (or released) even if this future is dropped.
+async fn lead_calls(env: &Env, key_id: &str, settings: Settings) -> Traffic {
+    struct HandOver<'a>(&'a str);
+    impl Drop for HandOver<'_> {
+        fn drop(&mut self) {
+            with_key(self.0, |key| match key.waiting.first() {
+                Some(next) => {
+                    key.outcomes.insert(next.ticket, Outcome::Lead);
+                }
+                None => key.calling = false,
+            });
+        }
+    }
+    let _hand_over = HandOver(key_id);
+    let sent_at = now_ms();
+    let (waiters, message) = with_key(key_id, |key| key.next_call(sent_at, settings.lease_ms));
+    let Some(message) = message else { return Traffic::default() };
+    let answer = call(env, key_id, &message, settings.timeout_ms).await;
+    let rows_written = answer.as_ref().map_or(0, |a| a.rows_written);
+    with_key(key_id, |key| key.take_answer(key_id, waiters, message, answer, sent_at));
+    Traffic { calls: 1, rows_written }
+}
+
+impl KeyState {
+    fn admit_locally(&mut self, key_id: &str, ask: &Ask, now: u64, lease_ms: u64) -> Option<Admission> {
+        self.note_admission(now, lease_ms);
+        // Requests already waiting go first: a lease is for newcomers only once no one is queued.
+        if !self.waiting.is_empty() {
+            return None;
+        }
+        self.admit_from_lease(key_id, ask, now)
+    }
+
+    fn admit_from_lease(&mut self, key_id: &str, ask: &Ask, now: u64) -> Option<Admission> {
+        let candidate = &ask.candidate;
+        let lease = self.leases.iter_mut().find(|l| l.usable(now))?;
+        match lease.admit(now, &ask.control.version, &candidate.models, candidate.reserve) {
+            Ok(state) => Some(Admission::Admitted {
+                reservation: Reservation {
+                    key_id: key_id.to_owned(),
+                    hold: Hold::Lease { lease_id: lease.lease_id.clone(), reserved: candidate.reserve },
+                    admitted_at_ms: lease.granted_at_ms,
+                },
+                state,
+                limits: lease.control.limits.clone(),
+            }),
+            Err(Miss::Spent | Miss::Outdated) => {
+                lease.give_back();
+                None
+            }
+            // The object decides (and words the error).
+            Err(Miss::Model) => None,
+        }
+    }
+
+    fn note_admission(&mut self, now: u64, lease_ms: u64) {
+        while self.recent.front().is_some_and(|&at| at + lease_ms <= now) {
+            self.recent.pop_front();
+        }
+        if lease_ms > 0 && self.recent.len() < MAX_CANDIDATES * 4 {
+            self.recent.push_back(now);
+        }
+    }
+
+    /// The next call: the waiting candidates (up to [`MAX_CANDIDATES`]), the held-back settlements, every
+    /// lease's report (ended ones given back), and a lease sized by the key's recent traffic here.
+    fn next_call(&mut self, now: u64, lease_ms: u64) -> (Vec<Waiter>, Option<AdmitRequest>) {
+        let take = self.waiting.len().min(MAX_CANDIDATES);
+        let waiters: Vec<Waiter> = self.waiting.drain(..take).collect();
+        let Some(first) = waiters.first() else { return (waiters, None) };
+        // The newest key row any of them presented.
+        let control = waiters
+            .iter()
+            .map(|w| &w.ask.control)
+            .max_by(|a, b| a.version.cmp(&b.version))
+            .unwrap_or(&first.ask.control)
+            .clone();
+        let recent = self.recent.len();
+        let lease = (lease_ms > 0 && recent >= MIN_RECENT_FOR_LEASE).then(|| {
+            let per_slot = waiters
+                .iter()
+                .map(|w| w.ask.candidate.reserve)
+                .fold(Amount::default(), |a, b| Amount { tokens: a.tokens.max(b.tokens), usd: a.usd.max(b.usd) });
+            LeaseWant {
+                lease_id: first.ask.lease_id.clone(),
+                slots: u32::try_from(recent * 2).unwrap_or(u32::MAX),
+                per_slot,
+                valid_ms: lease_ms,
+                unsettled_event: (first.ask.unsettled_event)(&first.ask.lease_id, "unsettled_lease"),
+            }
+        });
+        let candidates = waiters
+            .iter()
+            .map(|w| Candidate {
+                unsettled_event: (w.ask.unsettled_event)(&w.ask.candidate.request_id, "unsettled"),
+                ..w.ask.candidate.clone()
+            })
+            .collect();
+        let message = AdmitRequest {
+            control,
+            candidates,
+            settle: std::mem::take(&mut self.settles),
+            reports: self.reports(now),
+            lease,
+        };
+        (waiters, Some(message))
+    }
+
+    fn take_answer(
+        &mut self,
+        key_id: &str,
+        waiters: Vec<Waiter>,
+        sent: AdmitRequest,
+        answer: Result<key_limiter::protocol::AdmitResponse, LimiterError>,
+        sent_at: u64,
+    ) {
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(e) => {
+                // Nothing it carried was applied: keep the settlements (reports are sent again from the totals).
+                self.settles.extend(sent.settle);
+                for w in waiters {
+                    self.outcomes.insert(w.ticket, Outcome::Answer(Box::new(Err(e.clone()))));
+                }
+                return;
+            }
+        };
+        self.confirm(&sent.reports);
+        if let Some(grant) = answer.lease {
+            self.leases.push(HeldLease::new(grant, sent_at));
+        }
+        let mut decisions = answer.decisions.into_iter();
+        for w in waiters {
+            let outcome = match decisions.next() {
+                Some(AdmitDecision::Admitted { state, limits, at_ms }) => Ok(Admission::Admitted {
+                    reservation: Reservation {
+                        key_id: key_id.to_owned(),
+                        hold: Hold::Object { request_id: w.ask.candidate.request_id.clone() },
+                        admitted_at_ms: at_ms,
+                    },
+                    state,
+                    limits,
+                }),
+                Some(AdmitDecision::Denied { reason, retry_after_ms, state, limits, model }) => {
+                    Ok(Admission::Denied { reason, retry_after_ms, state, limits, model })
+                }
+                None => Err(LimiterError::Failed("the limiter answered fewer decisions than it was asked".into())),
+            };
+            self.outcomes.insert(w.ticket, Outcome::Answer(Box::new(outcome)));
+        }
+        // Whoever arrived during the call may fit the lease it brought.
+        let now = now_ms();
+        let mut still_waiting = Vec::new();
+        for w in std::mem::take(&mut self.waiting) {
+            match self.admit_from_lease(key_id, &w.ask, now) {
+                Some(admission) => {
+                    self.outcomes.insert(w.ticket, Outcome::Answer(Box::new(Ok(admission))));
+                }
+                None => still_waiting.push(w),
+            }
+        }
+        self.waiting = still_waiting;
+    }
+
+    /// Every lease's unconfirmed totals (leases past their end are given back first).
+    fn reports(&mut self, now: u64) -> Vec<LeaseReport> {
+        self.leases
+            .iter_mut()
+            .filter_map(|lease| {
+                lease.give_back_if_ended(now);
+                lease.report()
+            })
+            .collect()
+    }
+
+    fn confirm(&mut self, sent: &[LeaseReport]) {
+        for report in sent {
+            if let Some(lease) = self.leases.iter_mut().find(|l| l.lease_id == report.lease_id) {
+                lease.confirm(&report.totals);
+            }
+        }
+        self.leases.retain(|l| !l.closed());
+    }
+}
+
+impl Reservation {
+    /// Replaces the reservation with what was used. One admitted by the object waits briefly for the key's next
+    /// call from this isolate to carry it (under load it almost always does), else it is sent on its own. One
+    /// admitted from a lease goes into the lease's totals, which the key's next call carries; if none comes by
+    /// the lease's end, this request sends them. A settlement that cannot be delivered leaves its reservation
+    /// to be charged as reserved when its reservation lease ends: the key is over-charged, never under-charged.
+    pub async fn settle(self, env: &Env, actual: Amount, timeout_ms: u64) -> Traffic {
+        let key_id = self.key_id;
+        let by_object = with_key(&key_id, |key| match self.hold {
+            Hold::Object { request_id } => {
+                key.settles.push(SettleRequest { request_id, actual });
+                true
+            }
+            Hold::Lease { lease_id, reserved } => {
+                if let Some(lease) = key.leases.iter_mut().find(|l| l.lease_id == lease_id) {
+                    lease.settle(reserved, actual);
+                }
+                false
+            }
+        });
+        let mut traffic = Traffic::default();
+        if by_object {
+            worker::Delay::from(SETTLE_DEFERRAL).await;
+            traffic.add(flush(env, &key_id, timeout_ms).await);
+        }
+        // Someone must send the leases' totals once they have ended: the first request to settle after a
+        // lease's grant waits for its end; the others leave it to that one.
+        if let Some(at) = with_key(&key_id, |key| key.claim_lease_flush(now_ms())) {
+            worker::Delay::from(Duration::from_millis(at.saturating_sub(now_ms()))).await;
+            traffic.add(flush(env, &key_id, timeout_ms).await);
+        }
+        traffic
+    }
+}
+
+impl KeyState {
+    /// When the reports of this key's open leases are due (after the last one's end), if no request has
+    /// claimed that already.
+    fn claim_lease_flush(&mut self, now: u64) -> Option<u64> {
+        let end = self.leases.iter().filter(|l| !l.closed()).map(HeldLease::usable_until_ms).max()?;
+        let at = end.max(now) + SETTLE_DEFERRAL.as_millis() as u64;
+        if self.flush_at.is_some_and(|claimed| claimed >= at) {
+            return None;
+        }
+        self.flush_at = Some(at);
+        Some(at)
+    }
+}
+
+/// Sends the key's held-back settlements and lease reports, if any, on their own.
+async fn flush(env: &Env, key_id: &str, timeout_ms: u64) -> Traffic {
+    let now = now_ms();
+    let batch = with_key(key_id, |key| {
+        if key.flush_at.is_some_and(|at| at <= now) {
+            key.flush_at = None;
+        }
+        SettleBatch { settle: std::mem::take(&mut key.settles), reports: key.reports(now) }
+    });
+    if batch.settle.is_empty() && batch.reports.is_empty() {
+        return Traffic::default();
+    }
+    match call(env, key_id, &batch, timeout_ms).await {
+        Ok(answer) => {
+            with_key(key_id, |key| key.confirm(&batch.reports));
+            Traffic { calls: 1, rows_written: answer.rows_written }
+        }
+        Err(e) => {
+            with_key(key_id, |key| key.settles.extend(batch.settle));
             log_error("limiter_settle_failed", &e.to_string());
+            Traffic { calls: 1, rows_written: 0 }
         }
     }
 }
@@ -151,9 +548,11 @@ pub async fn state(
 /// How often, and how far apart, the admin API tries to tell a key's object about a change.
 const CONFIGURE_RETRIES_MS: [u64; 3] = [0, 200, 1000];
 
-/// Pushes a key's new control (limits, allowed models, revocation) to its object, retrying briefly. An error
+/// Pushes a key's new control (limits, allowed models, revocation) to its object, retrying briefly, and gives
+/// back this isolate's lease of the key (other isolates' leases end within `ADMISSION_LEASE_MS`). An error
 /// means the object was not told: the caller must not report the change as in force.
 pub async fn configure(env: &Env, key_id: &str, control: &KeyControl, timeout_ms: u64) -> Result<(), LimiterError> {
+    with_key(key_id, |key| key.leases.iter_mut().for_each(HeldLease::give_back));
     let mut last = LimiterError::Timeout;
     for delay_ms in CONFIGURE_RETRIES_MS {
         if delay_ms > 0 {
@@ -165,12 +564,4 @@ pub async fn configure(env: &Env, key_id: &str, control: &KeyControl, timeout_ms
         }
     }
     Err(last)
-}
-
-fn defer_settle(key_id: &str, settle: SettleRequest) {
-    PENDING_SETTLES.with(|p| p.borrow_mut().entry(key_id.to_owned()).or_default().push(settle));
-}
-
-fn take_settles(key_id: &str) -> Vec<SettleRequest> {
-    PENDING_SETTLES.with(|p| p.borrow_mut().remove(key_id)).unwrap_or_default()
 }

@@ -28,6 +28,16 @@ pub struct RequestLog {
     /// Time spent waiting for the key's Durable Object to admit the request.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub limiter_ms: Option<u64>,
+    /// How the key's limits admitted it: `lease` (this isolate's lease: no call), `call` (its own call to the
+    /// key's object), `joined` (another request's call, or the lease that call brought).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admission: Option<&'static str>,
+    /// Calls this request made to its key's object (admission, settlement, lease reports), and the storage rows
+    /// they wrote.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limiter_calls: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limiter_rows: Option<u64>,
 
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt_tokens: Option<u64>,

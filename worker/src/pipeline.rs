@@ -21,7 +21,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use key_limiter::protocol::{AdmitRequest, AdmitResponse, Amount};
+use key_limiter::protocol::{Amount, Candidate};
 use serde_json::Value;
 use worker::{Context, Env, Headers, Request, Response, ResponseBuilder};
 
@@ -34,7 +34,7 @@ use crate::config::{Config, UnpricedModel};
 use crate::cors;
 use crate::error::ApiError;
 use crate::forward::{self, Upstream};
-use crate::limiter::{self, Reservation};
+use crate::limiter::{self, Admission, Reservation};
 use crate::log::RequestLog;
 use crate::pricing;
 use crate::relay::{Delivery, Relay, RelayOutcome, StreamEnd};
@@ -56,6 +56,8 @@ struct Exchange {
     /// Headers describing the key's windows (from the limiter's exact state).
     rate_headers: Vec<(&'static str, String)>,
     answer: Answer,
+    /// Calls this request made to its key's object, and the rows they wrote.
+    limiter_traffic: limiter::Traffic,
 }
 
 /// What admission granted, and what billing needs to know about the request.
@@ -123,6 +125,7 @@ pub async fn handle(req: Request, env: Env, ctx: Context) -> Response {
         admitted: None,
         rate_headers: Vec::new(),
         answer: Answer::default(),
+        limiter_traffic: limiter::Traffic::default(),
     };
 
     let config = match bindings::config(&env) {
@@ -251,23 +254,32 @@ async fn admit(
     exchange: &mut Exchange,
 ) -> Result<(), ApiError> {
     let unsettled = unsettled_event(exchange, key, chat, prompt_estimate, reserve);
-    let message = AdmitRequest {
-        request_id: exchange.log.request_id.clone(),
+    let request_id = exchange.log.request_id.clone();
+    let ask = limiter::Ask {
         control: admit::control_for(key, config),
-        models: chat.models.clone(),
-        reserve,
-        unsettled_event: serde_json::to_string(&unsettled).ok(),
-        settle: Vec::new(),
+        lease_id: request_id.replacen("req_", "lease_", 1),
+        candidate: Candidate { request_id, models: chat.models.clone(), reserve, unsettled_event: None },
+        unsettled_event: Box::new(move |id, error| {
+            serde_json::to_string(&UsageEvent {
+                request_id: id.to_owned(),
+                error: Some(error.to_owned()),
+                ..unsettled.clone()
+            })
+            .ok()
+        }),
     };
+    let settings = limiter::Settings { timeout_ms: config.limiter_timeout_ms, lease_ms: config.admission_lease_ms };
     let asked_at = now_ms();
-    let answer = limiter::admit(env, message, &key.id, config.limiter_timeout_ms).await;
+    let (answer, route, traffic) = limiter::admit(env, &key.id, ask, settings).await;
     exchange.log.limiter_ms = Some(now_ms().saturating_sub(asked_at));
+    exchange.log.admission = Some(route.label());
+    exchange.limiter_traffic.add(traffic);
     let reservation = match answer {
-        Ok((AdmitResponse::Admitted { state, limits, .. }, reservation)) => {
+        Ok(Admission::Admitted { reservation, state, limits }) => {
             exchange.rate_headers = admit::rate_limit_headers(&state, limits.window_ms);
-            reservation
+            Some(reservation)
         }
-        Ok((AdmitResponse::Denied { reason, retry_after_ms, state, limits, model }, _)) => {
+        Ok(Admission::Denied { reason, retry_after_ms, state, limits, model }) => {
             exchange.rate_headers = admit::rate_limit_headers(&state, limits.window_ms);
             return Err(admit::denial_error(reason, retry_after_ms, &limits, reserve, model.as_deref()));
         }
@@ -413,9 +425,14 @@ async fn finish(env: Env, config: Rc<Config>, mut exchange: Exchange, stream: Op
         );
         if let Some(reservation) = admitted.reservation {
             event.admitted_at_ms = reservation.admitted_at_ms;
-            reservation.settle(&env, admit::actual_amount(&usage), config.limiter_timeout_ms).await;
+            let traffic = reservation.settle(&env, admit::actual_amount(&usage), config.limiter_timeout_ms).await;
+            exchange.limiter_traffic.add(traffic);
         }
         enqueue(&env, &event).await;
+    }
+    if exchange.limiter_traffic != limiter::Traffic::default() {
+        exchange.log.limiter_calls = Some(exchange.limiter_traffic.calls);
+        exchange.log.limiter_rows = Some(exchange.limiter_traffic.rows_written);
     }
     worker::console_log!("{}", exchange.log.to_line());
 }
