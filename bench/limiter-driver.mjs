@@ -7,6 +7,10 @@
 //       gateway, each admitted request's settlement rides on the key's next admission (`settle`); what is left at
 //       the end goes out in one POST /settle. Returns counts, elapsed time, per-call latency.
 //       With `object=noop`, the same calls go to NoopObject below instead: the floor of any Durable Object call.
+//       With `lease=L`, each call also asks for a lease of L slots, as the gateway's isolates do on a busy key:
+//       the slots granted count as admissions (an isolate admits that many requests without calling), and their
+//       totals (all used and settled) ride on the next call, as the gateway reports them. `admissions` is then
+//       calls' admissions plus leased slots, and `calls_per_admission` what the object saw per request.
 //   GET /object-id?key=K
 //       The object id of key K (its storage file is named after it).
 //   GET /usage-events?prefix=P&count=M
@@ -53,7 +57,9 @@ async function limiterRun(env, params) {
   // Settlements of admitted requests, held for the key's next admission (as the gateway holds them per isolate).
   let pending = [];
   let next = 0;
-  const counts = { admitted: 0, denied: 0, settled_on_admit: 0, admitted_with_warmup: 0 };
+  const leaseSlots = Number(params.get('lease') ?? 0);
+  let reports = [];
+  const counts = { admitted: 0, denied: 0, settled_on_admit: 0, admitted_with_warmup: 0, leased: 0, leases: 0, rows_written: 0 };
   const latencies = [];
   const reasons = {};
 
@@ -61,23 +67,41 @@ async function limiterRun(env, params) {
     const requestId = `${key}-${seq}`;
     const settle = pending;
     pending = [];
-    const body = JSON.stringify({ request_id: requestId, control, models: [MODEL], reserve: RESERVE, settle });
+    const carried = reports;
+    reports = [];
+    const message = { control, candidates: [{ request_id: requestId, models: [MODEL], reserve: RESERVE }], settle, reports: carried };
+    if (leaseSlots > 0) message.lease = { lease_id: `${requestId}-lease`, slots: leaseSlots, per_slot: RESERVE, valid_ms: 1000 };
+    const body = JSON.stringify(message);
     const t0 = Date.now();
     const response = await stub.fetch('https://key-limiter/admit', { method: 'POST', body });
     const answer = await response.json();
     const t1 = Date.now();
     if (response.status !== 200) throw new Error(`admit answered ${response.status}`);
-    if (answer.decision === 'admitted') {
+    const decision = answer.decisions[0];
+    if (decision.decision === 'admitted') {
       pending.push({ request_id: requestId, actual: ACTUAL });
       counts.admitted_with_warmup++;
     }
+    const lease = answer.lease;
+    if (lease) {
+      // Every slot used at once and settled: the totals go back with the next call.
+      const n = lease.slots;
+      const times = (a) => ({ tokens: a.tokens * n, usd: a.usd * n });
+      reports.push({ lease_id: lease.lease_id, totals: { returned: true, used: n, settled: n, reserved_used: times(RESERVE), reserved_settled: times(RESERVE), actual_settled: times(ACTUAL) } });
+      counts.admitted_with_warmup += n;
+    }
     if (!record) return;
     latencies.push(t1 - t0);
+    counts.rows_written += answer.rows_written ?? 0;
     counts.settled_on_admit += settle.length;
-    if (answer.decision === 'admitted') counts.admitted++;
+    if (lease) {
+      counts.leases++;
+      counts.leased += lease.slots;
+    }
+    if (decision.decision === 'admitted') counts.admitted++;
     else {
       counts.denied++;
-      reasons[answer.reason] = (reasons[answer.reason] ?? 0) + 1;
+      reasons[decision.reason] = (reasons[decision.reason] ?? 0) + 1;
     }
   }
 
@@ -99,8 +123,8 @@ async function limiterRun(env, params) {
   const calls = latencies.length;
 
   const leftover = pending.length;
-  if (leftover) {
-    const response = await stub.fetch('https://key-limiter/settle', { method: 'POST', body: JSON.stringify({ settle: pending }) });
+  if (leftover || reports.length) {
+    const response = await stub.fetch('https://key-limiter/settle', { method: 'POST', body: JSON.stringify({ settle: pending, reports }) });
     await response.arrayBuffer();
     pending = [];
   }
@@ -113,6 +137,11 @@ async function limiterRun(env, params) {
     warmup,
     calls,
     ...counts,
+    lease_slots_asked: leaseSlots,
+    admissions: counts.admitted + counts.leased,
+    admissions_per_s: elapsed > 0 ? Math.round(((counts.admitted + counts.leased) * 1000) / elapsed) : null,
+    calls_per_admission: counts.admitted + counts.leased > 0 ? calls / (counts.admitted + counts.leased) : null,
+    rows_written_per_admission: counts.admitted + counts.leased > 0 ? counts.rows_written / (counts.admitted + counts.leased) : null,
     denial_reasons: reasons,
     settled_at_end: leftover,
     elapsed_ms: elapsed,
@@ -187,7 +216,7 @@ export class NoopObject {
     return new Response(ADMITTED);
   }
 }
-const ADMITTED = JSON.stringify({ decision: 'admitted' });
+const ADMITTED = JSON.stringify({ decisions: [{ decision: 'admitted' }] });
 
 export default {
   async fetch(request, env) {

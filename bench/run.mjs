@@ -22,6 +22,7 @@ import { fileURLToPath } from 'node:url';
 import { gzipSync } from 'node:zlib';
 
 import { GatewayLog } from './lib/gateway-log.mjs';
+import { billPerMillion, DO_BILLED_GB, QUEUE_OPERATIONS_PER_EVENT } from './lib/prices.mjs';
 import { consumerThroughput, DRIVER_NAME, driverWorker, limiterObjectFiles, limiterRuns, storageRows, waitForQueueDrain } from './lib/driver.mjs';
 import { cpuMeter, freePort, isTmpfs, listenerPids, memory, processInfo, round, sampleRss, Watchdog } from './lib/procs.mjs';
 import { renderMarkdown } from './lib/report.mjs';
@@ -34,7 +35,7 @@ const LOAD_BIN = join(BENCH, 'load', 'target', 'release', 'bench-load');
 const BENCH_KEY_ID = 'bench';
 const BENCH_KEY = `sk-gw-bench-${createHash('sha256').update(String(process.pid) + Date.now()).digest('hex').slice(0, 32)}`;
 const TARGETS = ['a', 'b', 'g'];
-const TARGET_NAMES = { a: '(a) upstream', b: '(b) pass-through', g: '(g) gateway', m: "(g') gateway, storage on tmpfs" };
+const TARGET_NAMES = { a: '(a) upstream', b: '(b) pass-through', g: '(g) gateway', m: "(g') gateway, storage on tmpfs", n: '(g0) gateway, leases off' };
 
 function envNumber(name, fallback) {
   const raw = process.env[name];
@@ -571,6 +572,14 @@ async function main() {
     nonstreamTargets.push('m');
   }
 
+  // (g0) the same gateway with admission leases off (ADMISSION_LEASE_MS=0): every request asks its key's object,
+  // as before leases (concurrent ones combined). Non-streaming rows only: the "before" of the platform bill.
+  log('starting (g0) the gateway with admission leases off');
+  const g0 = await startGateway(runtime, { config, vars: { ...gatewayVars, ADMISSION_LEASE_MS: '0' }, persistTo: join(tmp, 'state-leases-off'), gatewayLog });
+  targets.n = { url: chatUrl(g0.url), pids: { server: g0.served.pid, upstream: standin.pid } };
+  results.served_by.n = g0.served;
+  nonstreamTargets.push('n');
+
   // Throughput and latency: the same load against every target -------------------------------------------
   results.nonstream = {};
   for (const c of knobs.concurrency) {
@@ -731,14 +740,14 @@ function summarize(results, gatewayLog, { limiterObjects, limiterHeaders, wasmPa
   for (const group of [results.nonstream, results.stream, results.stream_edited]) {
     for (const byTarget of Object.values(group)) {
       for (const run of Object.values(byTarget)) {
-        if (run.target === 'g' || run.target === 'm') run.gateway_log = gatewayLog.summary(run.phase);
+        if (['g', 'm', 'n'].includes(run.target)) run.gateway_log = gatewayLog.summary(run.phase);
       }
     }
   }
   // The limiter hop per request: how long each gateway request waited for its admission (its log line's limiter_ms).
   results.limiter_hop = [];
   for (const c of s.concurrency) {
-    for (const t of ['g', 'm']) {
+    for (const t of ['g', 'm', 'n']) {
       const run = results.nonstream[c]?.[t];
       if (run?.gateway_log?.limiter_ms) results.limiter_hop.push({ target: t, concurrency: c, phase: run.phase, ...run.gateway_log.limiter_ms });
     }
@@ -750,7 +759,7 @@ function summarize(results, gatewayLog, { limiterObjects, limiterHeaders, wasmPa
 
   results.overhead = {};
   for (const c of s.concurrency) {
-    const { a, b, g, m } = results.nonstream[c];
+    const { a, b, g, m, n } = results.nonstream[c];
     results.overhead[c] = {
       added_p50_vs_a: sub(g.latency_ms?.p50, a.latency_ms?.p50),
       added_p99_vs_a: sub(g.latency_ms?.p99, a.latency_ms?.p99),
@@ -758,6 +767,14 @@ function summarize(results, gatewayLog, { limiterObjects, limiterHeaders, wasmPa
       added_p99_vs_b: sub(g.latency_ms?.p99, b.latency_ms?.p99),
       rps_ratio_g_b: div(g.rps, b.rps),
       rps_ratio_g_a: div(g.rps, a.rps),
+      ...(n
+        ? {
+            leases_off_added_p50_vs_b: sub(n.latency_ms?.p50, b.latency_ms?.p50),
+            leases_off_rps_ratio_b: div(n.rps, b.rps),
+            object_calls_per_request: g.gateway_log?.limiter_calls_per_request ?? null,
+            leases_off_object_calls_per_request: n.gateway_log?.limiter_calls_per_request ?? null,
+          }
+        : {}),
       ...(m
         ? {
             in_memory_added_p50_vs_b: sub(m.latency_ms?.p50, b.latency_ms?.p50),
@@ -787,6 +804,32 @@ function summarize(results, gatewayLog, { limiterObjects, limiterHeaders, wasmPa
       };
     }
   }
+
+  // The platform bill per million non-streamed requests at c=32 (or the nearest concurrency measured), with
+  // leases (g) and without (g0): each kind of operation counted per request, priced from bench/lib/prices.mjs.
+  const billC = s.concurrency.includes(32) ? 32 : s.concurrency.at(-1);
+  results.platform_bill = { concurrency: billC, ledger: gatewayLog.ledger };
+  for (const t of ['n', 'g']) {
+    const run = results.nonstream[billC]?.[t];
+    const gl = run?.gateway_log;
+    if (!run || !gl) continue;
+    const perRequest = {
+      worker_requests: 1,
+      // workerd's cores over the row ÷ requests per second: the Worker, its Durable Object and its queue
+      // consumer together (all in one process locally; production bills the object by duration instead).
+      worker_cpu_ms: run.cpu?.server != null && run.rps > 0 ? round((run.cpu.server * 1000) / run.rps, 4) : null,
+      do_requests: gl.limiter_calls_per_request,
+      do_rows_written: gl.limiter_rows_per_request,
+      // The object is billed while it answers: the request's wait for admission, at 128 MB.
+      do_gb_s: gl.limiter_ms ? (gl.limiter_ms.mean / 1000) * DO_BILLED_GB : null,
+      d1_rows_written: gatewayLog.ledger.events > 0 ? round(gatewayLog.ledger.d1_rows_written / gatewayLog.ledger.events, 3) : null,
+      queue_operations: QUEUE_OPERATIONS_PER_EVENT,
+      // A chat request reads no KV: keys come from D1 through the isolate's cache; KV holds only /v1/models.
+      kv_reads: 0,
+    };
+    results.platform_bill[t] = { phase: run.phase, admission: gl.admission, ...billPerMillion(perRequest) };
+  }
+  if (!results.platform_bill.g) problem('platform bill: no gateway log summary for the non-streaming row');
 
   const firstStream = results.stream[s.stream_concurrency[0]];
   results.payloads = {

@@ -60,11 +60,17 @@ export async function driverGet(driver, path) {
  * few windows, so the key's storage reaches its steady state (figure "storage rows per key"). With `baseline`,
  * the same calls to an object that decides and stores nothing first (at c=1 and 32).
  */
+/** Slots a lease row asks for per call (the object grants at most its MAX_LEASE_SLOTS, 1024). */
+const LEASE_SLOTS = 256;
+
 export async function limiterRuns(driver, { target, pid, seconds, concurrency, churn, baseline }) {
   const plan = [
     ...(baseline ? [1, 32].map((c) => ({ name: `noop-c${c}`, object: 'noop', concurrency: c, rpw: UNLIMITED, window_ms: 60_000, seconds })) : []),
     ...concurrency.map((c) => ({ name: `unlimited-c${c}`, concurrency: c, rpw: UNLIMITED, window_ms: 60_000, seconds })),
     ...[1, 32].map((c) => ({ name: `rpw60-c${c}`, concurrency: c, rpw: 60, window_ms: 60_000, seconds })),
+    // The lease path of one hot key: each call asks for LEASE_SLOTS slots, as a gateway isolate does when the
+    // key is busy, and the slots granted count as admissions made without a call.
+    ...[1, 32].map((c) => ({ name: `lease${LEASE_SLOTS}-c${c}`, concurrency: c, rpw: UNLIMITED, window_ms: 60_000, seconds, lease: LEASE_SLOTS })),
     ...(churn ? [{ name: 'rpw60-per-1s-c32', concurrency: 32, rpw: 60, window_ms: 1000, seconds: Math.max(seconds, 5) }] : []),
   ];
   const runs = [];
@@ -78,6 +84,7 @@ export async function limiterRuns(driver, { target, pid, seconds, concurrency, c
       rpw: String(p.rpw),
       window_ms: String(p.window_ms),
       object: p.object ?? 'limiter',
+      lease: String(p.lease ?? 0),
     });
     const meter = cpuMeter({ server: pid });
     const r = await driverGet(driver, `/limiter?${query}`);
@@ -91,7 +98,7 @@ export async function limiterRuns(driver, { target, pid, seconds, concurrency, c
       window_ms: p.window_ms,
       ...r,
       decisions_per_s: perSecond(r.calls),
-      admissions_per_s: perSecond(r.admitted),
+      admissions_per_s: perSecond(r.admissions ?? r.admitted),
       cpu: cpuSplit(cpu),
     });
   }

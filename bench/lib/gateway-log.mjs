@@ -8,11 +8,17 @@ import { createInterface } from 'node:readline';
 
 const PHASE = /"client_request_id":"([^"]+)-\d+-\d+"/;
 const LIMITER_MS = /"limiter_ms":(\d+)/;
+// What each request cost its key's Durable Object: calls, rows written, and how it was admitted.
+const LIMITER_CALLS = /"limiter_calls":(\d+)/;
+const LIMITER_ROWS = /"limiter_rows":(\d+)/;
+const ADMISSION = /"admission":"(\w+)"/;
 
 export class GatewayLog {
   /** `rawPath`: where lines that are not routine successes are kept (warnings, errors, non-JSON output). */
   constructor(rawPath) {
     this.phases = new Map();
+    // The usage consumer's ledger batches: events written and the D1 rows that wrote (indexes included).
+    this.ledger = { events: 0, d1_rows_written: 0 };
     this.raw = createWriteStream(rawPath);
     this.recentProblems = [];
   }
@@ -27,7 +33,7 @@ export class GatewayLog {
     let p = this.phases.get(name);
     if (!p) {
       // limiter_ms: how many requests waited each whole number of milliseconds for their admission.
-      p = { lines: 0, limiter_ms: new Map(), streams: 0, wasm_reported: 0, wasm_bytes_in: 0, wasm_bytes_out: 0, stream_end: {}, errors: {}, statuses: {} };
+      p = { lines: 0, limiter_ms: new Map(), limiter_calls: 0, limiter_rows: 0, admission: {}, streams: 0, wasm_reported: 0, wasm_bytes_in: 0, wasm_bytes_out: 0, stream_end: {}, errors: {}, statuses: {} };
       this.phases.set(name, p);
     }
     return p;
@@ -35,6 +41,15 @@ export class GatewayLog {
 
   line(line) {
     const routine = line.includes('"level":"info"') && !line.includes('"stream_end"');
+    if (routine && line.includes('"event":"ledger_batch"')) {
+      const events = /"events":(\d+)/.exec(line);
+      const written = /"d1_rows_written":(\d+)/.exec(line);
+      if (events && written) {
+        this.ledger.events += Number(events[1]);
+        this.ledger.d1_rows_written += Number(written[1]);
+      }
+      return;
+    }
     if (routine) {
       const m = PHASE.exec(line);
       if (m) {
@@ -42,6 +57,7 @@ export class GatewayLog {
         p.lines++;
         const limiter = LIMITER_MS.exec(line);
         if (limiter) p.limiter_ms.set(Number(limiter[1]), (p.limiter_ms.get(Number(limiter[1])) ?? 0) + 1);
+        this.limiterTraffic(p, line);
       }
       return;
     }
@@ -61,6 +77,7 @@ export class GatewayLog {
     const p = this.phase(m ? m[1] : '(other)');
     p.lines++;
     if (Number.isFinite(entry.limiter_ms)) p.limiter_ms.set(entry.limiter_ms, (p.limiter_ms.get(entry.limiter_ms) ?? 0) + 1);
+    this.limiterTraffic(p, line);
     p.statuses[entry.status] = (p.statuses[entry.status] ?? 0) + 1;
     if (entry.error) p.errors[entry.error] = (p.errors[entry.error] ?? 0) + 1;
     if (entry.stream_end) {
@@ -73,6 +90,15 @@ export class GatewayLog {
       }
     }
     if (entry.status >= 400) this.problem(line);
+  }
+
+  limiterTraffic(p, line) {
+    const calls = LIMITER_CALLS.exec(line);
+    if (calls) p.limiter_calls += Number(calls[1]);
+    const rows = LIMITER_ROWS.exec(line);
+    if (rows) p.limiter_rows += Number(rows[1]);
+    const admission = ADMISSION.exec(line);
+    if (admission) p.admission[admission[1]] = (p.admission[admission[1]] ?? 0) + 1;
   }
 
   problem(line) {
@@ -95,6 +121,10 @@ export class GatewayLog {
     return {
       log_lines: p.lines,
       limiter_ms: limiterSummary(p.limiter_ms),
+      // Per request line: calls to the key's object and the storage rows they wrote; how requests were admitted.
+      limiter_calls_per_request: p.lines ? p.limiter_calls / p.lines : null,
+      limiter_rows_per_request: p.lines ? p.limiter_rows / p.lines : null,
+      admission: p.admission,
       streams: p.streams,
       stream_end: p.stream_end,
       errors: p.errors,

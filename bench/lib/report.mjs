@@ -1,6 +1,6 @@
 // results object → Markdown. Every figure printed here is also in latest.json under the same names.
 
-const TARGET_NAMES = { a: '(a) upstream', b: '(b) pass-through', g: '(g) gateway', m: "(g') gateway, storage on tmpfs" };
+const TARGET_NAMES = { a: '(a) upstream', b: '(b) pass-through', g: '(g) gateway', m: "(g') gateway, storage on tmpfs", n: '(g0) gateway, leases off' };
 const STORAGE = { g: 'disk (g)', m: "tmpfs (g')" };
 
 const ms = (v) => (v === null || v === undefined ? '–' : v < 10 ? v.toFixed(2) : v < 100 ? v.toFixed(1) : v.toFixed(0));
@@ -50,7 +50,8 @@ export function renderMarkdown(r) {
   out.push(
     `- Targets: (a) the OpenRouter stand-in directly, (b) a pass-through Worker (bench/passthrough.mjs) in workerd, ` +
       `(g) the gateway in workerd with its wrangler.toml bindings, storage (D1, KV, Durable Objects) on disk as \`wrangler dev\` keeps it; ` +
-      `(g') the same gateway with the same storage files on a tmpfs${s.in_memory_on_tmpfs === false ? ' (**not available: on disk too**)' : ''}, so syncing them costs nothing. ` +
+      `(g') the same gateway with the same storage files on a tmpfs${s.in_memory_on_tmpfs === false ? ' (**not available: on disk too**)' : ''}, so syncing them costs nothing; ` +
+      '(g0) the gateway with admission leases off (`ADMISSION_LEASE_MS=0`: every request asks its key\'s object, as before leases). ' +
       'Same workerd build for all Workers; one API key for every gateway request.',
   );
   out.push('');
@@ -60,7 +61,7 @@ export function renderMarkdown(r) {
   out.push('| c | target | req/s | p50 | p90 | p99 | errors | CPU server / upstream / client / runner / other |');
   out.push('|---:|---|---:|---:|---:|---:|---|---|');
   for (const c of s.concurrency) {
-    for (const t of ['a', 'b', 'g', 'm']) {
+    for (const t of ['a', 'b', 'g', 'm', 'n']) {
       const run = r.nonstream[c]?.[t];
       if (!run) continue;
       const l = run.latency_ms ?? {};
@@ -76,18 +77,20 @@ export function renderMarkdown(r) {
   out.push('### Gateway overhead (non-streaming)');
   out.push('');
   out.push(
-    "| c | added p50 vs (a) | added p99 vs (a) | added p50 vs (b) | added p99 vs (b) | req/s (g)/(b) | req/s (g)/(a) | (g') added p50 / p99 vs (b) | req/s (g')/(b) |",
+    "| c | added p50 vs (a) | added p99 vs (a) | added p50 vs (b) | added p99 vs (b) | req/s (g)/(b) | req/s (g)/(a) | (g') added p50 / p99 vs (b) | req/s (g')/(b) | (g0) added p50 vs (b) | req/s (g0)/(b) | object calls per request (g) / (g0) |",
   );
-  out.push('|---:|---:|---:|---:|---:|---:|---:|---:|---:|');
+  out.push('|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|');
   for (const c of s.concurrency) {
     const o = r.overhead[c];
     if (!o) continue;
     out.push(
       `| ${c} | ${signed(o.added_p50_vs_a)} | ${signed(o.added_p99_vs_a)} | ${signed(o.added_p50_vs_b)} | ${signed(o.added_p99_vs_b)} | ` +
-        `${ratio(o.rps_ratio_g_b)} | ${ratio(o.rps_ratio_g_a)} | ${signed(o.in_memory_added_p50_vs_b)} / ${signed(o.in_memory_added_p99_vs_b)} | ${ratio(o.in_memory_rps_ratio_b)} |`,
+        `${ratio(o.rps_ratio_g_b)} | ${ratio(o.rps_ratio_g_a)} | ${signed(o.in_memory_added_p50_vs_b)} / ${signed(o.in_memory_added_p99_vs_b)} | ${ratio(o.in_memory_rps_ratio_b)} | ` +
+        `${signed(o.leases_off_added_p50_vs_b)} | ${ratio(o.leases_off_rps_ratio_b)} | ${perRequest(o.object_calls_per_request)} / ${perRequest(o.leases_off_object_calls_per_request)} |`,
     );
   }
   out.push('');
+  platformBill(r, out);
 
   const kinds = [
     ['stream', 'needs no edit: `include_usage`, the native relay', 'usage chunk'],
@@ -187,6 +190,36 @@ export function renderMarkdown(r) {
   return out.join('\n');
 }
 
+const perRequest = (v) => (v === null || v === undefined ? '–' : v.toFixed(3));
+const usd = (v) => (v === null || v === undefined ? '–' : `$${v < 0.01 ? v.toFixed(4) : v.toFixed(3)}`);
+
+function platformBill(r, out) {
+  const bill = r.platform_bill;
+  if (!bill?.g) return;
+  out.push(`### The platform bill per million non-streamed requests (c=${bill.concurrency})`);
+  out.push('');
+  out.push(
+    `How counted: per request of the row, from the gateway's log lines (\`limiter_calls\`, \`limiter_rows\`: the calls each request made to its ` +
+      `key's object and the storage rows they wrote; \`limiter_ms\` for the object's active time), the usage consumer's \`ledger_batch\` lines ` +
+      `(D1 rows written per event, indexes included: ${bill.ledger.d1_rows_written.toLocaleString('en-US')} for ${bill.ledger.events.toLocaleString('en-US')} events over the run), ` +
+      "and workerd's CPU over the row (Worker, object and consumer together: an upper bound for the Worker's CPU). Queue: one event per request, written, read and deleted. " +
+      `Priced at Cloudflare's list prices of ${bill.g.prices_as_of} beyond the Workers Paid plan's included amounts (bench/README.md).`,
+  );
+  out.push('');
+  out.push('| item | per request (g0) leases off | (g) leases | $ per million (g0) | (g) |');
+  out.push('|---|---:|---:|---:|---:|');
+  const before = bill.n?.lines ?? [];
+  for (const line of bill.g.lines) {
+    const b = before.find((x) => x.item === line.item);
+    out.push(`| ${line.item} | ${perRequest(b?.per_request)} | ${perRequest(line.per_request)} | ${usd(b?.usd_per_million_requests)} | ${usd(line.usd_per_million_requests)} |`);
+  }
+  out.push(`| **total** | | | **${usd(bill.n?.usd_per_million_requests)}** | **${usd(bill.g.usd_per_million_requests)}** |`);
+  out.push('');
+  const admission = (a) => Object.entries(a ?? {}).map(([k, v]) => `${k} ${v.toLocaleString('en-US')}`).join(', ');
+  out.push(`How requests were admitted: (g0) ${admission(bill.n?.admission)}; (g) ${admission(bill.g.admission)}.`);
+  out.push('');
+}
+
 function limiterSections(r, out) {
   const s = r.settings;
   if (r.limiter?.length) {
@@ -201,13 +234,14 @@ function limiterSections(r, out) {
         'Baseline: the same calls to a JS object in the driver that reads the message and answers "admitted", deciding and storing nothing — the floor of any Durable Object call here.',
     );
     out.push('');
-    out.push('| storage | limit | c | decisions/s | admitted | denied | call p50 | call p99 | call mean | CPU workerd / other |');
-    out.push('|---|---|---:|---:|---:|---:|---:|---:|---:|---|');
+    out.push('| storage | limit | c | decisions/s | admitted | denied | leased slots | admissions/s | calls / admission | rows / admission | call p50 | call p99 | call mean | CPU workerd / other |');
+    out.push('|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|');
     for (const x of r.limiter) {
       const limit = x.object === 'noop' ? '–' : x.requests_per_window >= 1e8 ? 'none' : `${x.requests_per_window} per ${x.window_ms / 1000} s`;
       const l = x.latency_ms;
       out.push(
-        `| ${x.object === 'noop' ? 'baseline: no-op JS object' : STORAGE[x.target]} | ${limit} | ${x.concurrency} | ${num(x.decisions_per_s)} | ${x.admitted.toLocaleString('en-US')} | ${x.denied.toLocaleString('en-US')} | ` +
+        `| ${x.object === 'noop' ? 'baseline: no-op JS object' : STORAGE[x.target]} | ${limit}${x.lease_slots_asked ? `, leases of ${x.lease_slots_asked}` : ''} | ${x.concurrency} | ${num(x.decisions_per_s)} | ${x.admitted.toLocaleString('en-US')} | ${x.denied.toLocaleString('en-US')} | ` +
+          `${(x.leased ?? 0).toLocaleString('en-US')} | ${num(x.admissions_per_s)} | ${perRequest(x.calls_per_admission)} | ${perRequest(x.rows_written_per_admission)} | ` +
           `${l.p50} | ${l.p99} | ${ms(l.mean_from_elapsed)} | ${cpu(x.cpu.server)} / ${cpu(x.cpu.other)} |`,
       );
     }

@@ -158,7 +158,7 @@ pub fn log_error(label: &str, detail: &str) {
     worker::console_error!("{line}");
 }
 
-/// Runs one D1 statement; returns how many rows it changed. Every statement the gateway writes with is
+/// Runs one D1 statement; returns the rows it wrote, as D1 bills them (indexes included). Every statement the gateway writes with is
 /// idempotent (ledger inserts ignore conflicts, updates set values, a key's id is chosen before the insert), so a
 /// transient failure is tried again like a read's.
 pub async fn d1_run(env: &Env, sql: &str, params: &[JsValue]) -> Result<u64, Error> {
@@ -167,7 +167,7 @@ pub async fn d1_run(env: &Env, sql: &str, params: &[JsValue]) -> Result<u64, Err
         if let Some(error) = result.error() {
             return Err(Error::RustError(error));
         }
-        Ok(result.meta()?.and_then(|m| m.changes).map_or(0, |c| c as u64))
+        Ok(result.meta()?.and_then(|m| m.rows_written).map_or(0, |c| c as u64))
     };
     d1_retrying("D1 statement", run).await
 }

@@ -89,9 +89,16 @@ async fn deliver(env: &Env, config: &Config, items: &[Item]) {
     let events: Vec<&UsageEvent> = items.iter().map(|i| &i.event).collect();
     let rows =
         ledger::rows_json(events.iter().copied(), iso_time, |e| reconcile::wanted(e, config.reconcile_estimates));
-    if let Err(e) = bindings::d1_run(env, ledger::INSERT_BATCH, &[rows.as_str().into()]).await {
-        log_error("ledger_write_failed", &e.to_string());
-        return retry(items);
+    match bindings::d1_run(env, ledger::INSERT_BATCH, &[rows.as_str().into()]).await {
+        Ok(rows_written) => {
+            let line = serde_json::json!({"level": "info", "event": "ledger_batch", "events": items.len(),
+                "d1_rows_written": rows_written});
+            worker::console_log!("{line}");
+        }
+        Err(e) => {
+            log_error("ledger_write_failed", &e.to_string());
+            return retry(items);
+        }
     }
     let Some(states) = row_states(env, items.iter().map(|i| i.event.request_id.as_str())).await else {
         return retry(items);

@@ -295,17 +295,14 @@ async fn lead_calls(env: &Env, key_id: &str, settings: Settings) -> Traffic {
     let Some(message) = message else { return Traffic::default() };
     let answer = call(env, key_id, &message, settings.timeout_ms).await;
     let rows_written = answer.as_ref().map_or(0, |a| a.rows_written);
-    with_key(key_id, |key| key.take_answer(key_id, waiters, message, answer, sent_at));
+    let now = now_ms();
+    with_key(key_id, |key| key.take_answer(key_id, waiters, message, answer, sent_at, now));
     Traffic { calls: 1, rows_written }
 }
 
 impl KeyState {
     fn admit_locally(&mut self, key_id: &str, ask: &Ask, now: u64, lease_ms: u64) -> Option<Admission> {
         self.note_admission(now, lease_ms);
-        // Requests already waiting go first: a lease is for newcomers only once no one is queued.
-        if !self.waiting.is_empty() {
-            return None;
-        }
         self.admit_from_lease(key_id, ask, now)
     }
 
@@ -341,11 +338,14 @@ impl KeyState {
     }
 
     /// The next call: the waiting candidates (up to [`MAX_CANDIDATES`]), the held-back settlements, every
-    /// lease's report (ended ones given back), and a lease sized by the key's recent traffic here.
+    /// lease's report, and a lease sized by the key's recent traffic here. Every lease is given back first: a
+    /// request that needs the object found no room in them, and what they still hold would be refused to the
+    /// candidates.
     fn next_call(&mut self, now: u64, lease_ms: u64) -> (Vec<Waiter>, Option<AdmitRequest>) {
         let take = self.waiting.len().min(MAX_CANDIDATES);
         let waiters: Vec<Waiter> = self.waiting.drain(..take).collect();
         let Some(first) = waiters.first() else { return (waiters, None) };
+        self.leases.iter_mut().for_each(HeldLease::give_back);
         // The newest key row any of them presented.
         let control = waiters
             .iter()
@@ -391,6 +391,7 @@ impl KeyState {
         sent: AdmitRequest,
         answer: Result<key_limiter::protocol::AdmitResponse, LimiterError>,
         sent_at: u64,
+        now: u64,
     ) {
         let answer = match answer {
             Ok(answer) => answer,
@@ -427,7 +428,6 @@ impl KeyState {
             self.outcomes.insert(w.ticket, Outcome::Answer(Box::new(outcome)));
         }
         // Whoever arrived during the call may fit the lease it brought.
-        let now = now_ms();
         let mut still_waiting = Vec::new();
         for w in std::mem::take(&mut self.waiting) {
             match self.admit_from_lease(key_id, &w.ask, now) {
@@ -464,9 +464,9 @@ impl KeyState {
 impl Reservation {
     /// Replaces the reservation with what was used. One admitted by the object waits briefly for the key's next
     /// call from this isolate to carry it (under load it almost always does), else it is sent on its own. One
-    /// admitted from a lease goes into the lease's totals, which the key's next call carries; if none comes by
-    /// the lease's end, this request sends them. A settlement that cannot be delivered leaves its reservation
-    /// to be charged as reserved when its reservation lease ends: the key is over-charged, never under-charged.
+    /// admitted from a lease goes into the lease's totals, which the key's next call carries (or
+    /// [`report_leases`]). A settlement that cannot be delivered leaves its reservation to be charged as reserved
+    /// when its reservation lease ends: the key is over-charged, never under-charged.
     pub async fn settle(self, env: &Env, actual: Amount, timeout_ms: u64) -> Traffic {
         let key_id = self.key_id;
         let by_object = with_key(&key_id, |key| match self.hold {
@@ -481,19 +481,22 @@ impl Reservation {
                 false
             }
         });
-        let mut traffic = Traffic::default();
-        if by_object {
-            worker::Delay::from(SETTLE_DEFERRAL).await;
-            traffic.add(flush(env, &key_id, timeout_ms).await);
+        if !by_object {
+            return Traffic::default();
         }
-        // Someone must send the leases' totals once they have ended: the first request to settle after a
-        // lease's grant waits for its end; the others leave it to that one.
-        if let Some(at) = with_key(&key_id, |key| key.claim_lease_flush(now_ms())) {
-            worker::Delay::from(Duration::from_millis(at.saturating_sub(now_ms()))).await;
-            traffic.add(flush(env, &key_id, timeout_ms).await);
-        }
-        traffic
+        worker::Delay::from(SETTLE_DEFERRAL).await;
+        flush(env, &key_id, timeout_ms).await
     }
+}
+
+/// Sends the key's lease reports once its open leases have ended, if no other request of the key is already
+/// waiting to: someone must, when no call comes along to carry them, or the object would hold the unused
+/// slots and allowance until the end of the reservation lease. Call it last (it may wait up to a lease's
+/// lifetime; nothing a client or the ledger waits for should come after it).
+pub async fn report_leases(env: &Env, key_id: &str, timeout_ms: u64) -> Traffic {
+    let Some(at) = with_key(key_id, |key| key.claim_lease_flush(now_ms())) else { return Traffic::default() };
+    worker::Delay::from(Duration::from_millis(at.saturating_sub(now_ms()))).await;
+    flush(env, key_id, timeout_ms).await
 }
 
 impl KeyState {
@@ -564,4 +567,175 @@ pub async fn configure(env: &Env, key_id: &str, control: &KeyControl, timeout_ms
         }
     }
     Err(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use key_limiter::protocol::{AdmitResponse, DenyReason, LeaseGrant, WindowState};
+
+    use super::*;
+
+    const T0: u64 = 1_800_000_000_000;
+
+    fn limits() -> Limits {
+        Limits {
+            requests_per_window: 1000,
+            tokens_per_window: None,
+            window_ms: 60_000,
+            budget: None,
+            max_concurrency: None,
+            lease_ms: 900_000,
+        }
+    }
+
+    fn control() -> KeyControl {
+        KeyControl { version: "v1".into(), revoked: false, limits: limits(), allowed_models: None }
+    }
+
+    fn ask(id: &str) -> Ask {
+        Ask {
+            control: control(),
+            candidate: Candidate {
+                request_id: id.into(),
+                models: vec!["m".into()],
+                reserve: Amount { tokens: 100, usd: 0.0 },
+                unsettled_event: None,
+            },
+            unsettled_event: Box::new(|id, error| Some(format!("{id}:{error}"))),
+            lease_id: format!("lease_{id}"),
+        }
+    }
+
+    fn state() -> Snapshot {
+        let w = WindowState { limit: 1000, remaining: 900, reset_ms: 60_000 };
+        Snapshot { requests: w, tokens: None, in_flight: 0, budget_used: Amount::default() }
+    }
+
+    fn admitted() -> AdmitDecision {
+        AdmitDecision::Admitted { state: state(), limits: limits(), at_ms: T0 }
+    }
+
+    fn grant(id: &str, slots: u32) -> LeaseGrant {
+        LeaseGrant {
+            lease_id: id.into(),
+            slots,
+            allowance: Amount { tokens: 100 * u64::from(slots), usd: 0.0 },
+            valid_ms: 1000,
+            state: state(),
+            control: control(),
+            at_ms: T0,
+        }
+    }
+
+    fn waiter(ticket: u64, id: &str) -> Waiter {
+        Waiter { ticket, ask: ask(id) }
+    }
+
+    fn answer(key: &mut KeyState, ticket: u64) -> Result<Admission, LimiterError> {
+        match key.outcomes.remove(&ticket) {
+            Some(Outcome::Answer(answer)) => *answer,
+            _ => panic!("no answer for ticket {ticket}"),
+        }
+    }
+
+    #[test]
+    fn waiting_requests_go_in_one_call_and_a_lease_is_asked_only_for_a_busy_key() {
+        let mut key = KeyState::default();
+        key.note_admission(T0, 1000);
+        key.waiting = vec![waiter(1, "a")];
+        let (_, call) = key.next_call(T0, 1000);
+        assert!(call.expect("a call").lease.is_none(), "one request in the last second: no batching");
+
+        for at in [T0 + 1, T0 + 2] {
+            key.note_admission(at, 1000);
+        }
+        key.waiting = vec![waiter(2, "b"), waiter(3, "c")];
+        key.settles.push(SettleRequest { request_id: "old".into(), actual: Amount::default() });
+        let (waiters, call) = key.next_call(T0 + 3, 1000);
+        let call = call.expect("a call");
+        assert_eq!(waiters.len(), 2);
+        let ids: Vec<&str> = call.candidates.iter().map(|c| c.request_id.as_str()).collect();
+        assert_eq!(ids, ["b", "c"]);
+        assert_eq!(call.candidates[0].unsettled_event.as_deref(), Some("b:unsettled"), "built only for the call");
+        assert_eq!(call.settle.len(), 1, "held-back settlements ride along");
+        let lease = call.lease.expect("three requests within a second: a lease is asked for");
+        assert_eq!((lease.lease_id.as_str(), lease.slots, lease.valid_ms), ("lease_b", 6, 1000));
+        assert_eq!(lease.unsettled_event.as_deref(), Some("lease_b:unsettled_lease"));
+        assert!(key.waiting.is_empty() && key.settles.is_empty());
+        // Nothing waiting: no call.
+        assert!(key.next_call(T0 + 4, 1000).1.is_none());
+        // Leases off: never asked for.
+        let mut off = KeyState::default();
+        for at in [T0, T0 + 1, T0 + 2] {
+            off.note_admission(at, 0);
+        }
+        off.waiting = vec![waiter(4, "d")];
+        assert!(off.next_call(T0 + 3, 0).1.expect("a call").lease.is_none());
+    }
+
+    #[test]
+    fn an_answer_reaches_each_waiter_and_its_lease_admits_those_who_came_meanwhile() {
+        let mut key = KeyState { waiting: vec![waiter(1, "a"), waiter(2, "b")], ..KeyState::default() };
+        let (waiters, call) = key.next_call(T0, 1000);
+        let call = call.expect("a call");
+        // Two more arrive while the call is in flight.
+        key.waiting = vec![waiter(3, "c"), waiter(4, "d")];
+        let denied = AdmitDecision::Denied {
+            reason: DenyReason::Requests,
+            retry_after_ms: Some(5),
+            state: state(),
+            limits: limits(),
+            model: None,
+        };
+        let response =
+            AdmitResponse { decisions: vec![admitted(), denied], lease: Some(grant("lease_a", 1)), rows_written: 3 };
+        key.take_answer("k", waiters, call, Ok(response), T0, T0 + 2);
+        assert!(matches!(answer(&mut key, 1), Ok(Admission::Admitted { .. })));
+        assert!(matches!(answer(&mut key, 2), Ok(Admission::Denied { reason: DenyReason::Requests, .. })));
+        let Ok(Admission::Admitted { reservation, state, .. }) = answer(&mut key, 3) else {
+            panic!("c should be admitted from the lease")
+        };
+        assert!(matches!(reservation.hold, Hold::Lease { .. }));
+        assert_eq!(state.requests.remaining, 900, "the lease's unused slots (none left) on top of the grant's state");
+        assert_eq!(key.waiting.len(), 1, "the one-slot lease is spent: d waits for the next call");
+        assert_eq!(key.waiting[0].ticket, 4);
+        std::mem::forget(reservation);
+    }
+
+    #[test]
+    fn a_failed_call_keeps_its_settlements_and_fails_its_waiters() {
+        let mut key = KeyState::default();
+        key.settles.push(SettleRequest { request_id: "old".into(), actual: Amount::default() });
+        key.waiting = vec![waiter(1, "a")];
+        let (waiters, call) = key.next_call(T0, 1000);
+        key.take_answer("k", waiters, call.expect("a call"), Err(LimiterError::Timeout), T0, T0 + 5);
+        assert_eq!(answer(&mut key, 1).err(), Some(LimiterError::Timeout));
+        assert_eq!(key.settles.len(), 1, "kept for the next call");
+    }
+
+    #[test]
+    fn a_lease_is_reported_until_it_is_given_back_and_settled_then_forgotten() {
+        let mut key = KeyState::default();
+        key.leases.push(HeldLease::new(grant("l", 4), T0));
+        let Some(Admission::Admitted { reservation, .. }) = key.admit_from_lease("k", &ask("a"), T0 + 10) else {
+            panic!("a slot")
+        };
+        let Hold::Lease { reserved, .. } = reservation.hold else { panic!("held by the lease") };
+        assert!(key.claim_lease_flush(T0 + 20).is_some_and(|at| at == T0 + 1000 + 50), "due after the lease's end");
+        assert_eq!(key.claim_lease_flush(T0 + 30), None, "claimed once");
+
+        let open = key.reports(T0 + 500);
+        assert_eq!(open.len(), 1);
+        assert!(!open[0].totals.returned && open[0].totals.used == 1);
+        key.confirm(&open);
+        assert!(key.reports(T0 + 600).is_empty(), "nothing new to tell");
+
+        key.leases[0].settle(reserved, Amount { tokens: 40, usd: 0.0 });
+        let ended = key.reports(T0 + 1000);
+        assert!(ended[0].totals.returned, "a lease past its end is given back");
+        assert_eq!((ended[0].totals.settled, ended[0].totals.actual_settled.tokens), (1, 40));
+        key.confirm(&ended);
+        assert!(key.leases.is_empty(), "given back, settled and confirmed: forgotten");
+        std::mem::forget(reservation);
+    }
 }

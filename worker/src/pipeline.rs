@@ -429,6 +429,8 @@ async fn finish(env: Env, config: Rc<Config>, mut exchange: Exchange, stream: Op
             exchange.limiter_traffic.add(traffic);
         }
         enqueue(&env, &event).await;
+        let traffic = limiter::report_leases(&env, &key.id, config.limiter_timeout_ms).await;
+        exchange.limiter_traffic.add(traffic);
     }
     if exchange.limiter_traffic != limiter::Traffic::default() {
         exchange.log.limiter_calls = Some(exchange.limiter_traffic.calls);
