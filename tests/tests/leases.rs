@@ -33,16 +33,23 @@ fn dev() -> &'static Gateway {
     GATEWAY.get_or_init(|| Gateway::start(options().runtime(Runtime::Dev)))
 }
 
-/// Its own gateway: the test kills it.
-fn dying() -> &'static Gateway {
+/// Their own gateways: the tests kill them. Leases of 5 s (the longest), so the test's requests are long over
+/// while their lease is still open.
+fn dying_options() -> GatewayOptions {
+    GatewayOptions::default()
+        .var("RESERVATION_LEASE_SECONDS", LEASE_SECS)
+        .var("ADMISSION_LEASE_MS", 5000)
+        .key_with("dying", &[("rpm", "100000")])
+}
+
+fn dying_miniflare() -> &'static Gateway {
     static GATEWAY: OnceLock<Gateway> = OnceLock::new();
-    GATEWAY.get_or_init(|| {
-        Gateway::start(
-            GatewayOptions::default()
-                .var("RESERVATION_LEASE_SECONDS", LEASE_SECS)
-                .key_with("dying", &[("rpm", "100000")]),
-        )
-    })
+    GATEWAY.get_or_init(|| Gateway::start(dying_options()))
+}
+
+fn dying_dev() -> &'static Gateway {
+    static GATEWAY: OnceLock<Gateway> = OnceLock::new();
+    GATEWAY.get_or_init(|| Gateway::start(dying_options().runtime(Runtime::Dev)))
 }
 
 fn chat(max_tokens: u64) -> Value {
@@ -222,17 +229,23 @@ async fn a_revocation_stops_a_lease_at_once() {
 
 /// An isolate that dies holding a lease never reports it: its object charges what the lease still held when
 /// the reservation lease ends, and bills it with one ledger row for the lease.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_lease_whose_isolate_died_is_charged_and_billed() {
-    let gw = dying();
+async fn a_lease_whose_isolate_died_is_charged_and_billed(gw: &Gateway) {
     let key = gw.key("dying");
     let statuses = load(gw, &key.secret, 40, 4, &chat(16)).await;
     assert_eq!(count(&statuses, 200), 40);
     let lines = key_logs(gw, &key.id, 1).await;
-    let _ = lines;
-    // The lease still open (its isolate has not reported it), the runtime dies.
+    assert!(admitted_by(&lines, "lease") > 0, "no request was admitted from a lease: the test tests nothing");
+    // The lease still open (its isolate reports it only at its end), the runtime dies.
+    let open_leases = gw
+        .durable_object_files()
+        .iter()
+        .flat_map(|f| {
+            sqlite(f, "SELECT request_id FROM requests WHERE request_id LIKE 'lease_%' AND lease IS NOT NULL")
+        })
+        .count();
+    assert!(open_leases > 0, "no open lease in the key's object before the restart");
     gw.restart();
-    let deadline = Instant::now() + Duration::from_secs(LEASE_SECS + 30);
+    let deadline = Instant::now() + Duration::from_secs(5 + LEASE_SECS + 30);
     let row = loop {
         let rows =
             gw.d1(&format!("SELECT * FROM usage_logs WHERE key_id = '{}' AND request_id LIKE 'lease_%'", key.id));
@@ -244,4 +257,14 @@ async fn a_lease_whose_isolate_died_is_charged_and_billed() {
     };
     assert_eq!((row["usage_source"].as_str(), row["error"].as_str()), (Some("reserved"), Some("unsettled_lease")));
     assert!(row["output_tokens"].as_u64().is_some_and(|t| t > 0), "charged what it held: {row}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lease_whose_isolate_died_is_charged_and_billed_in_the_test_runtime() {
+    a_lease_whose_isolate_died_is_charged_and_billed(dying_miniflare()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lease_whose_isolate_died_is_charged_and_billed_under_npm_run_dev() {
+    a_lease_whose_isolate_died_is_charged_and_billed(dying_dev()).await;
 }
