@@ -209,6 +209,35 @@ struct KeyState {
 thread_local! {
     static KEYS: RefCell<HashMap<String, KeyState>> = RefCell::new(HashMap::new());
     static NEXT_TICKET: RefCell<u64> = const { RefCell::new(0) };
+    static ADMISSIONS: RefCell<u64> = const { RefCell::new(0) };
+}
+
+/// Every this many admissions the isolate forgets the keys it holds nothing for (so an isolate that sees many
+/// keys keeps state only for the busy ones).
+const SWEEP_EVERY: u64 = 1024;
+
+impl KeyState {
+    /// Holds nothing: no lease, nothing waiting or held back, no recent traffic.
+    fn idle(&self, now: u64, lease_ms: u64) -> bool {
+        self.leases.is_empty()
+            && self.settles.is_empty()
+            && self.waiting.is_empty()
+            && self.outcomes.is_empty()
+            && !self.calling
+            && self.flush_at.is_none()
+            && self.recent.back().is_none_or(|&at| at + lease_ms <= now)
+    }
+}
+
+fn sweep_now_and_then(now: u64, lease_ms: u64) {
+    let due = ADMISSIONS.with(|n| {
+        let mut n = n.borrow_mut();
+        *n += 1;
+        n.is_multiple_of(SWEEP_EVERY)
+    });
+    if due {
+        KEYS.with(|keys| keys.borrow_mut().retain(|_, key| !key.idle(now, lease_ms)));
+    }
 }
 
 fn with_key<T>(key_id: &str, f: impl FnOnce(&mut KeyState) -> T) -> T {
@@ -232,6 +261,7 @@ pub async fn admit(
     settings: Settings,
 ) -> (Result<Admission, LimiterError>, Route, Traffic) {
     let now = now_ms();
+    sweep_now_and_then(now, settings.lease_ms);
     if let Some(admission) = with_key(key_id, |key| key.admit_locally(key_id, &ask, now, settings.lease_ms)) {
         return (Ok(admission), Route::Lease, Traffic::default());
     }
@@ -700,6 +730,17 @@ mod tests {
         assert_eq!(key.waiting.len(), 1, "the one-slot lease is spent: d waits for the next call");
         assert_eq!(key.waiting[0].ticket, 4);
         std::mem::forget(reservation);
+    }
+
+    #[test]
+    fn a_key_is_idle_once_it_holds_nothing_and_its_traffic_is_older_than_a_lease() {
+        let mut key = KeyState::default();
+        assert!(key.idle(T0, 1000));
+        key.note_admission(T0, 1000);
+        assert!(!key.idle(T0 + 999, 1000), "recent traffic sizes the next lease");
+        assert!(key.idle(T0 + 1000, 1000));
+        key.leases.push(HeldLease::new(grant("l", 2), T0));
+        assert!(!key.idle(T0 + 5000, 1000), "a lease not yet reported is kept");
     }
 
     #[test]
