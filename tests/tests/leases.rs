@@ -198,9 +198,11 @@ async fn leases_never_let_tokens_past_the_limit() {
         .sum();
     // The warm-up's leases have ended and been reported.
     tokio::time::sleep(Duration::from_millis(2_000)).await;
-    // Each reserves 8 (prompt estimate) + 92 = 100 tokens, and holds it for two seconds.
+    // Each reserves 8 (prompt estimate) + 92 = 100 tokens and uses exactly that, so a request of the burst that
+    // settles before the burst is over frees nothing: the count does not depend on how fast the burst goes.
     let held = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 92,
-        "standin": {"delay_ms": 2000}});
+        "standin": {"delay_ms": 500,
+            "usage_override": {"prompt_tokens": 8, "completion_tokens": 92, "total_tokens": 100}}});
     let burst = load(gw, &key.secret, 800, 800, &held).await;
     let fit = (60_000 - used) / 100;
     assert_eq!(count(&burst, 200) as u64, fit, "{used} tokens used before the burst");
