@@ -1,16 +1,16 @@
 #!/usr/bin/env node
 // Local stand-in for OpenRouter's API (base URL http://<host>:<port>/api/v1).
 //
-// Speaks OpenRouter's chat-completions protocol, streaming and not, including
-// its failure modes, so the gateway can be developed, tested and benchmarked
-// without a paid upstream. Behaviour per request is steered by an optional
-// `standin` object in the request body (real OpenRouter ignores unknown fields):
+// Speaks OpenRouter's chat-completions, Responses, embeddings and legacy completions protocols, streaming and
+// not, including their failure modes, so the gateway can be developed, tested and benchmarked without a paid
+// upstream. Behaviour per request is steered by an optional `standin` object in the request body (real
+// OpenRouter ignores unknown fields):
 //   scenario     ok | error | midstream_error | garbage | disconnect | hang | stall_body
 //                stall_body (non-streamed only; streams answer normally): 200 headers and the first half
 //                of the JSON body, then nothing, so the gateway must time out reading the body
 //   chunks       number of content deltas (default: one per word)
 //   chunk_bytes  approximate size of each content delta
-//   delay_ms     pause before each delta (default 0; 25 without `standin`)
+//   delay_ms     pause before each delta (default 0; 25 without `standin`); non-streamed: once, before the body
 //   status, retry_after   HTTP status (default 429) and Retry-After for `error`
 //   error_body_bytes      `error`: pad the error JSON (a long `error.metadata.raw`) to exactly N bytes
 //   stall_error_body      `error`: true sends the status, headers and first half of the error body, then stalls
@@ -26,17 +26,57 @@
 //                TOOL_FRAGMENT_CHARS code points), finish_reason "tool_calls"; chunks/chunk_bytes/max_tokens
 //                do not apply to it
 //   generation_lag_ms     how long this request's generation stays 404 after it ended (default --generation-lag-ms)
+//   error_event  Responses streams, `midstream_error`: response.failed (default) | error
+//   event_lines  Responses streams: false leaves out the `event: <type>` lines (data-only, as OpenRouter's samples)
+// Non-streamed, `midstream_error` answers 502 and `disconnect` resets the connection before any byte.
 // The top-level `n` (as in OpenAI) asks for N identical choices: N `choices` entries, or each delta once per
 // choice index, interleaved (delays, pauses and after_chunks count those deltas); usage counts every choice.
 //
 // Tokens, as `usage` and the generation count them: prompt = ceil(prompt text code points / 4), at least 1;
 // completion = one per word of reasoning and content, and ceil(tool-call argument code points / 4) per tool call.
+// Prices are PROMPT_PRICE and COMPLETION_PRICE per token. Answers are "Hello from the OpenRouter stand-in. You
+// said: <the last user text>".
 //
-// GET /api/v1/generation?id=<X-Generation-Id>: OpenRouter's generation stats. Every served completion is a
-// generation (not errors answered before any token; the last MAX_GENERATIONS are kept); it ends when the
-// answer is complete, when the stand-in cut it (disconnect, midstream_error) or when the client closed early
-// (cancelled). A stream's generation
-// counts the tokens of the deltas written before it ended; a non-streamed answer is generated whole before its
+// POST /api/v1/chat/completions: `messages`, `model` or `models`, `max_tokens`/`max_completion_tokens`, `n`,
+// `stream`; every option above. A stream ends with one finish chunk per choice, the usage-only chunk
+// (`choices: []`, always, whatever `stream_options` say) and `data: [DONE]`; `midstream_error` sends a chunk
+// with a top-level `error` and finish_reason "error", then ends.
+//
+// POST /api/v1/completions (legacy): `prompt` (string | string[] | token array | token arrays), `max_tokens`,
+// `n`, `stream`; the chat options except reasoning_chunks and tool_call. The prompt is the last user text (a
+// string array joined by spaces); a token array counts its length in prompt tokens. Chunks are
+// {"object":"text_completion","choices":[{"text","index","logprobs":null,"finish_reason"}]}, then the same
+// finish, usage and [DONE] (and `midstream_error` chunk, with choices[0].text "") as chat.
+//
+// POST /api/v1/responses: `input` (a string, or items: messages {role, content: string | [{type:"input_text"|
+// "output_text", text}]} and {type:"function_call_output", output}), `instructions`, `max_output_tokens` (caps
+// the words like max_tokens: status "incomplete", incomplete_details {reason:"max_output_tokens"}), `stream`;
+// `tools`, `tool_choice`, `parallel_tool_calls`, `temperature`, `top_p`, `text` are echoed. The prompt text is
+// the instructions and every input text; `n` does not apply. `store: true` and a `previous_response_id` are
+// refused with 400, as on OpenRouter. Output items: a reasoning item (reasoning_chunks), then a message, or a
+// function_call (tool_call). A stream is `event: <type>` + `data: {"type","sequence_number",…}` events:
+// response.created, response.in_progress, per item output_item.added [content_part.added] deltas
+// (output_text / reasoning_text / function_call_arguments) [*.done content_part.done] output_item.done, then
+// response.completed (or response.incomplete) and `data: [DONE]` (OpenRouter's sentinel; OpenAI sends none).
+// chunks/chunk_bytes/delay_ms/pause_*/after_chunks count the deltas. `midstream_error` sends response.failed
+// (the response with status "failed", error {code:"server_error",…}, error_type "server") or, with
+// error_event "error", OpenAI's flat error event; then the stream ends, without [DONE].
+//
+// POST /api/v1/embeddings: `input` (string | string[] | token array | token arrays; none empty), `dimensions`
+// (default 8), `encoding_format` float | base64 (little-endian float32 bytes); never streamed. Vectors are unit
+// length, drawn from a hash of the input alone (the same text always gets the same vector). Prompt tokens:
+// ceil(code points / 4), at least 1, per string, the length of a token array; no completion tokens. Options:
+// scenario (error, garbage, stall_body, hang, disconnect), status, retry_after, error_body_bytes,
+// stall_error_body, delay_ms, usage_override, generation_lag_ms.
+//
+// Every endpoint sends X-Generation-Id (the body's `id` too), records the request and counts it in the stats
+// (chat_completions, completions, responses, embeddings).
+//
+// GET /api/v1/generation?id=<X-Generation-Id>: OpenRouter's generation stats. Every served completion, response
+// and embedding is a generation (api_type "completions", or "embeddings"; not errors answered before any token;
+// the last MAX_GENERATIONS are kept); it ends when the answer is complete, when the stand-in cut it
+// (disconnect, midstream_error) or when the client closed early (cancelled). A stream's generation counts the
+// tokens of the deltas written before it ended; a non-streamed answer is generated whole before its
 // first byte is written (a cancel before that counts 0). Like the real service it answers 404 until the lag
 // has passed after the end: 404 {"error":{"code":404,"message":"Generation not found"}}, and 503 at
 // --generation-fail-rate (drawn from --seed, so a run replays exactly).
@@ -60,6 +100,8 @@ const MAX_BODY_BYTES = 64 * 1024 * 1024;
 const MAX_RECORDED = 10_000;
 const MAX_GENERATIONS = 10_000;
 const MAX_CHOICES = 128;
+const MAX_DIMENSIONS = 8192;
+const DEFAULT_DIMENSIONS = 8;
 const PROVIDER = 'StandIn';
 // Without a `standin` object, stream slowly enough that `npm run dev` looks real.
 const DEV_DELAY_MS = 25;
@@ -95,6 +137,9 @@ const ERROR_MESSAGES = {
 // generation_lookups: every GET /generation; found (200), not_found (404) and failed (injected 503) split them.
 const stats = {
   chat_completions: 0,
+  completions: 0,
+  responses: 0,
+  embeddings: 0,
   models: 0,
   aborted_streams: 0,
   completion_tokens_streamed: 0,
@@ -422,20 +467,33 @@ function planAnswer(messages, opts, maxTokens) {
   };
 }
 
-// Everything a completion response needs, derived once from the request body.
-function planCompletion(body, id) {
-  const standin = body.standin !== null && typeof body.standin === 'object' ? body.standin : undefined;
+function standinOf(body) {
+  return body.standin !== null && typeof body.standin === 'object' ? body.standin : undefined;
+}
+
+function tokensOfChars(chars) {
+  return Math.max(1, Math.ceil(chars / 4));
+}
+
+function choicesOption(value) {
+  return Math.min(intOption(value, 1, 1), MAX_CHOICES);
+}
+
+// The computed usage, with `usage_override` merged over it for the wire.
+function wireUsage(usage, opts) {
+  return { ...usage, ...plainObject(opts.usage_override) };
+}
+
+// What every endpoint takes from a request: its model, and the pacing and failure its `standin` object asks for.
+function planRequest(body, id, apiType = 'completions') {
+  const standin = standinOf(body);
   const opts = standin ?? {};
-  const messages = body.messages;
-  const answer = planAnswer(messages, opts, body.max_tokens ?? body.max_completion_tokens);
-  const n = Math.min(intOption(body.n, 1, 1), MAX_CHOICES);
-  const promptTokens = Math.max(1, Math.ceil(promptChars(messages) / 4));
-  const completionTokens = n * answer.completionTokens;
-  const reasoningTokens = n * answer.reasoningTokens;
   const model =
     body.model ?? (Array.isArray(body.models) && body.models.length > 0 ? body.models[0] : 'openrouter/auto');
   return {
     id,
+    apiType,
+    opts,
     created: Math.floor(Date.now() / 1000),
     model,
     stream: Boolean(body.stream),
@@ -449,16 +507,30 @@ function planCompletion(body, id) {
     errorBodyBytes: intOption(opts.error_body_bytes, 0),
     stallErrorBody: opts.stall_error_body === true,
     generationLagMs: intOption(opts.generation_lag_ms, config.generationLagMs),
+  };
+}
+
+// Everything a generated answer needs, derived once from the request. `messages` are chat-shaped (the other
+// endpoints translate their input into them); they give the answer and, unless `promptTokens` is given, the
+// prompt tokens. `answerOpts` (default: the standin object) is what planAnswer reads.
+function planCompletion(body, id, { messages, promptTokens, maxTokens, n = 1, answerOpts }) {
+  const request = planRequest(body, id);
+  const answer = planAnswer(messages, answerOpts ?? request.opts, maxTokens);
+  const prompt = promptTokens ?? tokensOfChars(promptChars(messages));
+  const completionTokens = n * answer.completionTokens;
+  const reasoningTokens = n * answer.reasoningTokens;
+  return {
+    ...request,
     n,
     reasoningTexts: answer.reasoningTexts,
     texts: answer.texts,
     toolCall: answer.toolCall,
     finishReason: answer.finishReason,
     // The real counts (generations) and what goes on the wire (usage_override merged over them).
-    promptTokens,
+    promptTokens: prompt,
     completionTokens,
     reasoningTokens,
-    usage: { ...usageFor(promptTokens, completionTokens, reasoningTokens), ...plainObject(opts.usage_override) },
+    usage: wireUsage(usageFor(prompt, completionTokens, reasoningTokens), request.opts),
   };
 }
 
@@ -475,6 +547,7 @@ function makesGeneration(plan) {
 function startGeneration(plan, res) {
   const gen = {
     id: plan.id,
+    apiType: plan.apiType,
     model: plan.model,
     streamed: plan.stream,
     createdAt: Date.now(),
@@ -560,15 +633,23 @@ function generationView(gen) {
     origin: '',
     usage: cost,
     is_byok: false,
+    api_type: gen.apiType,
   };
 }
 
 // ---------------------------------------------------------------------------
-// Responses
+// Answers, shared by every endpoint
 // ---------------------------------------------------------------------------
 
 // Providers relay their raw error text in metadata.raw, sometimes at great length.
 const RAW_FILLER = 'upstream provider error detail; ';
+const SSE_HEADERS = { 'Content-Type': 'text/event-stream', 'Cache-Control': 'no-cache' };
+const PROCESSING_FRAME = ': OPENROUTER PROCESSING\n\n';
+const GARBAGE_FRAME = 'data: {not json at all\n\n';
+const DONE_FRAME = 'data: [DONE]\n\n';
+// What a mid-stream failure says, on every endpoint.
+const MIDSTREAM_ERROR = { code: 'server_error', message: 'Provider disconnected unexpectedly' };
+const MIDSTREAM_ERROR_JSON = JSON.stringify(MIDSTREAM_ERROR);
 
 function padError(body, bytes) {
   body.error.metadata.raw = '';
@@ -586,6 +667,103 @@ function sendError(res, plan, status) {
   return sendJson(res, status, body, headers);
 }
 
+// A non-streamed answer: `build(plan)` is its JSON body.
+async function sendBody(res, plan, gen, build) {
+  if (plan.delayMs > 0) await sleep(plan.delayMs);
+  if (res.destroyed) return;
+  completeGeneration(gen, plan);
+  if (plan.scenario === 'stall_body') return sendStalled(res, 200, build(plan));
+  return sendJson(res, 200, build(plan));
+}
+
+// Writes one frame; waits only when the socket pushes back, so the common
+// zero-delay case stays a synchronous loop.
+async function writeFrame(res, frame) {
+  if (!res.write(frame)) await drainedOrClosed(res);
+  return !res.destroyed;
+}
+
+// Writes a stream's `count` deltas with the plan's pacing, and its mid-stream failure after `afterChunks` of
+// them. `part(i)` is delta i ({tokens, reasoning}: what it adds to the generation), `frame(i, part)` its
+// frames, `failure()` the frame that ends a midstream_error stream. Resolves true when every delta was written
+// and the stream is still open for its ending.
+async function writeDeltas(res, plan, gen, { count, part, frame, failure }) {
+  const failAt = Math.min(plan.afterChunks, count);
+  for (let i = 0; i <= count; i++) {
+    if (i === failAt) {
+      if (plan.scenario === 'midstream_error') {
+        endGeneration(gen, { finishReason: 'error' });
+        res.end(failure());
+        return false;
+      }
+      if (plan.scenario === 'disconnect') {
+        endGeneration(gen);
+        abortSocket(res);
+        return false;
+      }
+      if (plan.scenario === 'garbage' && !(await writeFrame(res, GARBAGE_FRAME))) return false;
+    }
+    if (i === count) break;
+    if (plan.delayMs > 0) await sleep(plan.delayMs);
+    if (i === plan.pauseAfter && plan.pauseMs > 0) await sleep(plan.pauseMs);
+    const delta = part(i);
+    if (res.destroyed || !(await writeFrame(res, frame(i, delta)))) return false;
+    stats.completion_tokens_streamed += delta.tokens;
+    addGenerated(gen, delta.tokens, delta.reasoning);
+  }
+  return true;
+}
+
+// Server-initiated aborts are not the client's doing, so they are not counted.
+// Node corks the socket until the next tick, so destroying right away would
+// drop the chunks already written; the empty write's callback fires once they
+// are handed to the kernel, then the connection is reset without a clean end.
+function abortSocket(res) {
+  res.standinAborted = true;
+  const socket = res.socket;
+  if (socket && !socket.destroyed) socket.write('', () => socket.destroy());
+}
+
+function countAbortedStream(res) {
+  res.on('close', () => {
+    if (!res.writableFinished && !res.standinAborted) stats.aborted_streams++;
+  });
+}
+
+// The scenario decides how a planned answer goes out; `api` is the endpoint's wire form: `body(plan)` (the
+// non-streamed JSON) and `stream(res, plan, gen)`.
+function respond(res, plan, gen, api) {
+  switch (plan.scenario) {
+    case 'hang':
+      return undefined;
+    case 'error':
+      return sendError(res, plan, plan.status);
+    case 'disconnect':
+      if (plan.stream) return api.stream(res, plan, gen);
+      endGeneration(gen);
+      return abortSocket(res);
+    case 'garbage':
+      if (plan.stream) return api.stream(res, plan, gen);
+      completeGeneration(gen, plan);
+      return sendJson(res, 200, '<html>upstream exploded</html>');
+    case 'midstream_error':
+      if (!plan.stream) return sendError(res, plan, 502);
+      return api.stream(res, plan, gen);
+    default:
+      return plan.stream ? api.stream(res, plan, gen) : sendBody(res, plan, gen, api.body);
+  }
+}
+
+function serve(res, plan, api) {
+  if (plan.stream) countAbortedStream(res);
+  const gen = makesGeneration(plan) ? startGeneration(plan, res) : null;
+  return respond(res, plan, gen, api);
+}
+
+// ---------------------------------------------------------------------------
+// Chat completions and legacy completions
+// ---------------------------------------------------------------------------
+
 function toolCallId(plan, index) {
   return `call_${plan.id.slice('gen-'.length)}_${index}`;
 }
@@ -601,38 +779,51 @@ function messageFor(plan, index) {
   return message;
 }
 
-function completionBody(plan) {
+function choicesOf(plan, choice) {
   const choices = [];
-  for (let index = 0; index < plan.n; index++) {
-    choices.push({
-      index,
-      message: messageFor(plan, index),
-      finish_reason: plan.finishReason,
-      native_finish_reason: plan.finishReason,
-    });
-  }
+  for (let index = 0; index < plan.n; index++) choices.push(choice(index));
+  return choices;
+}
+
+function completionBody(plan) {
   return {
     id: plan.id,
     object: 'chat.completion',
     created: plan.created,
     model: plan.model,
     provider: PROVIDER,
-    choices,
+    choices: choicesOf(plan, (index) => ({
+      index,
+      message: messageFor(plan, index),
+      finish_reason: plan.finishReason,
+      native_finish_reason: plan.finishReason,
+    })),
     usage: plan.usage,
   };
 }
 
-async function sendCompletion(res, plan, gen) {
-  if (plan.delayMs > 0) await sleep(plan.delayMs);
-  if (res.destroyed) return;
-  completeGeneration(gen, plan);
-  if (plan.scenario === 'stall_body') return sendStalled(res, 200, completionBody(plan));
-  return sendJson(res, 200, completionBody(plan));
+function textCompletionBody(plan) {
+  const text = plan.texts.join('');
+  return {
+    id: plan.id,
+    object: 'text_completion',
+    created: plan.created,
+    model: plan.model,
+    provider: PROVIDER,
+    choices: choicesOf(plan, (index) => ({
+      text,
+      index,
+      logprobs: null,
+      finish_reason: plan.finishReason,
+      native_finish_reason: plan.finishReason,
+    })),
+    usage: plan.usage,
+  };
 }
 
-// Builds the SSE frames of one stream; the shared JSON prefix is built once.
+// Builds the SSE frames of one chat stream; the shared JSON prefix is built once.
 // Delta builders share one signature: (text, first delta of its choice, choice index).
-function frameBuilder(plan) {
+function chatFrames(plan) {
   const head =
     `{"id":${JSON.stringify(plan.id)},"provider":"${PROVIDER}","model":${JSON.stringify(plan.model)},` +
     `"object":"chat.completion.chunk","created":${plan.created},`;
@@ -658,9 +849,26 @@ function frameBuilder(plan) {
     usage: () => `data: ${head}"choices":[],"usage":${JSON.stringify(plan.usage)}}\n\n`,
     midstreamError: () =>
       `data: {"id":${JSON.stringify(plan.id)},"object":"chat.completion.chunk","created":${plan.created},` +
-      `"model":${JSON.stringify(plan.model)},"provider":"${PROVIDER}",` +
-      `"error":{"code":"server_error","message":"Provider disconnected unexpectedly"},` +
+      `"model":${JSON.stringify(plan.model)},"provider":"${PROVIDER}","error":${MIDSTREAM_ERROR_JSON},` +
       `"choices":[{"index":0,"delta":{"content":""},"finish_reason":"error","native_finish_reason":"error"}]}\n\n`,
+  };
+}
+
+// The same frame set for legacy completions: `choices[].text` instead of a delta (content only).
+function textFrames(plan) {
+  const head =
+    `{"id":${JSON.stringify(plan.id)},"object":"text_completion","created":${plan.created},` +
+    `"model":${JSON.stringify(plan.model)},"provider":"${PROVIDER}",`;
+  const choice = (index, text, finish) =>
+    `{"text":${JSON.stringify(text)},"index":${index},"logprobs":null,"finish_reason":${finish}` +
+    `${finish === 'null' ? '' : `,"native_finish_reason":${finish}`}}`;
+  return {
+    content: (text, _first, index) => `data: ${head}"choices":[${choice(index, text, 'null')}]}\n\n`,
+    finish: (_first, index) =>
+      `data: ${head}"choices":[${choice(index, '', JSON.stringify(plan.finishReason))}]}\n\n`,
+    usage: () => `data: ${head}"choices":[],"usage":${JSON.stringify(plan.usage)}}\n\n`,
+    midstreamError: () =>
+      `data: ${head}"error":${MIDSTREAM_ERROR_JSON},"choices":[${choice(0, '', '"error"')}]}\n\n`,
   };
 }
 
@@ -686,115 +894,424 @@ function streamParts(plan) {
   return parts;
 }
 
-// Writes one frame; waits only when the socket pushes back, so the common
-// zero-delay case stays a synchronous loop.
-async function writeFrame(res, frame) {
-  if (!res.write(frame)) await drainedOrClosed(res);
-  return !res.destroyed;
-}
-
-// Delta i is part i / n of choice i % n: the choices take turns.
-async function sendStream(res, plan, gen) {
-  const frames = frameBuilder(plan);
+// Delta i is part i / n of choice i % n: the choices take turns. `frames` is chatFrames or textFrames.
+async function sendStream(res, plan, gen, frames) {
   const parts = streamParts(plan);
-  const total = parts.length * plan.n;
-  const failAt = Math.min(plan.afterChunks, total);
-  res.writeHead(200, { 'Content-Type': 'text/event-stream', 'Cache-Control': 'no-cache' });
-  res.write(': OPENROUTER PROCESSING\n\n');
-
-  for (let i = 0; i <= total; i++) {
-    if (i === failAt) {
-      if (plan.scenario === 'midstream_error') {
-        endGeneration(gen, { finishReason: 'error' });
-        return res.end(frames.midstreamError());
-      }
-      if (plan.scenario === 'disconnect') {
-        endGeneration(gen);
-        return abortSocket(res);
-      }
-      if (plan.scenario === 'garbage' && !(await writeFrame(res, 'data: {not json at all\n\n'))) return;
-    }
-    if (i === total) break;
-    if (plan.delayMs > 0) await sleep(plan.delayMs);
-    if (i === plan.pauseAfter && plan.pauseMs > 0) await sleep(plan.pauseMs);
-    const part = parts[Math.floor(i / plan.n)];
-    if (res.destroyed || !(await writeFrame(res, frames[part.kind](part.text, i < plan.n, i % plan.n)))) return;
-    stats.completion_tokens_streamed += part.tokens;
-    addGenerated(gen, part.tokens, part.reasoning);
-  }
-  for (let index = 0; index < plan.n; index++) res.write(frames.finish(total === 0, index));
+  const count = parts.length * plan.n;
+  res.writeHead(200, SSE_HEADERS);
+  res.write(PROCESSING_FRAME);
+  const deltas = {
+    count,
+    part: (i) => parts[Math.floor(i / plan.n)],
+    frame: (i, part) => frames[part.kind](part.text, i < plan.n, i % plan.n),
+    failure: frames.midstreamError,
+  };
+  if (!(await writeDeltas(res, plan, gen, deltas))) return;
+  for (let index = 0; index < plan.n; index++) res.write(frames.finish(count === 0, index));
   res.write(frames.usage());
-  res.end('data: [DONE]\n\n');
+  res.end(DONE_FRAME);
   endGeneration(gen, { finishReason: plan.finishReason });
 }
 
-// Server-initiated aborts are not the client's doing, so they are not counted.
-// Node corks the socket until the next tick, so destroying right away would
-// drop the chunks already written; the empty write's callback fires once they
-// are handed to the kernel, then the connection is reset without a clean end.
-function abortSocket(res) {
-  res.standinAborted = true;
-  const socket = res.socket;
-  if (socket && !socket.destroyed) socket.write('', () => socket.destroy());
+// A legacy prompt as a chat user message (strings of an array become text parts: their code points count, the
+// answer quotes them joined by spaces); token arrays count their length. Null when it is not a prompt.
+function completionPrompt(prompt) {
+  const isTokens = (value) => Array.isArray(value) && value.every(Number.isInteger);
+  if (typeof prompt === 'string') return { messages: [{ role: 'user', content: prompt }] };
+  if (!Array.isArray(prompt) || prompt.length === 0) return null;
+  if (prompt.every((p) => typeof p === 'string')) {
+    return { messages: [{ role: 'user', content: prompt.map((text) => ({ type: 'text', text })) }] };
+  }
+  const empty = [{ role: 'user', content: '' }];
+  if (isTokens(prompt)) return { messages: empty, promptTokens: prompt.length };
+  if (prompt.every(isTokens)) {
+    return { messages: empty, promptTokens: Math.max(1, prompt.reduce((sum, tokens) => sum + tokens.length, 0)) };
+  }
+  return null;
 }
 
-function countAbortedStream(res) {
-  res.on('close', () => {
-    if (!res.writableFinished && !res.standinAborted) stats.aborted_streams++;
-  });
+// ---------------------------------------------------------------------------
+// Responses API
+// ---------------------------------------------------------------------------
+
+// An input message's text: a string, or its input_text / output_text parts as chat text parts.
+function responsesContent(content) {
+  if (typeof content === 'string') return content;
+  if (!Array.isArray(content)) return '';
+  return content
+    .filter((part) => (part?.type === 'input_text' || part?.type === 'output_text') && typeof part.text === 'string')
+    .map((part) => ({ type: 'text', text: part.text }));
 }
+
+// The input as chat messages, so the chat code counts the prompt and finds the last user text: instructions
+// become a system message, a function_call_output a tool message; other items carry no prompt text.
+function responsesMessages(body) {
+  const messages = [];
+  if (typeof body.instructions === 'string') messages.push({ role: 'system', content: body.instructions });
+  if (typeof body.input === 'string') {
+    messages.push({ role: 'user', content: body.input });
+    return messages;
+  }
+  for (const item of body.input) {
+    if (item?.type === 'function_call_output') {
+      messages.push({ role: 'tool', content: responsesContent(item.output) });
+    } else if (typeof item?.role === 'string' && (item.type === undefined || item.type === 'message')) {
+      messages.push({ role: item.role, content: responsesContent(item.content) });
+    }
+  }
+  return messages;
+}
+
+function responsesUsage(plan) {
+  return {
+    input_tokens: plan.promptTokens,
+    input_tokens_details: { cached_tokens: 0 },
+    output_tokens: plan.completionTokens,
+    output_tokens_details: { reasoning_tokens: plan.reasoningTokens },
+    total_tokens: plan.promptTokens + plan.completionTokens,
+    cost: costOf(plan.promptTokens, plan.completionTokens),
+    is_byok: false,
+  };
+}
+
+// The output items: reasoning first (reasoning_chunks), then the message or the function call.
+function responseItems(plan) {
+  const suffix = plan.id.slice('gen-'.length);
+  const items = [];
+  if (plan.reasoningTexts.length > 0) items.push({ type: 'reasoning', id: `rs_${suffix}` });
+  items.push(plan.toolCall ? { type: 'function_call', id: `fc_${suffix}` } : { type: 'message', id: `msg_${suffix}` });
+  return items;
+}
+
+// The stream's deltas in order, each with the index of the output item it belongs to.
+function responseParts(plan) {
+  const last = plan.items.length - 1;
+  return streamParts(plan)
+    .filter((part) => part.kind !== 'toolHead')
+    .map((part) => ({ ...part, item: part.kind === 'reasoning' ? 0 : last }));
+}
+
+function planResponse(body, id) {
+  const plan = planCompletion(body, id, { messages: responsesMessages(body), maxTokens: body.max_output_tokens });
+  plan.responseStatus = plan.finishReason === 'length' ? 'incomplete' : 'completed';
+  plan.usage = wireUsage(responsesUsage(plan), plan.opts);
+  plan.items = responseItems(plan);
+  plan.errorEvent = plan.opts.error_event === 'error' ? 'error' : 'response.failed';
+  plan.eventLines = plan.opts.event_lines !== false;
+  plan.echo = {
+    instructions: body.instructions ?? null,
+    max_output_tokens: body.max_output_tokens ?? null,
+    parallel_tool_calls: body.parallel_tool_calls ?? true,
+    tool_choice: body.tool_choice ?? 'auto',
+    tools: Array.isArray(body.tools) ? body.tools : [],
+    temperature: body.temperature ?? null,
+    top_p: body.top_p ?? null,
+    text: plainObject(body.text) ?? { format: { type: 'text' } },
+  };
+  return plan;
+}
+
+// The response object at `status`: in_progress (no output, no usage yet), failed (the mid-stream error), or
+// the end (completed | incomplete), with every output item done and the usage.
+function responseObject(plan, status) {
+  const ended = status === 'completed' || status === 'incomplete';
+  const { instructions, max_output_tokens, parallel_tool_calls, tool_choice, tools, temperature, top_p, text } =
+    plan.echo;
+  return {
+    id: plan.id,
+    object: 'response',
+    created_at: plan.created,
+    completed_at: ended ? Math.floor(Date.now() / 1000) : null,
+    model: plan.model,
+    status,
+    incomplete_details: status === 'incomplete' ? { reason: 'max_output_tokens' } : null,
+    error: status === 'failed' ? MIDSTREAM_ERROR : null,
+    ...(status === 'failed' ? { error_type: 'server' } : {}),
+    instructions,
+    max_output_tokens,
+    output: ended ? plan.items.map((item) => outputItem(plan, item, true)) : [],
+    parallel_tool_calls,
+    tool_choice,
+    tools,
+    temperature,
+    top_p,
+    text,
+    usage: ended ? plan.usage : null,
+  };
+}
+
+function responseBody(plan) {
+  return responseObject(plan, plan.responseStatus);
+}
+
+function itemText(plan, item) {
+  if (item.type === 'reasoning') return plan.reasoningTexts.join('');
+  if (item.type === 'function_call') return plan.toolCall.arguments;
+  return plan.texts.join('');
+}
+
+// The one content part of a message or reasoning item (function calls have none).
+function contentPart(item, text) {
+  if (item.type === 'reasoning') return { type: 'reasoning_text', text };
+  return { type: 'output_text', text, annotations: [] };
+}
+
+// An output item as output_item.added (`done` false: in progress, empty) or output_item.done and the
+// non-streamed `output` show it. A truncated message is "incomplete".
+function outputItem(plan, item, done) {
+  const text = done ? itemText(plan, item) : '';
+  const truncated = item.type === 'message' && plan.responseStatus === 'incomplete';
+  const status = !done ? 'in_progress' : truncated ? 'incomplete' : 'completed';
+  if (item.type === 'function_call') {
+    const { name } = plan.toolCall;
+    return { type: 'function_call', id: item.id, call_id: toolCallId(plan, 0), name, arguments: text, status };
+  }
+  const content = done ? [contentPart(item, text)] : [];
+  if (item.type === 'reasoning') return { type: 'reasoning', id: item.id, status, summary: [], content };
+  return { type: 'message', id: item.id, status, role: 'assistant', content };
+}
+
+const ITEM_EVENTS = {
+  message: { delta: 'response.output_text.delta', done: 'response.output_text.done' },
+  reasoning: { delta: 'response.reasoning_text.delta', done: 'response.reasoning_text.done' },
+  function_call: { delta: 'response.function_call_arguments.delta', done: 'response.function_call_arguments.done' },
+};
+
+// The frames of one Responses stream, numbered in the order they are built (so build them in wire order).
+function responseFrames(plan) {
+  let sequence = 0;
+  const frame = (type, payload) => {
+    const data = JSON.stringify({ type, sequence_number: sequence++, ...payload });
+    return plan.eventLines ? `event: ${type}\ndata: ${data}\n\n` : `data: ${data}\n\n`;
+  };
+  const at = (index) => ({ item_id: plan.items[index].id, output_index: index });
+  const inPart = (index) => ({ ...at(index), content_index: 0 });
+  const logprobs = (item) => (item.type === 'message' ? { logprobs: [] } : {});
+  return {
+    head: () =>
+      frame('response.created', { response: responseObject(plan, 'in_progress') }) +
+      frame('response.in_progress', { response: responseObject(plan, 'in_progress') }),
+    open(index) {
+      const item = plan.items[index];
+      const added = frame('response.output_item.added', { output_index: index, item: outputItem(plan, item, false) });
+      if (item.type === 'function_call') return added;
+      return added + frame('response.content_part.added', { ...inPart(index), part: contentPart(item, '') });
+    },
+    delta(index, delta) {
+      const item = plan.items[index];
+      if (item.type === 'function_call') return frame(ITEM_EVENTS.function_call.delta, { ...at(index), delta });
+      return frame(ITEM_EVENTS[item.type].delta, { ...inPart(index), delta, ...logprobs(item) });
+    },
+    close(index) {
+      const item = plan.items[index];
+      const text = itemText(plan, item);
+      let out;
+      if (item.type === 'function_call') {
+        out = frame(ITEM_EVENTS.function_call.done, { ...at(index), name: plan.toolCall.name, arguments: text });
+      } else {
+        out =
+          frame(ITEM_EVENTS[item.type].done, { ...inPart(index), text, ...logprobs(item) }) +
+          frame('response.content_part.done', { ...inPart(index), part: contentPart(item, text) });
+      }
+      return out + frame('response.output_item.done', { output_index: index, item: outputItem(plan, item, true) });
+    },
+    end: () => frame(`response.${plan.responseStatus}`, { response: responseObject(plan, plan.responseStatus) }),
+    failure: () =>
+      plan.errorEvent === 'error'
+        ? frame('error', { ...MIDSTREAM_ERROR, param: null })
+        : frame('response.failed', { response: responseObject(plan, 'failed') }),
+  };
+}
+
+// Items open as their first delta comes (closing the one before); the rest open and close at the end.
+async function sendResponseStream(res, plan, gen) {
+  const frames = responseFrames(plan);
+  const parts = responseParts(plan);
+  let current = -1;
+  const advance = (index) => {
+    let out = '';
+    for (; current < index; current++) out += (current >= 0 ? frames.close(current) : '') + frames.open(current + 1);
+    return out;
+  };
+  res.writeHead(200, SSE_HEADERS);
+  res.write(PROCESSING_FRAME);
+  res.write(frames.head());
+  const deltas = {
+    count: parts.length,
+    part: (i) => parts[i],
+    frame: (_i, part) => advance(part.item) + frames.delta(part.item, part.text),
+    failure: frames.failure,
+  };
+  if (!(await writeDeltas(res, plan, gen, deltas))) return;
+  res.write(advance(plan.items.length - 1) + frames.close(current));
+  res.write(frames.end());
+  res.end(DONE_FRAME);
+  endGeneration(gen, { finishReason: plan.finishReason });
+}
+
+// ---------------------------------------------------------------------------
+// Embeddings
+// ---------------------------------------------------------------------------
+
+// The inputs, each a non-empty string or token array; null when `input` is missing, empty or malformed.
+function embeddingInputs(input) {
+  const isText = (value) => typeof value === 'string' && value.length > 0;
+  const isTokens = (value) => Array.isArray(value) && value.length > 0 && value.every(Number.isInteger);
+  if (isText(input) || isTokens(input)) return [input];
+  if (Array.isArray(input) && input.length > 0 && input.every((v) => isText(v) || isTokens(v))) return input;
+  return null;
+}
+
+function fnv1a(text) {
+  let hash = 0x811c9dc5;
+  for (let i = 0; i < text.length; i++) hash = Math.imul(hash ^ text.charCodeAt(i), 0x01000193);
+  return hash >>> 0;
+}
+
+// A unit vector drawn from the input alone, in float32 values so the base64 form decodes to the same numbers.
+function embeddingVector(input, dimensions) {
+  const random = mulberry32(fnv1a(typeof input === 'string' ? `text:${input}` : `tokens:${input.join(',')}`));
+  const raw = Array.from({ length: dimensions }, () => random() * 2 - 1);
+  const norm = Math.sqrt(raw.reduce((sum, x) => sum + x * x, 0)) || 1;
+  return raw.map((x) => Math.fround(x / norm));
+}
+
+function float32Base64(vector) {
+  const bytes = Buffer.alloc(vector.length * 4);
+  vector.forEach((x, i) => bytes.writeFloatLE(x, i * 4));
+  return bytes.toString('base64');
+}
+
+function planEmbeddings(body, id, inputs) {
+  const request = planRequest(body, id, 'embeddings');
+  const promptTokens = inputs.reduce(
+    (sum, input) => sum + (typeof input === 'string' ? tokensOfChars(charCount(input)) : input.length),
+    0,
+  );
+  const usage = {
+    prompt_tokens: promptTokens,
+    total_tokens: promptTokens,
+    cost: costOf(promptTokens, 0),
+    is_byok: false,
+  };
+  return {
+    ...request,
+    stream: false,
+    n: 1,
+    inputs,
+    dimensions: body.dimensions ?? DEFAULT_DIMENSIONS,
+    base64: body.encoding_format === 'base64',
+    finishReason: null,
+    promptTokens,
+    completionTokens: 0,
+    reasoningTokens: 0,
+    usage: wireUsage(usage, request.opts),
+  };
+}
+
+function embeddingsBody(plan) {
+  const data = plan.inputs.map((input, index) => {
+    const vector = embeddingVector(input, plan.dimensions);
+    return { object: 'embedding', index, embedding: plan.base64 ? float32Base64(vector) : vector };
+  });
+  return { object: 'list', data, model: plan.model, id: plan.id, provider: PROVIDER, usage: plan.usage };
+}
+
+// Each endpoint's wire form, for respond().
+const CHAT = { body: completionBody, stream: (res, plan, gen) => sendStream(res, plan, gen, chatFrames(plan)) };
+const TEXT_COMPLETIONS = {
+  body: textCompletionBody,
+  stream: (res, plan, gen) => sendStream(res, plan, gen, textFrames(plan)),
+};
+const RESPONSES = { body: responseBody, stream: sendResponseStream };
+const EMBEDDINGS = { body: embeddingsBody, stream: null };
 
 // ---------------------------------------------------------------------------
 // Routes
 // ---------------------------------------------------------------------------
 
-async function handleChatCompletions(req, res, path) {
-  stats.chat_completions++;
+function reject(res, status, message) {
+  sendJson(res, status, errorBody(status, message));
+  return undefined;
+}
+
+// Reads, records and checks a POST's body. Answers the error itself (and resolves undefined) unless the request
+// is authorized and its body a JSON object; every answer but 413 carries the request's X-Generation-Id.
+async function readRequest(req, res, path) {
   const raw = await readBody(req);
   if (raw === null) {
     record(req, path, '', null);
-    return sendJson(res, 413, errorBody(413));
+    return reject(res, 413, ERROR_MESSAGES[413]);
   }
   const body = parseJson(raw);
   record(req, path, raw, body ?? null);
   const id = newGenerationId();
   res.setHeader('X-Generation-Id', id);
-
-  if (!authorized(req)) return sendJson(res, 401, errorBody(401, 'No auth credentials found'));
-  if (body === undefined) return sendJson(res, 400, errorBody(400, 'Invalid JSON'));
-  if (body === null || typeof body !== 'object' || Array.isArray(body)) {
-    return sendJson(res, 400, errorBody(400, 'Invalid request body'));
-  }
-  if (!Array.isArray(body.messages)) {
-    return sendJson(res, 400, errorBody(400, 'Input required: specify "prompt" or "messages"'));
-  }
-
-  const plan = planCompletion(body, id);
-  if (plan.stream) countAbortedStream(res);
-  const gen = makesGeneration(plan) ? startGeneration(plan, res) : null;
-  return respond(res, plan, gen);
+  if (!authorized(req)) return reject(res, 401, 'No auth credentials found');
+  if (body === undefined) return reject(res, 400, 'Invalid JSON');
+  if (body === null || typeof body !== 'object' || Array.isArray(body)) return reject(res, 400, 'Invalid request body');
+  return { body, id };
 }
 
-function respond(res, plan, gen) {
-  switch (plan.scenario) {
-    case 'hang':
-      return undefined;
-    case 'error':
-      return sendError(res, plan, plan.status);
-    case 'disconnect':
-      if (plan.stream) return sendStream(res, plan, gen);
-      endGeneration(gen);
-      return abortSocket(res);
-    case 'garbage':
-      if (plan.stream) return sendStream(res, plan, gen);
-      completeGeneration(gen, plan);
-      return sendJson(res, 200, '<html>upstream exploded</html>');
-    case 'midstream_error':
-      if (!plan.stream) return sendError(res, plan, 502);
-      return sendStream(res, plan, gen);
-    default:
-      return plan.stream ? sendStream(res, plan, gen) : sendCompletion(res, plan, gen);
+async function handleChatCompletions(req, res, path) {
+  stats.chat_completions++;
+  const request = await readRequest(req, res, path);
+  if (!request) return undefined;
+  const { body, id } = request;
+  if (!Array.isArray(body.messages)) return reject(res, 400, 'Input required: specify "prompt" or "messages"');
+  const maxTokens = body.max_tokens ?? body.max_completion_tokens;
+  return serve(res, planCompletion(body, id, { messages: body.messages, maxTokens, n: choicesOption(body.n) }), CHAT);
+}
+
+async function handleCompletions(req, res, path) {
+  stats.completions++;
+  const request = await readRequest(req, res, path);
+  if (!request) return undefined;
+  const { body, id } = request;
+  const prompt = completionPrompt(body.prompt);
+  if (!prompt) return reject(res, 400, 'Input required: specify "prompt" or "messages"');
+  // Text only: no reasoning, no tool calls.
+  const answerOpts = { ...standinOf(body), reasoning_chunks: undefined, tool_call: undefined };
+  const plan = planCompletion(body, id, {
+    ...prompt,
+    maxTokens: body.max_tokens,
+    n: choicesOption(body.n),
+    answerOpts,
+  });
+  return serve(res, plan, TEXT_COMPLETIONS);
+}
+
+async function handleResponses(req, res, path) {
+  stats.responses++;
+  const request = await readRequest(req, res, path);
+  if (!request) return undefined;
+  const { body, id } = request;
+  if (typeof body.input !== 'string' && !Array.isArray(body.input)) {
+    return reject(res, 400, 'Input required: specify "input"');
   }
+  if (body.store === true) return reject(res, 400, 'store: true is not supported: the Responses API is stateless');
+  if (body.previous_response_id !== undefined && body.previous_response_id !== null) {
+    return reject(res, 400, 'previous_response_id is not supported: send the full conversation in input');
+  }
+  return serve(res, planResponse(body, id), RESPONSES);
+}
+
+async function handleEmbeddings(req, res, path) {
+  stats.embeddings++;
+  const request = await readRequest(req, res, path);
+  if (!request) return undefined;
+  const { body, id } = request;
+  const inputs = embeddingInputs(body.input);
+  if (!inputs) return reject(res, 400, 'Input required: "input" must be a non-empty string, array or token array');
+  const { dimensions, encoding_format: format } = body;
+  const unsized = dimensions === undefined || dimensions === null;
+  if (!unsized && !(Number.isInteger(dimensions) && dimensions >= 1 && dimensions <= MAX_DIMENSIONS)) {
+    return reject(res, 400, `dimensions must be an integer from 1 to ${MAX_DIMENSIONS}`);
+  }
+  if (format !== undefined && format !== null && format !== 'float' && format !== 'base64') {
+    return reject(res, 400, 'encoding_format must be "float" or "base64"');
+  }
+  return serve(res, planEmbeddings(body, id, inputs), EMBEDDINGS);
 }
 
 // Auth, then the query, then the injected outage, then the store: a 503 says
@@ -899,11 +1416,19 @@ async function handleControl(req, res, path) {
   return sendJson(res, 404, errorBody(404, 'Not Found'));
 }
 
+const POST_ROUTES = new Map([
+  [`${BASE}/chat/completions`, handleChatCompletions],
+  [`${BASE}/completions`, handleCompletions],
+  [`${BASE}/responses`, handleResponses],
+  [`${BASE}/embeddings`, handleEmbeddings],
+]);
+
 async function route(req, res) {
   const path = req.url.split('?', 1)[0];
   if (path.startsWith('/__standin/')) return handleControl(req, res, path);
-  if (path === `${BASE}/chat/completions`) {
-    if (req.method === 'POST') return handleChatCompletions(req, res, path);
+  const post = POST_ROUTES.get(path);
+  if (post) {
+    if (req.method === 'POST') return post(req, res, path);
   } else if (path === `${BASE}/models`) {
     if (req.method === 'GET') return handleModels(req, res, path);
   } else if (path === `${BASE}/generation`) {

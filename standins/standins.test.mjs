@@ -448,7 +448,9 @@ describe('openrouter stand-in', () => {
       'origin',
       'usage',
       'is_byok',
+      'api_type',
     ]);
+    assert.equal(data.api_type, 'completions');
     assert.equal(data.id, res.headers.get('x-generation-id'));
     assert.equal(typeof data.upstream_id, 'string');
     assert.equal(data.model, 'openai/gpt-4o-mini');
@@ -728,6 +730,690 @@ describe('openrouter stand-in', () => {
       [2, 'stop'],
     ]);
     assert.equal(chunks.at(-1).usage.completion_tokens, 3 * answerWords);
+  });
+
+  // --- Responses, embeddings and legacy completions --------------------------------------------------------
+
+  const post = (endpoint, body, headers = AUTH) =>
+    fetch(`${server.url}/${endpoint}`, {
+      method: 'POST',
+      headers,
+      body: typeof body === 'string' ? body : JSON.stringify(body),
+    });
+  const postJson = async (endpoint, body) => (await post(endpoint, body)).json();
+  const postFrames = async (endpoint, body) => sseEvents(await (await post(endpoint, body)).text());
+  const cost = (prompt, completion) => prompt * 0.000001 + completion * 0.000002;
+  const finished = (text, index, reason) => ({
+    text,
+    index,
+    logprobs: null,
+    finish_reason: reason,
+    native_finish_reason: reason,
+  });
+
+  // A Responses stream's frames after the comment: {event (the `event:` line, if any), data (parsed, or the raw
+  // text when it is not JSON)}.
+  async function typedEvents(res) {
+    const frames = sseEvents(await res.text());
+    assert.equal(frames[0], ': OPENROUTER PROCESSING');
+    return frames.slice(1).map((frame) => {
+      const lines = frame.split('\n');
+      const event = lines.find((l) => l.startsWith('event: '))?.slice('event: '.length);
+      const raw = dataOf(lines.find((l) => l.startsWith('data: ')));
+      return { event, data: parseOr(raw) };
+    });
+  }
+  const parseOr = (text) => {
+    try {
+      return JSON.parse(text);
+    } catch {
+      return text;
+    }
+  };
+  const typesOf = (events) => events.map((e) => (typeof e.data === 'string' ? e.data : e.data.type));
+  const responseEventTypes = (deltas, end = 'response.completed') => [
+    'response.created',
+    'response.in_progress',
+    'response.output_item.added',
+    'response.content_part.added',
+    ...new Array(deltas).fill('response.output_text.delta'),
+    'response.output_text.done',
+    'response.content_part.done',
+    'response.output_item.done',
+    end,
+    '[DONE]',
+  ];
+
+  // Reads a body the stand-in resets: what arrived, and that it ended in an error rather than cleanly.
+  async function readUntilReset(res) {
+    const reader = res.body.getReader();
+    const received = [];
+    let failure;
+    try {
+      for (let r = await reader.read(); !r.done; r = await reader.read()) received.push(Buffer.from(r.value));
+    } catch (err) {
+      failure = err;
+    }
+    assert.ok(failure, 'the client should see the connection drop, not a clean end');
+    return Buffer.concat(received).toString();
+  }
+
+  const responsesInput = [
+    { type: 'function_call_output', call_id: 'call_1', output: 'sunny' },
+    { type: 'message', role: 'user', content: [{ type: 'input_text', text: 'ping pong' }] },
+  ];
+  // 'Be brief.' + 'sunny' + 'ping pong' code points.
+  const responsesPromptTokens = Math.ceil((9 + 5 + 9) / 4);
+
+  it('answers /responses non-streamed in OpenAI\'s shape, with usage, cost and a generation', async () => {
+    const tools = [{ type: 'function', name: 'get_weather', parameters: { type: 'object' } }];
+    const res = await post('responses', {
+      model: 'openai/gpt-4o-mini',
+      instructions: 'Be brief.',
+      input: responsesInput,
+      tools,
+      standin: { generation_lag_ms: 0 },
+    });
+    assert.equal(res.status, 200);
+    assert.match(res.headers.get('content-type'), /application\/json/);
+    const body = await res.json();
+    assert.equal(body.id, res.headers.get('x-generation-id'));
+    assert.match(body.id, /^gen-/);
+    assert.equal(body.object, 'response');
+    assert.ok(Number.isInteger(body.created_at) && Number.isInteger(body.completed_at));
+    assert.equal(body.model, 'openai/gpt-4o-mini');
+    assert.equal(body.status, 'completed');
+    assert.equal(body.incomplete_details, null);
+    assert.equal(body.error, null);
+    assert.equal(body.instructions, 'Be brief.');
+    assert.equal(body.max_output_tokens, null);
+    assert.equal(body.parallel_tool_calls, true);
+    assert.deepEqual(body.tools, tools);
+    assert.equal(body.temperature, null);
+    assert.equal(body.top_p, null);
+    assert.deepEqual(body.text, { format: { type: 'text' } });
+    assert.equal(body.output.length, 1);
+    const [message] = body.output;
+    assert.match(message.id, /^msg_/);
+    assert.deepEqual(message, {
+      type: 'message',
+      id: message.id,
+      status: 'completed',
+      role: 'assistant',
+      content: [{ type: 'output_text', text: answer, annotations: [] }],
+    });
+    assert.deepEqual(body.usage, {
+      input_tokens: responsesPromptTokens,
+      input_tokens_details: { cached_tokens: 0 },
+      output_tokens: answerWords,
+      output_tokens_details: { reasoning_tokens: 0 },
+      total_tokens: responsesPromptTokens + answerWords,
+      cost: cost(responsesPromptTokens, answerWords),
+      is_byok: false,
+    });
+    const data = await pollGeneration(body.id);
+    assert.equal(data.api_type, 'completions');
+    assert.equal(data.streamed, false);
+    assert.equal(data.finish_reason, 'stop');
+    assert.equal(data.tokens_prompt, responsesPromptTokens);
+    assert.equal(data.tokens_completion, answerWords);
+    assert.equal(data.total_cost, body.usage.cost);
+
+    // A string input is the user's text; usage_override merges over the wire usage only.
+    const plain = await post('responses', {
+      model: 'm',
+      input: 'ping pong',
+      standin: { usage_override: { input_tokens: 1e30, cost: -1 }, generation_lag_ms: 0 },
+    });
+    const plainBody = await plain.json();
+    assert.equal(plainBody.output[0].content[0].text, answer);
+    assert.equal(plainBody.instructions, null);
+    assert.equal(plainBody.usage.input_tokens, 1e30);
+    assert.equal(plainBody.usage.cost, -1);
+    assert.equal(plainBody.usage.output_tokens, answerWords);
+    assert.equal((await pollGeneration(plainBody.id)).tokens_prompt, Math.ceil(9 / 4));
+  });
+
+  it('streams /responses as numbered typed events, then [DONE]', async () => {
+    const res = await post('responses', {
+      model: 'openai/gpt-4o-mini',
+      instructions: 'Be brief.',
+      input: responsesInput,
+      stream: true,
+      standin: { generation_lag_ms: 0 },
+    });
+    assert.equal(res.status, 200);
+    assert.equal(res.headers.get('content-type'), 'text/event-stream');
+    const id = res.headers.get('x-generation-id');
+    const events = await typedEvents(res);
+    assert.deepEqual(typesOf(events), responseEventTypes(answerWords));
+    assert.equal(events.at(-1).event, undefined, 'the [DONE] sentinel is data only');
+    const typed = events.slice(0, -1).map((e) => e.data);
+    typed.forEach((data, i) => {
+      assert.equal(data.sequence_number, i);
+      assert.equal(events[i].event, data.type, 'the event line names the type');
+    });
+
+    const [created, inProgress, added, partAdded] = typed;
+    for (const { response } of [created, inProgress]) {
+      assert.equal(response.id, id);
+      assert.equal(response.object, 'response');
+      assert.equal(response.status, 'in_progress');
+      assert.deepEqual(response.output, []);
+      assert.equal(response.usage, null);
+      assert.equal(response.completed_at, null);
+    }
+    const itemId = added.item.id;
+    assert.deepEqual(added, {
+      type: 'response.output_item.added',
+      sequence_number: 2,
+      output_index: 0,
+      item: { type: 'message', id: itemId, status: 'in_progress', role: 'assistant', content: [] },
+    });
+    assert.deepEqual(partAdded, {
+      type: 'response.content_part.added',
+      sequence_number: 3,
+      item_id: itemId,
+      output_index: 0,
+      content_index: 0,
+      part: { type: 'output_text', text: '', annotations: [] },
+    });
+    const deltas = typed.filter((d) => d.type === 'response.output_text.delta');
+    for (const delta of deltas) {
+      assert.deepEqual(Object.keys(delta), [
+        'type',
+        'sequence_number',
+        'item_id',
+        'output_index',
+        'content_index',
+        'delta',
+        'logprobs',
+      ]);
+      assert.equal(delta.item_id, itemId);
+      assert.deepEqual(delta.logprobs, []);
+    }
+    assert.equal(deltas.map((d) => d.delta).join(''), answer);
+    const [textDone, partDone, itemDone, completed] = typed.slice(-4);
+    assert.equal(textDone.text, answer);
+    assert.deepEqual(textDone.logprobs, []);
+    assert.deepEqual(partDone.part, { type: 'output_text', text: answer, annotations: [] });
+    assert.equal(itemDone.item.status, 'completed');
+    assert.deepEqual(itemDone.item.content, [{ type: 'output_text', text: answer, annotations: [] }]);
+    assert.equal(completed.response.status, 'completed');
+    assert.deepEqual(completed.response.output, [itemDone.item]);
+    assert.equal(completed.response.usage.input_tokens, responsesPromptTokens);
+    assert.equal(completed.response.usage.output_tokens, answerWords);
+    assert.equal(completed.response.usage.cost, cost(responsesPromptTokens, answerWords));
+    const data = await pollGeneration(id);
+    assert.equal(data.streamed, true);
+    assert.equal(data.tokens_completion, answerWords);
+    assert.equal(data.total_cost, completed.response.usage.cost);
+
+    // chunks shape the deltas; event_lines: false sends data-only events.
+    const input = 'ping pong';
+    const standin = { chunks: 3, event_lines: false };
+    const shaped = await typedEvents(await post('responses', { model: 'm', input, stream: true, standin }));
+    assert.deepEqual(typesOf(shaped), responseEventTypes(3));
+    assert.ok(shaped.every((e) => e.event === undefined));
+  });
+
+  it('stops /responses at max_output_tokens with status "incomplete"', async () => {
+    const capped = { model: 'm', input: 'ping pong', max_output_tokens: 3 };
+    const body = await postJson('responses', { ...capped, standin: { generation_lag_ms: 0 } });
+    assert.equal(body.status, 'incomplete');
+    assert.deepEqual(body.incomplete_details, { reason: 'max_output_tokens' });
+    assert.equal(body.max_output_tokens, 3);
+    assert.equal(body.output[0].status, 'incomplete');
+    assert.equal(body.output[0].content[0].text, 'Hello from the');
+    assert.equal(body.usage.output_tokens, 3);
+    const data = await pollGeneration(body.id);
+    assert.equal(data.finish_reason, 'length');
+    assert.equal(data.tokens_completion, 3);
+
+    const events = await typedEvents(await post('responses', { ...capped, stream: true, standin: {} }));
+    assert.deepEqual(typesOf(events), responseEventTypes(3, 'response.incomplete'));
+    const { response } = events.at(-2).data;
+    assert.equal(response.status, 'incomplete');
+    assert.deepEqual(response.incomplete_details, { reason: 'max_output_tokens' });
+    assert.equal(response.output[0].content[0].text, 'Hello from the');
+    assert.equal(response.usage.output_tokens, 3);
+  });
+
+  it('streams a /responses reasoning item and function call', async () => {
+    const args = '{"location":"Paris, France","unit":"celsius"}';
+    const tokens = Math.ceil(args.length / 4);
+    const standin = { reasoning_chunks: 2, tool_call: { name: 'get_weather', arguments: args }, generation_lag_ms: 0 };
+    const request = { model: 'm', input: 'ping pong', standin };
+    const events = await typedEvents(await post('responses', { ...request, stream: true }));
+    const typed = events.slice(0, -1).map((e) => e.data);
+    typed.forEach((data, i) => assert.equal(data.sequence_number, i));
+    const fragments = typed.filter((d) => d.type === 'response.function_call_arguments.delta');
+    assert.deepEqual(typesOf(events), [
+      'response.created',
+      'response.in_progress',
+      'response.output_item.added',
+      'response.content_part.added',
+      'response.reasoning_text.delta',
+      'response.reasoning_text.delta',
+      'response.reasoning_text.done',
+      'response.content_part.done',
+      'response.output_item.done',
+      'response.output_item.added',
+      ...fragments.map(() => 'response.function_call_arguments.delta'),
+      'response.function_call_arguments.done',
+      'response.output_item.done',
+      'response.completed',
+      '[DONE]',
+    ]);
+    const reasoningDeltas = typed.filter((d) => d.type === 'response.reasoning_text.delta');
+    assert.equal(reasoningDeltas.map((d) => d.delta).join(''), reasoning);
+    const call = typed.find((d) => d.type === 'response.output_item.added' && d.output_index === 1).item;
+    assert.match(call.id, /^fc_/);
+    assert.match(call.call_id, /^call_/);
+    assert.deepEqual(call, {
+      type: 'function_call',
+      id: call.id,
+      call_id: call.call_id,
+      name: 'get_weather',
+      arguments: '',
+      status: 'in_progress',
+    });
+    for (const fragment of fragments) {
+      assert.equal(fragment.item_id, call.id);
+      assert.equal(fragment.output_index, 1);
+    }
+    assert.equal(fragments.map((d) => d.delta).join(''), args);
+    const argsDone = typed.find((d) => d.type === 'response.function_call_arguments.done');
+    assert.deepEqual([argsDone.name, argsDone.arguments], ['get_weather', args]);
+    const { response } = typed.at(-1);
+    assert.deepEqual(
+      response.output.map((item) => [item.type, item.status]),
+      [
+        ['reasoning', 'completed'],
+        ['function_call', 'completed'],
+      ],
+    );
+    assert.deepEqual(response.output[0].content, [{ type: 'reasoning_text', text: reasoning }]);
+    assert.equal(response.output[1].arguments, args);
+    assert.equal(response.usage.output_tokens, reasoningWords + tokens);
+    assert.equal(response.usage.output_tokens_details.reasoning_tokens, reasoningWords);
+    const data = await pollGeneration(response.id);
+    assert.equal(data.tokens_completion, reasoningWords + tokens);
+    assert.equal(data.native_tokens_reasoning, reasoningWords);
+
+    // Non-streamed: the same items (their ids are the response's own).
+    const body = await postJson('responses', request);
+    assert.equal(body.status, 'completed');
+    const withoutIds = (items) => items.map(({ id, call_id, ...item }) => item);
+    assert.deepEqual(withoutIds(body.output), withoutIds(response.output));
+    assert.match(body.output[0].id, /^rs_/);
+    assert.match(body.output[1].id, /^fc_/);
+  });
+
+  it('fails /responses the way OpenRouter does', async () => {
+    const input = 'ping pong';
+    const missing = await post('responses', { model: 'm', standin: {} });
+    assert.equal(missing.status, 400);
+    assert.deepEqual(await missing.json(), { error: { code: 400, message: 'Input required: specify "input"' } });
+    for (const refused of [{ store: true }, { previous_response_id: 'resp_1' }]) {
+      const res = await post('responses', { model: 'm', input, ...refused });
+      assert.equal(res.status, 400);
+      assert.equal((await res.json()).error.code, 400);
+    }
+
+    // `error`: the status and OpenRouter's error body before any event, and no generation.
+    const standin = { scenario: 'error', status: 503, retry_after: 3 };
+    const failed = await post('responses', { model: 'm', input, stream: true, standin });
+    assert.equal(failed.status, 503);
+    assert.equal(failed.headers.get('retry-after'), '3');
+    assert.deepEqual((await failed.json()).error, {
+      code: 503,
+      message: 'No available model provider that meets your routing requirements',
+      metadata: { provider_name: 'StandIn' },
+    });
+    await sleep(20);
+    assert.equal((await generationList()).some((g) => g.id === failed.headers.get('x-generation-id')), false);
+
+    // midstream_error: response.failed after after_chunks deltas, then the end (no [DONE]).
+    const cut = await post('responses', {
+      model: 'm',
+      input,
+      stream: true,
+      standin: { scenario: 'midstream_error', after_chunks: 3, generation_lag_ms: 0 },
+    });
+    const cutEvents = await typedEvents(cut);
+    assert.deepEqual(typesOf(cutEvents), [...responseEventTypes(3).slice(0, 7), 'response.failed']);
+    const failure = cutEvents.at(-1).data;
+    assert.equal(cutEvents.at(-1).event, 'response.failed');
+    assert.equal(failure.sequence_number, 7);
+    assert.equal(failure.response.status, 'failed');
+    assert.deepEqual(failure.response.error, { code: 'server_error', message: 'Provider disconnected unexpectedly' });
+    assert.equal(failure.response.error_type, 'server');
+    assert.equal(failure.response.usage, null);
+    const cutData = await pollGeneration(cut.headers.get('x-generation-id'));
+    assert.equal(cutData.finish_reason, 'error');
+    assert.equal(cutData.tokens_completion, 3);
+
+    // error_event "error": OpenAI's flat error event instead.
+    const flatStandin = { scenario: 'midstream_error', error_event: 'error' };
+    const flat = await typedEvents(await post('responses', { model: 'm', input, stream: true, standin: flatStandin }));
+    assert.equal(flat.at(-1).event, 'error');
+    assert.deepEqual(flat.at(-1).data, {
+      type: 'error',
+      sequence_number: 6,
+      code: 'server_error',
+      message: 'Provider disconnected unexpectedly',
+      param: null,
+    });
+
+    // garbage: a frame that is not JSON after after_chunks deltas, then the stream goes on.
+    const garbageStandin = { scenario: 'garbage' };
+    const garbage = await typedEvents(
+      await post('responses', { model: 'm', input, stream: true, standin: garbageStandin }),
+    );
+    assert.equal(garbage[6].data, '{not json at all');
+    assert.equal(garbage[6].event, undefined);
+    assert.deepEqual(typesOf(garbage.filter((_, i) => i !== 6)), responseEventTypes(answerWords));
+
+    // disconnect: the connection resets after after_chunks deltas.
+    const dropped = await post('responses', {
+      model: 'm',
+      input,
+      stream: true,
+      standin: { scenario: 'disconnect', after_chunks: 1, generation_lag_ms: 0 },
+    });
+    const text = await readUntilReset(dropped);
+    assert.match(text, /"delta":"Hello "/);
+    assert.doesNotMatch(text, /response\.completed|\[DONE\]/);
+    const droppedData = await pollGeneration(dropped.headers.get('x-generation-id'));
+    assert.equal(droppedData.tokens_completion, 1);
+    assert.equal(droppedData.cancelled, false);
+
+    // Non-streamed: midstream_error is a 502, disconnect a reset, stall_body half a body, garbage not JSON.
+    const plain = await post('responses', { model: 'm', input, standin: { scenario: 'midstream_error' } });
+    assert.equal(plain.status, 502);
+    assert.equal((await plain.json()).error.code, 502);
+    await assert.rejects(post('responses', { model: 'm', input, standin: { scenario: 'disconnect' } }));
+    const stalled = await post('responses', { model: 'm', input, standin: { scenario: 'stall_body' } });
+    assert.equal(stalled.status, 200);
+    const received = await readUntilStalled(stalled);
+    assert.ok(received.startsWith('{"id":"gen-') && received.length < Number(stalled.headers.get('content-length')));
+    const junk = await post('responses', { model: 'm', input, standin: { scenario: 'garbage' } });
+    assert.equal(junk.status, 200);
+    await assert.rejects(junk.json(), SyntaxError);
+
+    // hang: no answer at all; the generation runs until the client gives up.
+    const model = `hang-responses/${Math.random()}`;
+    const aborter = new AbortController();
+    const pending = fetch(`${server.url}/responses`, {
+      method: 'POST',
+      headers: AUTH,
+      body: JSON.stringify({ model, input, stream: true, standin: { scenario: 'hang', generation_lag_ms: 0 } }),
+      signal: aborter.signal,
+    }).catch((err) => err);
+    assert.equal((await generationOfModel(model)).ended, false);
+    aborter.abort();
+    assert.ok((await pending) instanceof Error);
+  });
+
+  it('serves /embeddings as floats or base64, deterministic, with usage, cost and a generation', async () => {
+    const res = await post('embeddings', {
+      model: 'openai/text-embedding-3-small',
+      input: ['ping pong', 'hi'],
+      standin: { generation_lag_ms: 0 },
+    });
+    assert.equal(res.status, 200);
+    const body = await res.json();
+    assert.deepEqual(Object.keys(body), ['object', 'data', 'model', 'id', 'provider', 'usage']);
+    assert.equal(body.object, 'list');
+    assert.equal(body.model, 'openai/text-embedding-3-small');
+    assert.equal(body.id, res.headers.get('x-generation-id'));
+    assert.deepEqual(
+      body.data.map((d) => [d.object, d.index, d.embedding.length]),
+      [
+        ['embedding', 0, 8],
+        ['embedding', 1, 8],
+      ],
+    );
+    for (const { embedding } of body.data) {
+      assert.ok(embedding.every(Number.isFinite));
+      assert.ok(Math.abs(Math.hypot(...embedding) - 1) < 1e-6, 'unit length');
+    }
+    assert.notDeepEqual(body.data[0].embedding, body.data[1].embedding);
+    const promptTokens = Math.ceil(9 / 4) + 1;
+    assert.deepEqual(body.usage, {
+      prompt_tokens: promptTokens,
+      total_tokens: promptTokens,
+      cost: cost(promptTokens, 0),
+      is_byok: false,
+    });
+    const data = await pollGeneration(body.id);
+    assert.equal(data.api_type, 'embeddings');
+    assert.equal(data.streamed, false);
+    assert.equal(data.tokens_prompt, promptTokens);
+    assert.equal(data.tokens_completion, 0);
+    assert.equal(data.total_cost, body.usage.cost);
+
+    // The same text gets the same vector, wherever it stands; dimensions sizes it.
+    const again = await (await post('embeddings', { model: 'm', input: ['x', 'ping pong'], dimensions: 16 })).json();
+    const single = await (await post('embeddings', { model: 'm', input: 'ping pong', dimensions: 16 })).json();
+    assert.equal(again.data[1].embedding.length, 16);
+    assert.deepEqual(again.data[1].embedding, single.data[0].embedding);
+    assert.deepEqual(
+      (await (await post('embeddings', { model: 'm', input: 'ping pong' })).json()).data[0].embedding,
+      body.data[0].embedding,
+    );
+
+    // base64: the little-endian float32 bytes of the same vector.
+    const encoded = await (
+      await post('embeddings', { model: 'm', input: 'ping pong', dimensions: 16, encoding_format: 'base64' })
+    ).json();
+    assert.equal(typeof encoded.data[0].embedding, 'string');
+    const bytes = Buffer.from(encoded.data[0].embedding, 'base64');
+    assert.equal(bytes.length, 16 * 4);
+    const decoded = Array.from({ length: 16 }, (_, i) => bytes.readFloatLE(i * 4));
+    assert.deepEqual(decoded, single.data[0].embedding);
+
+    // Token arrays count their length.
+    const tokens = await (await post('embeddings', { model: 'm', input: [[1, 2, 3], [4]] })).json();
+    assert.equal(tokens.data.length, 2);
+    assert.equal(tokens.usage.prompt_tokens, 4);
+    const flatTokens = await (await post('embeddings', { model: 'm', input: [5, 6, 7] })).json();
+    assert.equal(flatTokens.data.length, 1);
+    assert.equal(flatTokens.usage.prompt_tokens, 3);
+  });
+
+  it('fails /embeddings the way OpenRouter does', async () => {
+    const invalid = [
+      {},
+      { input: '' },
+      { input: [] },
+      { input: ['ok', ''] },
+      { input: [[]] },
+      { input: 'x', dimensions: 0 },
+      { input: 'x', encoding_format: 'hex' },
+    ];
+    for (const bad of invalid) {
+      const res = await post('embeddings', { model: 'm', ...bad });
+      assert.equal(res.status, 400, JSON.stringify(bad));
+      assert.equal((await res.json()).error.code, 400);
+    }
+    const unauthorized = await post('embeddings', { model: 'm', input: 'x' }, { 'Content-Type': 'application/json' });
+    assert.equal(unauthorized.status, 401);
+
+    const failed = await post('embeddings', { model: 'm', input: 'x', standin: { scenario: 'error', status: 402 } });
+    assert.equal(failed.status, 402);
+    assert.deepEqual((await failed.json()).error, {
+      code: 402,
+      message: 'Insufficient credits',
+      metadata: { provider_name: 'StandIn' },
+    });
+
+    const garbage = await post('embeddings', { model: 'm', input: 'x', standin: { scenario: 'garbage' } });
+    assert.equal(garbage.status, 200);
+    await assert.rejects(garbage.json(), SyntaxError);
+
+    const stalled = await post('embeddings', { model: 'm', input: 'x', standin: { scenario: 'stall_body' } });
+    const received = await readUntilStalled(stalled);
+    assert.ok(received.startsWith('{"object":"list"'), received);
+    assert.ok(received.length < Number(stalled.headers.get('content-length')));
+
+    const started = Date.now();
+    assert.equal((await post('embeddings', { model: 'm', input: 'x', standin: { delay_ms: 120 } })).status, 200);
+    assert.ok(Date.now() - started >= 110);
+
+    const model = `hang-embeddings/${Math.random()}`;
+    const aborter = new AbortController();
+    const pending = fetch(`${server.url}/embeddings`, {
+      method: 'POST',
+      headers: AUTH,
+      body: JSON.stringify({ model, input: 'x', standin: { scenario: 'hang', generation_lag_ms: 0 } }),
+      signal: aborter.signal,
+    }).catch((err) => err);
+    assert.equal((await generationOfModel(model)).ended, false);
+    aborter.abort();
+    assert.ok((await pending) instanceof Error);
+    assert.equal((await pollGeneration((await generationOfModel(model)).id)).cancelled, true);
+  });
+
+  it('answers legacy /completions, non-streamed and streamed like chat', async () => {
+    const promptTokens = Math.ceil('ping pong'.length / 4);
+    const model = 'openai/gpt-3.5-turbo-instruct';
+    const res = await post('completions', { model, prompt: 'ping pong', standin: { generation_lag_ms: 0 } });
+    assert.equal(res.status, 200);
+    const body = await res.json();
+    assert.equal(body.id, res.headers.get('x-generation-id'));
+    assert.deepEqual(Object.keys(body), ['id', 'object', 'created', 'model', 'provider', 'choices', 'usage']);
+    assert.equal(body.object, 'text_completion');
+    assert.equal(body.provider, 'StandIn');
+    assert.deepEqual(body.choices, [finished(answer, 0, 'stop')]);
+    assert.equal(body.usage.prompt_tokens, promptTokens);
+    assert.equal(body.usage.completion_tokens, answerWords);
+    assert.equal(body.usage.total_tokens, promptTokens + answerWords);
+    assert.equal(body.usage.cost, cost(promptTokens, answerWords));
+    assert.deepEqual(body.usage.completion_tokens_details, { reasoning_tokens: 0 });
+    const data = await pollGeneration(body.id);
+    assert.equal(data.api_type, 'completions');
+    assert.equal(data.tokens_completion, answerWords);
+
+    // n choices, max_tokens, string-array and token-array prompts.
+    const capped = await postJson('completions', { model: 'm', prompt: 'ping pong', n: 2, max_tokens: 3, standin: {} });
+    assert.deepEqual(
+      capped.choices.map((c) => [c.index, c.text, c.finish_reason]),
+      [
+        [0, 'Hello from the', 'length'],
+        [1, 'Hello from the', 'length'],
+      ],
+    );
+    assert.equal(capped.usage.completion_tokens, 6);
+    const parts = await postJson('completions', { model: 'm', prompt: ['ping', 'pong'], standin: {} });
+    assert.equal(parts.choices[0].text, answer);
+    assert.equal(parts.usage.prompt_tokens, 2);
+    const tokens = await postJson('completions', { model: 'm', prompt: [1, 2, 3, 4, 5], standin: {} });
+    assert.equal(tokens.usage.prompt_tokens, 5);
+    const batches = await postJson('completions', { model: 'm', prompt: [[1, 2], [3]], standin: {} });
+    assert.equal(batches.usage.prompt_tokens, 3);
+
+    // Streamed: a chunk per piece, the finish chunk, the usage chunk whatever stream_options say, [DONE].
+    const streamed = await post('completions', {
+      model: 'm',
+      prompt: 'ping pong',
+      stream: true,
+      stream_options: { include_usage: false },
+      standin: { generation_lag_ms: 0 },
+    });
+    assert.equal(streamed.headers.get('content-type'), 'text/event-stream');
+    const frames = sseEvents(await streamed.text());
+    assert.equal(frames[0], ': OPENROUTER PROCESSING');
+    assert.equal(frames.at(-1), 'data: [DONE]');
+    const chunks = frames.slice(1, -1).map((f) => JSON.parse(dataOf(f)));
+    const content = chunks.slice(0, -2);
+    const [finish, usage] = chunks.slice(-2);
+    assert.equal(content.length, answerWords);
+    for (const chunk of chunks) {
+      assert.equal(chunk.id, streamed.headers.get('x-generation-id'));
+      assert.equal(chunk.object, 'text_completion');
+      assert.equal(chunk.provider, 'StandIn');
+    }
+    for (const chunk of content) {
+      assert.deepEqual(Object.keys(chunk.choices[0]), ['text', 'index', 'logprobs', 'finish_reason']);
+      assert.equal(chunk.choices[0].finish_reason, null);
+      assert.equal(chunk.choices[0].logprobs, null);
+    }
+    assert.equal(content.map((c) => c.choices[0].text).join(''), answer);
+    assert.deepEqual(finish.choices, [finished('', 0, 'stop')]);
+    assert.deepEqual(usage.choices, []);
+    assert.equal(usage.usage.prompt_tokens, promptTokens);
+    assert.equal(usage.usage.completion_tokens, answerWords);
+    assert.equal(usage.usage.cost, cost(promptTokens, answerWords));
+    assert.equal((await pollGeneration(usage.id)).tokens_completion, answerWords);
+
+    const twoChoices = { model: 'm', prompt: 'x', n: 2, stream: true };
+    const shaped = await postFrames('completions', { ...twoChoices, standin: { chunks: 3 } });
+    assert.equal(shaped.length, 1 + 3 * 2 + 2 + 1 + 1);
+  });
+
+  it('fails legacy /completions the way chat fails', async () => {
+    const prompt = 'ping pong';
+    const missing = await post('completions', { model: 'm' });
+    assert.equal(missing.status, 400);
+    const message = 'Input required: specify "prompt" or "messages"';
+    assert.deepEqual(await missing.json(), { error: { code: 400, message } });
+
+    const failed = await post('completions', { model: 'm', prompt, stream: true, standin: { scenario: 'error' } });
+    assert.equal(failed.status, 429);
+    assert.equal((await failed.json()).error.code, 429);
+
+    const cut = await post('completions', {
+      model: 'm',
+      prompt,
+      stream: true,
+      standin: { scenario: 'midstream_error', after_chunks: 2, generation_lag_ms: 0 },
+    });
+    const frames = sseEvents(await cut.text());
+    assert.equal(frames.length, 1 + 2 + 1);
+    const event = JSON.parse(dataOf(frames.at(-1)));
+    assert.equal(event.object, 'text_completion');
+    assert.deepEqual(event.error, { code: 'server_error', message: 'Provider disconnected unexpectedly' });
+    assert.deepEqual(event.choices, [finished('', 0, 'error')]);
+    const cutData = await pollGeneration(cut.headers.get('x-generation-id'));
+    assert.equal(cutData.finish_reason, 'error');
+    assert.equal(cutData.tokens_completion, 2);
+
+    const garbageStandin = { scenario: 'garbage' };
+    const garbage = await postFrames('completions', { model: 'm', prompt, stream: true, standin: garbageStandin });
+    assert.equal(garbage[3], 'data: {not json at all');
+    assert.equal(garbage.at(-1), 'data: [DONE]');
+
+    const cutAfterOne = { scenario: 'disconnect', after_chunks: 1 };
+    const dropped = await post('completions', { model: 'm', prompt, stream: true, standin: cutAfterOne });
+    const text = await readUntilReset(dropped);
+    assert.match(text, /"text":"Hello "/);
+    assert.doesNotMatch(text, /\[DONE\]/);
+
+    const plain = await post('completions', { model: 'm', prompt, standin: { scenario: 'midstream_error' } });
+    assert.equal(plain.status, 502);
+    const stalled = await post('completions', { model: 'm', prompt, standin: { scenario: 'stall_body' } });
+    assert.ok((await readUntilStalled(stalled)).startsWith('{"id":"gen-'));
+  });
+
+  it('records and counts the new endpoints', async () => {
+    const before = await stats();
+    await (await post('responses', { model: 'm', input: 'a', standin: { note: 'r' } })).arrayBuffer();
+    await (await post('embeddings', { model: 'm', input: 'a' })).arrayBuffer();
+    await (await post('completions', { model: 'm', prompt: 'a', standin: {} })).arrayBuffer();
+    const after = await stats();
+    assert.equal(after.responses, before.responses + 1);
+    assert.equal(after.embeddings, before.embeddings + 1);
+    assert.equal(after.completions, before.completions + 1);
+    assert.equal(after.chat_completions, before.chat_completions);
+    const { requests } = await (await fetch(`${server.origin}/__standin/requests`)).json();
+    assert.deepEqual(
+      requests.map((r) => r.path),
+      ['/api/v1/responses', '/api/v1/embeddings', '/api/v1/completions'],
+    );
+    assert.equal(requests[0].body.standin.note, 'r');
+    assert.equal((await fetch(`${server.url}/embeddings`)).status, 405);
   });
 
   it('fails generation lookups at --generation-fail-rate, reproducibly for a seed', async () => {
