@@ -94,3 +94,9 @@ SELECT COALESCE(id, lower(hex(randomblob(6)))), key_hash, user_id, name, active,
 DROP TABLE api_keys;
 ALTER TABLE api_keys_new RENAME TO api_keys;
 CREATE INDEX IF NOT EXISTS api_keys_user_id ON api_keys (user_id);
+
+-- migrations/0003_endpoint.sql
+-- Which API a request used: 'chat/completions', 'completions', 'responses' or 'embeddings' (the path after
+-- /v1/). Rows written before this column existed were all chat completions.
+ALTER TABLE usage_logs ADD COLUMN endpoint TEXT NOT NULL DEFAULT 'chat/completions'
+  CHECK (endpoint IN ('chat/completions', 'completions', 'responses', 'embeddings'));

@@ -8,7 +8,7 @@
 //   update ID [--rpm N|none] [--tpm N|none] [--budget-tokens N|none] [--budget-usd X|none] [--period P]
 //          [--concurrency N|none] [--models a,b|none] [--name N] [--active true|false]
 //   revoke ID
-//   usage [--user ID] [--key ID] [--from DATE] [--to DATE] [--group-by day|model|key|user] [--csv]
+//   usage [--user ID] [--key ID] [--from DATE] [--to DATE] [--group-by day|model|key|user|endpoint] [--csv]
 //
 // Options for every command: --url URL (default http://127.0.0.1:8787, the `npm run dev` gateway) and --json
 // (machine-readable output). The admin key comes from the ADMIN_API_KEY environment variable; against a local

@@ -5,21 +5,23 @@ use key_limiter::protocol::{Amount, Budget, DenyReason, KeyControl, Limits, Peri
 
 use crate::auth::KeyRecord;
 use crate::config::Config;
+use crate::endpoint::Endpoint;
 use crate::error::ApiError;
 use crate::usage::Usage;
-use crate::validate::ChatRequest;
+use crate::validate::ModelRequest;
 
-/// Prompt-token estimate: the common "four characters per token" rule for message text, plus four tokens of
-/// framing per message and three for the reply's priming. The reservation is this plus the forwarded
-/// `max_tokens`, which bounds the output exactly; when the provider reports more prompt tokens than estimated,
-/// the actual count is what gets charged at settlement.
-pub fn estimate_prompt_tokens(chat: &ChatRequest) -> u64 {
-    (chat.prompt_chars as u64).div_ceil(4) + 4 * chat.message_count as u64 + 3
+/// Prompt-token estimate: the common "four characters per token" rule for text, the token ids given as such,
+/// and the framing (four tokens per chat message or input item, three for the reply's priming; none for
+/// prompts and embeddings). The reservation is this plus the forwarded output bound, which bounds the output
+/// exactly; when the provider reports more prompt tokens than estimated, the actual count is what gets charged
+/// at settlement.
+pub fn estimate_prompt_tokens(request: &ModelRequest) -> u64 {
+    (request.prompt_chars as u64).div_ceil(4) + request.prompt_token_ids + request.framing_tokens
 }
 
-/// The most output the upstream may generate: `max_tokens` per choice, `n` choices.
-pub fn output_bound(chat: &ChatRequest) -> u64 {
-    u64::from(chat.max_tokens).saturating_mul(u64::from(chat.choices))
+/// The most output the upstream may generate: the output bound per choice, times the choices.
+pub fn output_bound(request: &ModelRequest) -> u64 {
+    u64::from(request.max_tokens).saturating_mul(u64::from(request.choices))
 }
 
 /// Tokens of generated text that was streamed before usage was reported (same rule, for cut-off streams).
@@ -76,8 +78,15 @@ pub fn denial_error(
     limits: &Limits,
     reserve: Amount,
     model: Option<&str>,
+    endpoint: Endpoint,
 ) -> ApiError {
     let window_secs = limits.window_ms / 1000;
+    // What the client can lower: the output bound, or (embeddings) the input.
+    let (bound, what) = match endpoint {
+        Endpoint::Responses => ("max_output_tokens", "prompt estimate + max_output_tokens"),
+        Endpoint::Embeddings => ("input", "the input's estimate"),
+        Endpoint::ChatCompletions | Endpoint::Completions => ("max_tokens", "prompt estimate + max_tokens × n"),
+    };
     let wait = retry_after_ms.map(|ms| format!(" Please try again in {}.", go_duration(ms))).unwrap_or_default();
     let error = match reason {
         DenyReason::Requests => ApiError::rate_limited(
@@ -87,7 +96,7 @@ pub fn denial_error(
         DenyReason::Tokens => ApiError::rate_limited(
             "tokens",
             format!(
-                "Rate limit reached for tokens: {} per {window_secs} s; this request reserves {} (prompt estimate + max_tokens × n).{wait}",
+                "Rate limit reached for tokens: {} per {window_secs} s; this request reserves {} ({what}).{wait}",
                 limits.tokens_per_window.unwrap_or_default(),
                 reserve.tokens
             ),
@@ -107,25 +116,25 @@ pub fn denial_error(
         DenyReason::Revoked => ApiError::invalid_api_key("This API key has been revoked."),
         DenyReason::ModelNotAllowed => ApiError::model_not_allowed(model.unwrap_or_default()),
         DenyReason::TooLargeForTokensPerWindow => ApiError::invalid_param(
-            "max_tokens",
+            bound,
             format!(
-                "This request reserves {} tokens (prompt estimate + max_tokens × n), more than this key's limit of {} tokens per {window_secs} s; it can never be admitted. Lower max_tokens.",
+                "This request reserves {} tokens ({what}), more than this key's limit of {} tokens per {window_secs} s; it can never be admitted. Lower {bound}.",
                 reserve.tokens,
                 limits.tokens_per_window.unwrap_or_default()
             ),
         ),
         DenyReason::TooLargeForBudget => ApiError::invalid_param(
-            "max_tokens",
+            bound,
             format!(
-                "This request reserves {} tokens (prompt estimate + max_tokens × n), more than this key's whole token budget of {}; it can never be admitted. Lower max_tokens.",
+                "This request reserves {} tokens ({what}), more than this key's whole token budget of {}; it can never be admitted. Lower {bound}.",
                 reserve.tokens,
                 limits.budget.as_ref().and_then(|b| b.tokens).unwrap_or_default()
             ),
         ),
         DenyReason::TooLargeForUsdBudget => ApiError::invalid_param(
-            "max_tokens",
+            bound,
             format!(
-                "This request may cost up to ${:.6} (prompt estimate + max_tokens × n at the model's prices), more than this key's whole USD budget of ${}; it can never be admitted. Lower max_tokens.",
+                "This request may cost up to ${:.6} ({what} at the model's prices), more than this key's whole USD budget of ${}; it can never be admitted. Lower {bound}.",
                 reserve.usd,
                 limits.budget.as_ref().and_then(|b| b.usd).unwrap_or_default()
             ),
@@ -259,19 +268,25 @@ mod tests {
     fn denials_map_to_openai_errors() {
         let l = Limits { tokens_per_window: Some(100), ..limits_for(&key(), &config()) };
         let r = Amount { tokens: 150, usd: 0.0 };
-        let e = denial_error(DenyReason::Requests, Some(1_234), &l, r, None);
+        let e = denial_error(DenyReason::Requests, Some(1_234), &l, r, None, Endpoint::ChatCompletions);
         assert_eq!((e.status, e.kind, e.code), (429, "requests", Some("rate_limit_exceeded")));
         assert_eq!(e.retry_after_ms, Some(1_234));
         assert_eq!(e.retry_after_secs(), Some(2));
-        assert_eq!(denial_error(DenyReason::Tokens, Some(5), &l, r, None).kind, "tokens");
-        let never = denial_error(DenyReason::TooLargeForTokensPerWindow, None, &l, r, None);
+        assert_eq!(denial_error(DenyReason::Tokens, Some(5), &l, r, None, Endpoint::ChatCompletions).kind, "tokens");
+        let never = denial_error(DenyReason::TooLargeForTokensPerWindow, None, &l, r, None, Endpoint::ChatCompletions);
         assert_eq!((never.status, never.param.as_deref()), (400, Some("max_tokens")));
-        let quota = denial_error(DenyReason::BudgetTokens, None, &l, r, None);
+        let quota = denial_error(DenyReason::BudgetTokens, None, &l, r, None, Endpoint::ChatCompletions);
         assert_eq!((quota.status, quota.code), (429, Some("insufficient_quota")));
-        assert_eq!(denial_error(DenyReason::Revoked, None, &l, r, None).status, 401);
-        let forbidden = denial_error(DenyReason::ModelNotAllowed, None, &l, r, Some("x/y"));
+        assert_eq!(denial_error(DenyReason::Revoked, None, &l, r, None, Endpoint::ChatCompletions).status, 401);
+        let forbidden = denial_error(DenyReason::ModelNotAllowed, None, &l, r, Some("x/y"), Endpoint::ChatCompletions);
         assert_eq!((forbidden.status, forbidden.code), (403, Some("model_not_allowed")));
         assert!(forbidden.message.contains("x/y"));
+        // The parameter to lower is the endpoint's own.
+        let responses = denial_error(DenyReason::TooLargeForBudget, None, &l, r, None, Endpoint::Responses);
+        assert_eq!(responses.param.as_deref(), Some("max_output_tokens"));
+        assert!(responses.message.contains("Lower max_output_tokens."));
+        let embeddings = denial_error(DenyReason::TooLargeForTokensPerWindow, None, &l, r, None, Endpoint::Embeddings);
+        assert_eq!(embeddings.param.as_deref(), Some("input"));
     }
 
     #[test]

@@ -235,13 +235,7 @@ async fn send_to_posthog(env: &Env, config: &Config, posthog: &PostHogConfig, ev
         .iter()
         .map(|e| {
             let price = prices.get(e.served_model.as_deref().unwrap_or(&e.model)).copied();
-            posthog::generation_event(
-                e,
-                &iso_time(e.timestamp_ms),
-                &config.upstream_base_url,
-                price,
-                posthog.capture_content,
-            )
+            posthog::ai_event(e, &iso_time(e.timestamp_ms), &config.upstream_base_url, price, posthog.capture_content)
         })
         .collect();
     let body = posthog::batch_body(posthog.api_key.expose(), batch).to_string();

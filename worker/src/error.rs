@@ -81,6 +81,19 @@ impl ApiError {
         .with_param("model")
     }
 
+    /// `GET /v1/models/{id}` for a model the list does not have (OpenAI's words).
+    pub fn model_not_found(model: &str) -> Self {
+        let shown: String = model.chars().take(200).collect();
+        Self::new(
+            404,
+            "invalid_request_error",
+            Some("model_not_found"),
+            "model_not_found",
+            format!("The model '{shown}' does not exist"),
+        )
+        .with_param("model")
+    }
+
     pub fn key_not_found(id: &str) -> Self {
         let shown: String = id.chars().take(64).collect();
         Self::new(

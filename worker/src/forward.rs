@@ -1,19 +1,17 @@
 //! Talking to OpenRouter (or Cloudflare AI Gateway in front of it): building the upstream request, bounding it
 //! with a timeout, and turning upstream failures into [`ApiError`]s.
 
-use std::borrow::Cow;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use serde::Deserialize;
 use serde_json::Value;
 use wasm_bindgen::JsValue;
 use worker::{AbortController, Fetch, Headers, Method, Request, RequestInit, Response};
 
 use crate::bindings::{log_error, within};
 use crate::config::Config;
+use crate::endpoint::Endpoint;
 use crate::error::ApiError;
-use crate::usage::Usage;
 
 /// Upstream error bodies are read up to this size; the rest is not worth holding.
 const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
@@ -34,9 +32,10 @@ impl Upstream {
     }
 }
 
-/// Sends the chat body upstream and returns the response once its headers have arrived.
-pub async fn post_chat(config: &Config, body: &str) -> Result<Upstream, ApiError> {
-    let url = format!("{}/chat/completions", config.upstream_base_url);
+/// Sends a model API's body upstream (OpenRouter serves each at the same path as OpenAI) and returns the
+/// response once its headers have arrived.
+pub async fn post(config: &Config, endpoint: Endpoint, body: &str) -> Result<Upstream, ApiError> {
+    let url = format!("{}/{}", config.upstream_base_url, endpoint.as_str());
     let headers = upstream_headers(config)?;
     set_header(&headers, "content-type", "application/json")?;
     let mut init = RequestInit::new();
@@ -113,124 +112,6 @@ pub fn error_from_upstream(status: u16, body: &[u8], retry_after: Option<&str>) 
     }
 }
 
-/// What the gateway needs from a non-streamed completion body.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct Completion {
-    pub served_model: Option<String>,
-    /// OpenRouter's generation id (the body's `id`).
-    pub generation_id: Option<String>,
-    pub usage: Option<Usage>,
-    /// The first choice's text (for content capture).
-    pub content: String,
-    /// Characters generated over every choice (content, reasoning, tool calls), for an estimate if the body
-    /// carries no usage.
-    pub generated_chars: usize,
-    pub finish_reason: Option<String>,
-}
-
-/// Reads a 200 completion body: only the fields the gateway needs are decoded (not a whole JSON tree). An error
-/// inside the body (OpenRouter reports some provider failures that way) or a body that is not a completion
-/// object is the client's error.
-pub fn read_completion(body: &[u8]) -> Result<Completion, ApiError> {
-    #[derive(Deserialize)]
-    struct Body<'a> {
-        #[serde(borrow)]
-        id: Option<Cow<'a, str>>,
-        #[serde(borrow)]
-        model: Option<Cow<'a, str>>,
-        usage: Option<Value>,
-        error: Option<Value>,
-        #[serde(borrow, default)]
-        choices: Vec<Choice<'a>>,
-    }
-    #[derive(Deserialize)]
-    struct Choice<'a> {
-        #[serde(borrow)]
-        message: Option<Message<'a>>,
-        #[serde(borrow)]
-        finish_reason: Option<Cow<'a, str>>,
-    }
-    #[derive(Deserialize)]
-    struct Message<'a> {
-        #[serde(borrow)]
-        content: Option<Cow<'a, str>>,
-        #[serde(borrow)]
-        reasoning: Option<Cow<'a, str>>,
-        tool_calls: Option<Value>,
-    }
-    // Odd shapes (a non-string content, a non-list of choices) are read loosely, as a JSON tree.
-    let parsed = match serde_json::from_slice::<Body>(body) {
-        Ok(parsed) => parsed,
-        Err(_) => return read_completion_loosely(body),
-    };
-    if let Some(error) = error_in_body(parsed.error.as_ref()) {
-        return Err(error);
-    }
-    let generated_chars = parsed
-        .choices
-        .iter()
-        .filter_map(|c| c.message.as_ref())
-        .map(|m| chars(m.content.as_deref()) + chars(m.reasoning.as_deref()) + tool_call_chars(m.tool_calls.as_ref()))
-        .sum();
-    let first = parsed.choices.into_iter().next();
-    Ok(Completion {
-        served_model: parsed.model.map(Cow::into_owned),
-        generation_id: parsed.id.map(Cow::into_owned),
-        usage: parsed.usage.as_ref().and_then(Usage::from_json),
-        content: first.as_ref().and_then(|c| c.message.as_ref()?.content.as_deref()).unwrap_or_default().to_owned(),
-        generated_chars,
-        finish_reason: first.and_then(|c| c.finish_reason).map(Cow::into_owned),
-    })
-}
-
-fn chars(text: Option<&str>) -> usize {
-    text.map_or(0, |t| t.chars().count())
-}
-
-/// Names and arguments of a message's tool calls.
-fn tool_call_chars(tool_calls: Option<&Value>) -> usize {
-    let Some(calls) = tool_calls.and_then(Value::as_array) else { return 0 };
-    calls
-        .iter()
-        .map(|c| {
-            let field = |name: &str| c.pointer(&format!("/function/{name}")).and_then(Value::as_str);
-            chars(field("name")) + chars(field("arguments"))
-        })
-        .sum()
-}
-
-fn read_completion_loosely(body: &[u8]) -> Result<Completion, ApiError> {
-    let parsed: Value = serde_json::from_slice(body).map_err(|_| ApiError::upstream_malformed())?;
-    if let Some(error) = error_in_body(parsed.get("error")) {
-        return Err(error);
-    }
-    if !parsed.is_object() {
-        return Err(ApiError::upstream_malformed());
-    }
-    let content = parsed.pointer("/choices/0/message/content").and_then(Value::as_str).unwrap_or_default().to_owned();
-    Ok(Completion {
-        served_model: parsed.get("model").and_then(Value::as_str).map(str::to_owned),
-        generation_id: parsed.get("id").and_then(Value::as_str).map(str::to_owned),
-        usage: parsed.get("usage").and_then(Usage::from_json),
-        generated_chars: content.chars().count(),
-        content,
-        finish_reason: parsed.pointer("/choices/0/finish_reason").and_then(Value::as_str).map(str::to_owned),
-    })
-}
-
-/// An error that OpenRouter reports inside a 200 body (the body's `error` field).
-fn error_in_body(error: Option<&Value>) -> Option<ApiError> {
-    let error = error.filter(|e| !e.is_null())?;
-    let message = error.get("message").and_then(Value::as_str).unwrap_or("upstream error");
-    let status = error
-        .get("code")
-        .and_then(Value::as_u64)
-        .and_then(|c| u16::try_from(c).ok())
-        .filter(|c| (400..600).contains(c))
-        .unwrap_or(502);
-    Some(ApiError::upstream(status, message))
-}
-
 fn upstream_headers(config: &Config) -> Result<Headers, ApiError> {
     let headers = Headers::new();
     let key = config.openrouter_api_key.as_ref().ok_or_else(|| {
@@ -290,7 +171,6 @@ fn internal(label: &'static str, e: &worker::Error) -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     #[test]
     fn openrouter_error_body_keeps_status_message_and_retry_after() {
@@ -307,49 +187,5 @@ mod tests {
         assert_eq!(e.status, 503);
         assert_eq!(e.retry_after_ms, None);
         assert!(e.message.contains("HTTP 503"));
-    }
-
-    fn read(body: Value) -> Result<Completion, ApiError> {
-        read_completion(body.to_string().as_bytes())
-    }
-
-    #[test]
-    fn errors_inside_200_bodies_are_detected() {
-        let e = read(json!({"error": {"code": 502, "message": "Provider returned error"}}));
-        assert_eq!(e.err().map(|e| e.status), Some(502));
-        assert_eq!(read(json!({"error": {"code": "weird"}})).err().map(|e| e.status), Some(502));
-        assert!(read(json!({"choices": []})).is_ok());
-        assert!(read(json!({"error": null, "choices": []})).is_ok());
-    }
-
-    #[test]
-    fn every_choice_counts_towards_what_was_generated() {
-        let body = json!({"id": "gen-7", "choices": [
-            {"message": {"content": "abc", "reasoning": "hm"}},
-            {"message": {"content": null, "tool_calls": [{"function": {"name": "f", "arguments": "{\"a\":1}"}}]}}]});
-        let c = read(body).expect("completion");
-        assert_eq!(c.generated_chars, 3 + 2 + 1 + 7);
-        assert_eq!(c.generation_id.as_deref(), Some("gen-7"));
-    }
-
-    #[test]
-    fn completion_facts_are_read_strictly_or_loosely() {
-        let body = json!({"id": "x", "model": "m/served", "choices": [{"index": 0, "message": {"role": "assistant",
-            "content": "héllo"}, "finish_reason": "stop"}], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "cost": 0.5}});
-        let c = read(body).expect("completion");
-        assert_eq!(c.served_model.as_deref(), Some("m/served"));
-        assert_eq!(c.content, "héllo");
-        assert_eq!(c.finish_reason.as_deref(), Some("stop"));
-        assert_eq!(c.usage.map(|u| u.total_tokens()), Some(5));
-        // Tool calls: no content at all.
-        let tools =
-            read(json!({"choices": [{"message": {"content": null, "tool_calls": []}, "finish_reason": "tool_calls"}]}));
-        assert_eq!(tools.expect("completion").finish_reason.as_deref(), Some("tool_calls"));
-        // An odd shape is still read, loosely.
-        let odd = read(json!({"model": "m", "choices": "not a list"})).expect("completion");
-        assert_eq!(odd.served_model.as_deref(), Some("m"));
-        for bad in [&b"<html>"[..], b"[1,2]", b"\"text\""] {
-            assert_eq!(read_completion(bad).err().map(|e| e.status), Some(502));
-        }
     }
 }

@@ -12,7 +12,7 @@ use crate::usage_event::UsageEvent;
 
 pub const INSERT_BATCH: &str = "INSERT INTO usage_logs (request_id, client_request_id, generation_id, key_id, \
 user_id, model, served_model, input_tokens, output_tokens, cached_tokens, reasoning_tokens, cost, usage_source, \
-status, streamed, finish_reason, error, latency_ms, ttft_ms, created_at, reconcile_state) \
+status, streamed, finish_reason, error, latency_ms, ttft_ms, created_at, reconcile_state, endpoint) \
 SELECT json_extract(value, '$.request_id'), json_extract(value, '$.client_request_id'), \
 json_extract(value, '$.generation_id'), json_extract(value, '$.key_id'), json_extract(value, '$.user_id'), \
 json_extract(value, '$.model'), json_extract(value, '$.served_model'), json_extract(value, '$.input_tokens'), \
@@ -20,7 +20,7 @@ json_extract(value, '$.output_tokens'), json_extract(value, '$.cached_tokens'), 
 json_extract(value, '$.reasoning_tokens'), json_extract(value, '$.cost'), json_extract(value, '$.usage_source'), \
 json_extract(value, '$.status'), json_extract(value, '$.streamed'), json_extract(value, '$.finish_reason'), \
 json_extract(value, '$.error'), json_extract(value, '$.latency_ms'), json_extract(value, '$.ttft_ms'), \
-json_extract(value, '$.created_at'), json_extract(value, '$.reconcile_state') \
+json_extract(value, '$.created_at'), json_extract(value, '$.reconcile_state'), json_extract(value, '$.endpoint') \
 FROM json_each(?1) WHERE true ON CONFLICT (request_id) DO NOTHING";
 
 /// Where the batch's rows stand: PostHog's verdict and reconciliation.
@@ -92,6 +92,7 @@ pub fn rows_json<'a>(
                 "ttft_ms": e.ttft_ms,
                 "created_at": created_at(e.timestamp_ms),
                 "reconcile_state": reconcile(e).then_some("pending"),
+                "endpoint": e.endpoint.as_str(),
             })
         })
         .collect();
@@ -106,6 +107,7 @@ pub fn ids_json<'a>(ids: impl IntoIterator<Item = &'a str>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::endpoint::Endpoint;
     use crate::usage_event::UsageSource;
 
     #[test]
@@ -132,6 +134,7 @@ mod tests {
             finish_reason: None,
             error: Some("client_abort".into()),
             timestamp_ms: 7,
+            endpoint: Endpoint::ChatCompletions,
             temperature: None,
             max_tokens: 8,
             content: None,

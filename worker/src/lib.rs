@@ -7,12 +7,14 @@
 
 pub mod admin;
 pub mod admit;
+pub mod answer;
 pub mod auth;
 pub mod bindings;
 pub mod catalog;
 pub mod config;
 pub mod consumer;
 pub mod cors;
+pub mod endpoint;
 pub mod error;
 pub mod forward;
 pub mod keys;

@@ -47,9 +47,30 @@ pub fn to_openai_list(openrouter_body: &[u8]) -> Option<String> {
     serde_json::to_string(&json!({"object": "list", "data": data})).ok()
 }
 
+/// One model of the gateway's list (`GET /v1/models/{id}`), as the list shows it.
+pub fn find(list: &str, id: &str) -> Option<String> {
+    let parsed: Value = serde_json::from_str(list).ok()?;
+    let model = parsed.get("data")?.as_array()?.iter().find(|m| m.get("id").and_then(Value::as_str) == Some(id))?;
+    serde_json::to_string(model).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_model_is_found_by_its_exact_id() {
+        let list =
+            to_openai_list(br#"{"data":[{"id":"openai/gpt-4o-mini","created":1},{"id":"x/y:free"}]}"#).expect("list");
+        let found: Value = serde_json::from_str(&find(&list, "x/y:free").expect("found")).expect("json");
+        assert_eq!(
+            (found["id"].as_str(), found["object"].as_str(), found["owned_by"].as_str()),
+            (Some("x/y:free"), Some("model"), Some("x"))
+        );
+        assert_eq!(find(&list, "openai/gpt-4o"), None);
+        assert_eq!(find(&list, "OPENAI/GPT-4O-MINI"), None);
+        assert_eq!(find("not json", "x"), None);
+    }
 
     #[test]
     fn converts_openrouter_models_to_openai_shape() {

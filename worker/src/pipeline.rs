@@ -1,7 +1,7 @@
 //! The request path, as a straight line of named stages:
 //!
 //! ```text
-//! route → authenticate → read body → validate → price → admit (`limiter`: the isolate's lease of the key, else
+//! route → authenticate → read body → validate (per endpoint) → price → admit (`limiter`: the isolate's lease of the key, else
 //!       the key's Durable Object) → forward
 //!       → reply (JSON, or a relayed stream) → decorate (security, CORS, rate-limit headers, request id)
 //!       → finish, after the response is handed over: relay the stream, settle the reservation,
@@ -28,15 +28,18 @@ use worker::{Context, Env, Headers, Request, Response, ResponseBuilder};
 
 use crate::admin::{self, AdminReply};
 use crate::admit;
+use crate::answer;
 use crate::auth::{self, KeyRecord};
 use crate::bindings::{self, log_error, now_ms, random_bytes, within};
 use crate::catalog;
 use crate::config::{Config, UnpricedModel};
 use crate::cors;
+use crate::endpoint::Endpoint;
 use crate::error::ApiError;
 use crate::forward::{self, Upstream};
 use crate::limiter::{self, Admission, Reservation};
 use crate::log::RequestLog;
+use crate::models;
 use crate::pricing;
 use crate::relay::{Delivery, Relay, RelayOutcome, StreamEnd};
 use crate::respond::{self, SECURITY_HEADERS};
@@ -44,7 +47,7 @@ use crate::routes::{route, Route};
 use crate::sse::SseScanner;
 use crate::usage::Usage;
 use crate::usage_event::{self, Estimate, UsageEvent, UsageSource};
-use crate::validate::{validate_chat, ChatRequest};
+use crate::validate::{self, ModelRequest};
 
 /// What one request has learned so far; read by `finish` for settling, billing and the log line.
 struct Exchange {
@@ -66,10 +69,23 @@ struct Admitted {
     /// `None` when the limiter could not be asked and the gateway failed open.
     reservation: Option<Reservation>,
     prompt_estimate: u64,
-    max_tokens: u32,
-    temperature: Option<f64>,
-    /// The request's messages, kept only with content capture on.
+    asked: Asked,
+    /// What the model read (messages, input, prompt), kept only with content capture on.
     captured_input: Option<Value>,
+}
+
+/// What the usage event records of the request itself.
+#[derive(Debug, Clone, Copy)]
+struct Asked {
+    endpoint: Endpoint,
+    temperature: Option<f64>,
+    max_tokens: u32,
+}
+
+impl Asked {
+    fn of(request: &ModelRequest) -> Asked {
+        Asked { endpoint: request.endpoint, temperature: request.temperature, max_tokens: request.max_tokens }
+    }
 }
 
 /// What the upstream's answer taught billing.
@@ -159,8 +175,9 @@ pub async fn handle(req: Request, env: Env, ctx: Context) -> Response {
 
 async fn dispatch(mut req: Request, env: &Env, config: &Config, exchange: &mut Exchange) -> Result<Reply, ApiError> {
     match route(&exchange.log.method, &exchange.log.path) {
-        Route::ChatCompletions => chat_completions(req, env, config, exchange).await,
+        Route::Model(endpoint) => model_request(endpoint, req, env, config, exchange).await,
         Route::Models => list_models(&req, env, config, exchange).await,
+        Route::ModelInfo(id) => model_info(&id, &req, env, config, exchange).await,
         Route::OwnUsage => {
             let key = authenticate(&req, env, config, exchange).await?;
             let usage = admin::own_usage(&key, env, config).await?;
@@ -190,7 +207,9 @@ async fn dispatch(mut req: Request, env: &Env, config: &Config, exchange: &mut E
     }
 }
 
-async fn chat_completions(
+/// A model API (chat completions, completions, responses, embeddings): the same stages for each.
+async fn model_request(
+    endpoint: Endpoint,
     mut req: Request,
     env: &Env,
     config: &Config,
@@ -199,14 +218,14 @@ async fn chat_completions(
     let key = authenticate(&req, env, config, exchange).await?;
     let client_signal = req.inner().signal();
     let raw = read_body(&mut req, config.max_request_bytes, config.client_body_timeout_secs).await?;
-    let chat = validate_chat(&raw, config)?;
-    exchange.log.model = Some(chat.model.clone());
-    exchange.log.streamed = chat.stream;
-    let prompt_estimate = admit::estimate_prompt_tokens(&chat);
-    let reserve = reservation_for(env, config, &key, &chat, prompt_estimate).await?;
-    admit(env, config, &key, &chat, prompt_estimate, reserve, exchange).await?;
+    let request = validate::validate(endpoint, &raw, config)?;
+    exchange.log.model = Some(request.model.clone());
+    exchange.log.streamed = request.stream;
+    let prompt_estimate = admit::estimate_prompt_tokens(&request);
+    let reserve = reservation_for(env, config, &key, &request, prompt_estimate).await?;
+    admit(env, config, &key, &request, prompt_estimate, reserve, exchange).await?;
 
-    let mut upstream = forward::post_chat(config, &chat.forward_body).await?;
+    let mut upstream = forward::post(config, endpoint, &request.forward_body).await?;
     let status = upstream.response.status_code();
     exchange.log.upstream_status = Some(status);
     exchange.answer.generation_id = upstream.response.headers().get("x-generation-id").ok().flatten();
@@ -214,10 +233,10 @@ async fn chat_completions(
         return Err(forward::upstream_error(&mut upstream, config.upstream_timeout_secs).await);
     }
     exchange.answer.generated = true;
-    if chat.stream {
-        stream_reply(upstream, client_signal, &chat, config, exchange.started_ms)
+    if request.stream {
+        stream_reply(upstream, client_signal, &request, config, exchange.started_ms)
     } else {
-        completion_reply(&mut upstream, config, exchange).await
+        body_reply(endpoint, &mut upstream, config, exchange).await
     }
 }
 
@@ -227,16 +246,16 @@ async fn reservation_for(
     env: &Env,
     config: &Config,
     key: &KeyRecord,
-    chat: &ChatRequest,
+    request: &ModelRequest,
     prompt: u64,
 ) -> Result<Amount, ApiError> {
-    let output = admit::output_bound(chat);
+    let output = admit::output_bound(request);
     let tokens = prompt.saturating_add(output);
     if key.usd_limit.is_none() {
         return Ok(Amount { tokens, usd: 0.0 });
     }
     let prices = catalog::prices(env, config).await.unwrap_or_default();
-    let usd = match (pricing::worst_case_usd(&prices, &chat.models, prompt, output), config.unpriced_model) {
+    let usd = match (pricing::worst_case_usd(&prices, &request.models, prompt, output), config.unpriced_model) {
         (Ok(usd), _) => usd,
         (Err(_), UnpricedModel::Reserve(usd)) => usd,
         (Err(model), UnpricedModel::Refuse) => return Err(ApiError::model_price_unknown(model)),
@@ -249,17 +268,17 @@ async fn admit(
     env: &Env,
     config: &Config,
     key: &KeyRecord,
-    chat: &ChatRequest,
+    request: &ModelRequest,
     prompt_estimate: u64,
     reserve: Amount,
     exchange: &mut Exchange,
 ) -> Result<(), ApiError> {
-    let unsettled = unsettled_event(exchange, key, chat, prompt_estimate, reserve);
+    let unsettled = unsettled_event(exchange, key, request, prompt_estimate, reserve);
     let request_id = exchange.log.request_id.clone();
     let ask = limiter::Ask {
         control: admit::control_for(key, config),
         lease_id: request_id.replacen("req_", "lease_", 1),
-        candidate: Candidate { request_id, models: chat.models.clone(), reserve, unsettled_event: None },
+        candidate: Candidate { request_id, models: request.models.clone(), reserve, unsettled_event: None },
         unsettled_event: Box::new(move |id, error| {
             serde_json::to_string(&UsageEvent {
                 request_id: id.to_owned(),
@@ -282,23 +301,29 @@ async fn admit(
         }
         Ok(Admission::Denied { reason, retry_after_ms, state, limits, model }) => {
             exchange.rate_headers = admit::rate_limit_headers(&state, limits.window_ms);
-            return Err(admit::denial_error(reason, retry_after_ms, &limits, reserve, model.as_deref()));
+            return Err(admit::denial_error(
+                reason,
+                retry_after_ms,
+                &limits,
+                reserve,
+                model.as_deref(),
+                request.endpoint,
+            ));
         }
         Err(e) => {
             log_error(e.label(), &e.to_string());
             if !config.limiter_fail_open {
                 return Err(ApiError::unavailable(e.label(), "The rate limiter"));
             }
-            admit_without_limiter(env, config, chat, exchange).await?;
+            admit_without_limiter(env, config, request, exchange).await?;
             None
         }
     };
     exchange.admitted = Some(Admitted {
         reservation,
         prompt_estimate,
-        max_tokens: chat.max_tokens,
-        temperature: chat.temperature,
-        captured_input: capture_content(config).then(|| serde_json::from_str(&chat.messages_json).ok()).flatten(),
+        asked: Asked::of(request),
+        captured_input: capture_content(config).then(|| serde_json::from_str(&request.input_json).ok()).flatten(),
     });
     Ok(())
 }
@@ -308,14 +333,14 @@ async fn admit(
 async fn admit_without_limiter(
     env: &Env,
     config: &Config,
-    chat: &ChatRequest,
+    request: &ModelRequest,
     exchange: &Exchange,
 ) -> Result<(), ApiError> {
     let Some((_, hash)) = &exchange.key else { return Err(auth::invalid_key()) };
     let fresh = bindings::find_active_key_uncached(env, hash)
         .await?
         .ok_or_else(|| ApiError::invalid_api_key("This API key has been revoked."))?;
-    match admit::control_for(&fresh, config).forbidden_model(&chat.models) {
+    match admit::control_for(&fresh, config).forbidden_model(&request.models) {
         Some(model) => Err(ApiError::model_not_allowed(model)),
         None => Ok(()),
     }
@@ -325,7 +350,7 @@ async fn admit_without_limiter(
 fn unsettled_event(
     exchange: &Exchange,
     key: &KeyRecord,
-    chat: &ChatRequest,
+    request: &ModelRequest,
     prompt_estimate: u64,
     reserve: Amount,
 ) -> UsageEvent {
@@ -338,7 +363,7 @@ fn unsettled_event(
     UsageEvent {
         error: Some("unsettled".to_owned()),
         status: 0,
-        ..usage_event(exchange, key, chat.temperature, chat.max_tokens, usage, UsageSource::Reserved, None)
+        ..usage_event(exchange, key, Asked::of(request), usage, UsageSource::Reserved, None)
     }
 }
 
@@ -347,13 +372,14 @@ fn capture_content(config: &Config) -> bool {
 }
 
 /// Non-streamed: read the whole answer, learn its usage, hand the same bytes to the client.
-async fn completion_reply(
+async fn body_reply(
+    endpoint: Endpoint,
     upstream: &mut Upstream,
     config: &Config,
     exchange: &mut Exchange,
 ) -> Result<Reply, ApiError> {
     let bytes = forward::read_body(upstream, config.upstream_timeout_secs).await?;
-    let completion = forward::read_completion(&bytes)?;
+    let completion = answer::read_body(endpoint, &bytes)?;
     exchange.log.served_model = completion.served_model;
     let answer = &mut exchange.answer;
     answer.usage = completion.usage;
@@ -373,7 +399,7 @@ async fn completion_reply(
 fn stream_reply(
     upstream: Upstream,
     client_signal: web_sys::AbortSignal,
-    chat: &ChatRequest,
+    request: &ModelRequest,
     config: &Config,
     started_ms: u64,
 ) -> Result<Reply, ApiError> {
@@ -381,9 +407,12 @@ fn stream_reply(
     let worker::ResponseBody::Stream(body) = response.body() else {
         return Err(ApiError::upstream_malformed());
     };
-    let scanner = SseScanner::new(chat.include_usage, capture_content(config));
-    // A stream that needs no edit (the client asked for the usage chunk) goes on the runtime's own pipe.
-    let delivery = if chat.include_usage { Delivery::Native } else { Delivery::Edited };
+    let scanner = SseScanner::new(request.endpoint, request.include_usage, capture_content(config));
+    // A chat or legacy stream that needs no edit (the client asked for the usage chunk) goes on the runtime's
+    // own pipe. A Responses stream is never edited, but is relayed by the gateway all the same: only that
+    // relay can end a cut-off stream with `response.failed`, which its SDKs need to tell it from a whole one.
+    let native = request.include_usage && request.endpoint != Endpoint::Responses;
+    let delivery = if native { Delivery::Native } else { Delivery::Edited };
     let relay = Relay::new(body, delivery, abort, client_signal, scanner, started_ms)?;
     let headers = Headers::new();
     set_headers(
@@ -415,15 +444,7 @@ async fn finish(env: Env, config: Rc<Config>, mut exchange: Exchange, stream: Op
     exchange.log.latency_ms = now_ms().saturating_sub(exchange.started_ms);
     if let (Some((key, _)), Some(admitted)) = (exchange.key.take(), exchange.admitted.take()) {
         let (usage, source) = billed_usage(&env, &config, &exchange, &admitted).await;
-        let mut event = usage_event(
-            &exchange,
-            &key,
-            admitted.temperature,
-            admitted.max_tokens,
-            usage,
-            source,
-            admitted.captured_input.as_ref(),
-        );
+        let mut event = usage_event(&exchange, &key, admitted.asked, usage, source, admitted.captured_input.as_ref());
         if let Some(reservation) = admitted.reservation {
             event.admitted_at_ms = reservation.admitted_at_ms;
             let traffic = reservation.settle(&env, admit::actual_amount(&usage), config.limiter_timeout_ms).await;
@@ -461,8 +482,7 @@ async fn billed_usage(env: &Env, config: &Config, exchange: &Exchange, admitted:
 fn usage_event(
     exchange: &Exchange,
     key: &KeyRecord,
-    temperature: Option<f64>,
-    max_tokens: u32,
+    asked: Asked,
     usage: Usage,
     source: UsageSource,
     captured_input: Option<&Value>,
@@ -492,8 +512,9 @@ fn usage_event(
         finish_reason: answer.finish_reason.clone(),
         error: exchange.log.error.map(str::to_owned),
         timestamp_ms: exchange.started_ms,
-        temperature,
-        max_tokens,
+        endpoint: asked.endpoint,
+        temperature: asked.temperature,
+        max_tokens: asked.max_tokens,
         content,
     }
 }
@@ -520,6 +541,21 @@ async fn list_models(req: &Request, env: &Env, config: &Config, exchange: &mut E
     // Revocation is known to the key's Durable Object before any auth cache expires.
     admin::key_state(env, config, &key).await?;
     Ok(Reply::now(json_response(200, catalog::model_list(env, config).await?)))
+}
+
+/// `GET /v1/models/{id}`: one model of the same (cached) list, or OpenAI's 404 `model_not_found`.
+async fn model_info(
+    id: &str,
+    req: &Request,
+    env: &Env,
+    config: &Config,
+    exchange: &mut Exchange,
+) -> Result<Reply, ApiError> {
+    let key = authenticate(req, env, config, exchange).await?;
+    admin::key_state(env, config, &key).await?;
+    let list = catalog::model_list(env, config).await?;
+    let model = models::find(&list, id).ok_or_else(|| ApiError::model_not_found(id))?;
+    Ok(Reply::now(json_response(200, model)))
 }
 
 async fn authenticate(

@@ -1,8 +1,10 @@
-//! PostHog LLM analytics: `$ai_generation` events in PostHog's schema, and what a `/batch/` answer means.
+//! PostHog LLM analytics: `$ai_generation` events (chat, legacy completions, responses) and `$ai_embedding`
+//! events (embeddings) in PostHog's schema, and what a `/batch/` answer means.
 
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
+use crate::endpoint::Endpoint;
 use crate::pricing::ModelPrice;
 use crate::usage_event::UsageEvent;
 
@@ -54,14 +56,16 @@ pub fn split_cost(total: f64, input_tokens: u64, output_tokens: u64, prices: Opt
     (input, total - input)
 }
 
-/// One `$ai_generation` event. `timestamp` is the request's start as RFC 3339.
-pub fn generation_event(
+/// One analytics event: `$ai_embedding` for embeddings (input tokens and the cost only: nothing is generated),
+/// `$ai_generation` for the others. `timestamp` is the request's start as RFC 3339.
+pub fn ai_event(
     event: &UsageEvent,
     timestamp: &str,
     upstream_base_url: &str,
     prices: Option<ModelPrice>,
     capture_content: bool,
 ) -> Value {
+    let embedding = event.endpoint == Endpoint::Embeddings;
     let (input_cost, output_cost) = split_cost(event.cost_usd, event.input_tokens, event.output_tokens, prices);
     let mut p = Map::new();
     let mut put = |k: &str, v: Value| {
@@ -71,33 +75,15 @@ pub fn generation_event(
     put("$ai_model", json!(event.served_model.as_deref().unwrap_or(&event.model)));
     put("$ai_provider", json!("openrouter"));
     put("$ai_input_tokens", json!(event.input_tokens));
-    put("$ai_output_tokens", json!(event.output_tokens));
-    put("$ai_cache_read_input_tokens", json!(event.cached_tokens));
-    // OpenRouter's prompt_tokens already include cached ones; PostHog must not add them again.
-    put("$ai_cache_reporting_exclusive", json!(false));
-    put("$ai_reasoning_tokens", json!(event.reasoning_tokens));
     put("$ai_latency", json!(event.latency_ms as f64 / 1000.0));
-    if let Some(ttft) = event.ttft_ms {
-        put("$ai_time_to_first_token", json!(ttft as f64 / 1000.0));
-    }
     put("$ai_http_status", json!(event.status));
     put("$ai_base_url", json!(upstream_base_url));
     put("$ai_is_error", json!(event.error.is_some() || event.status >= 400));
     if let Some(error) = &event.error {
         put("$ai_error", json!(error));
     }
-    put("$ai_stream", json!(event.streamed));
-    if let Some(t) = event.temperature {
-        put("$ai_temperature", json!(t));
-    }
-    put("$ai_max_tokens", json!(event.max_tokens));
-    put("$ai_input_cost_usd", json!(input_cost));
-    put("$ai_output_cost_usd", json!(output_cost));
     put("$ai_total_cost_usd", json!(event.cost_usd));
-    if let Some(reason) = &event.finish_reason {
-        put("$ai_stop_reason", json!(reason));
-    }
-    put("$ai_span_name", json!("chat.completions"));
+    put("$ai_span_name", json!(event.endpoint.span_name()));
     put("requested_model", json!(event.model));
     put("api_key_id", json!(event.key_id));
     put("usage_source", json!(event.usage_source.as_str()));
@@ -107,14 +93,39 @@ pub fn generation_event(
     if let Some(generation_id) = &event.generation_id {
         put("generation_id", json!(generation_id));
     }
-    if capture_content {
-        if let Some(content) = &event.content {
+    let content = event.content.as_ref().filter(|_| capture_content);
+    if embedding {
+        put("$ai_input_cost_usd", json!(event.cost_usd));
+        put("$ai_output_cost_usd", json!(0.0));
+        if let Some(content) = content {
+            put("$ai_input", content.input.clone());
+        }
+    } else {
+        put("$ai_output_tokens", json!(event.output_tokens));
+        put("$ai_cache_read_input_tokens", json!(event.cached_tokens));
+        // OpenRouter's prompt_tokens already include cached ones; PostHog must not add them again.
+        put("$ai_cache_reporting_exclusive", json!(false));
+        put("$ai_reasoning_tokens", json!(event.reasoning_tokens));
+        if let Some(ttft) = event.ttft_ms {
+            put("$ai_time_to_first_token", json!(ttft as f64 / 1000.0));
+        }
+        put("$ai_stream", json!(event.streamed));
+        if let Some(t) = event.temperature {
+            put("$ai_temperature", json!(t));
+        }
+        put("$ai_max_tokens", json!(event.max_tokens));
+        put("$ai_input_cost_usd", json!(input_cost));
+        put("$ai_output_cost_usd", json!(output_cost));
+        if let Some(reason) = &event.finish_reason {
+            put("$ai_stop_reason", json!(reason));
+        }
+        if let Some(content) = content {
             put("$ai_input", content.input.clone());
             put("$ai_output_choices", json!([{"role": "assistant", "content": content.output}]));
         }
     }
     json!({
-        "event": "$ai_generation",
+        "event": if embedding { "$ai_embedding" } else { "$ai_generation" },
         "distinct_id": event.user_id,
         "uuid": event_uuid(&event.request_id),
         "timestamp": timestamp,
@@ -155,6 +166,7 @@ mod tests {
             finish_reason: Some("stop".into()),
             error: None,
             timestamp_ms: 0,
+            endpoint: Endpoint::ChatCompletions,
             temperature: Some(0.2),
             max_tokens: 500,
             content: Some(CapturedContent {
@@ -166,7 +178,7 @@ mod tests {
 
     #[test]
     fn generation_event_uses_posthog_names_and_units() {
-        let v = generation_event(&event(), "2026-11-27T13:08:30.000Z", "https://openrouter.ai/api/v1", None, false);
+        let v = ai_event(&event(), "2026-11-27T13:08:30.000Z", "https://openrouter.ai/api/v1", None, false);
         assert_eq!(v["event"], "$ai_generation");
         assert_eq!(v["distinct_id"], "alice");
         assert_eq!(v["timestamp"], "2026-11-27T13:08:30.000Z");
@@ -186,11 +198,33 @@ mod tests {
         assert!((total - 0.002).abs() < 1e-12);
         assert_eq!(p["$ai_total_cost_usd"], 0.002);
         assert!(p.get("$ai_input").is_none() && p.get("$ai_output_choices").is_none(), "privacy by default");
+        assert_eq!(p["$ai_span_name"], "chat.completions");
+    }
+
+    #[test]
+    fn embeddings_are_ai_embedding_events_without_output() {
+        let e =
+            UsageEvent { endpoint: Endpoint::Embeddings, output_tokens: 0, ttft_ms: None, streamed: false, ..event() };
+        let v = ai_event(&e, "t", "u", None, true);
+        assert_eq!(v["event"], "$ai_embedding");
+        let p = &v["properties"];
+        assert_eq!((p["$ai_input_tokens"].as_u64(), p["$ai_total_cost_usd"].as_f64()), (Some(100), Some(0.002)));
+        assert_eq!((p["$ai_span_name"].as_str(), p["$ai_input_cost_usd"].as_f64()), (Some("embeddings"), Some(0.002)));
+        for absent in ["$ai_output_tokens", "$ai_stream", "$ai_max_tokens", "$ai_output_choices", "$ai_stop_reason"] {
+            assert!(p.get(absent).is_none(), "{absent}");
+        }
+        assert_eq!(p["$ai_input"][0]["content"], "hi", "the input, with capture on");
+        let r = UsageEvent { endpoint: Endpoint::Responses, ..event() };
+        let v = ai_event(&r, "t", "u", None, false);
+        assert_eq!(
+            (v["event"].as_str(), v["properties"]["$ai_span_name"].as_str()),
+            (Some("$ai_generation"), Some("responses"))
+        );
     }
 
     #[test]
     fn content_is_sent_only_when_capture_is_on() {
-        let v = generation_event(&event(), "t", "u", None, true);
+        let v = ai_event(&event(), "t", "u", None, true);
         assert_eq!(v["properties"]["$ai_input"][0]["content"], "hi");
         assert_eq!(v["properties"]["$ai_output_choices"][0]["content"], "hello");
     }

@@ -40,6 +40,7 @@ use web_sys::{AbortSignal, ReadableStream, WritableStream, WritableStreamDefault
 use worker::{AbortController, Delay};
 
 use crate::bindings::{now_ms, within};
+use crate::endpoint::Endpoint;
 use crate::error::ApiError;
 use crate::sse::{Output, SseScanner, StreamSummary};
 
@@ -527,7 +528,7 @@ fn upstream_end(summary: &StreamSummary) -> StreamEnd {
 /// The relay's outcome, from what it learnt.
 fn outcome(scan: Rc<RefCell<Scan>>, end: StreamEnd) -> RelayOutcome {
     let mut scan = scan.borrow_mut();
-    let scanner = std::mem::replace(&mut scan.scanner, SseScanner::new(false, false));
+    let scanner = std::mem::replace(&mut scan.scanner, SseScanner::new(Endpoint::ChatCompletions, false, false));
     RelayOutcome {
         summary: scanner.into_summary(),
         end,

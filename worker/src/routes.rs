@@ -1,9 +1,14 @@
 //! (method, path) → what the gateway does with the request. Pure, so the whole table is unit-tested.
 
+use crate::endpoint::Endpoint;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
-    ChatCompletions,
+    /// A model API: chat completions, completions, responses or embeddings.
+    Model(Endpoint),
     Models,
+    /// `GET /v1/models/{id}`: the id as sent, percent-decoded (model ids hold `/`, which SDKs encode as `%2F`).
+    ModelInfo(String),
     /// The key owner's view of its limits and usage.
     OwnUsage,
     Health,
@@ -38,7 +43,10 @@ pub fn route(method: &str, path: &str) -> Route {
     };
     let get = method == "GET" || method == "HEAD";
     match path {
-        "/v1/chat/completions" => only(method == "POST", Route::ChatCompletions, "POST"),
+        "/v1/chat/completions" => only(method == "POST", Route::Model(Endpoint::ChatCompletions), "POST"),
+        "/v1/completions" => only(method == "POST", Route::Model(Endpoint::Completions), "POST"),
+        "/v1/responses" => only(method == "POST", Route::Model(Endpoint::Responses), "POST"),
+        "/v1/embeddings" => only(method == "POST", Route::Model(Endpoint::Embeddings), "POST"),
         "/v1/models" => only(get, Route::Models, "GET"),
         "/v1/usage" => only(get, Route::OwnUsage, "GET"),
         "/health" => only(get, Route::Health, "GET"),
@@ -48,6 +56,10 @@ pub fn route(method: &str, path: &str) -> Route {
             _ => Route::MethodNotAllowed { allowed: "GET, POST" },
         },
         "/admin/usage" => only(get, Route::Admin(AdminRoute::Usage), "GET"),
+        _ if path.starts_with("/v1/models/") => match model_id(&path["/v1/models/".len()..]) {
+            Some(id) => only(get, Route::ModelInfo(id), "GET"),
+            None => Route::NotFound,
+        },
         _ => match path.strip_prefix("/admin/keys/") {
             Some(id) if !id.is_empty() && !id.contains('/') => match method {
                 "GET" => Route::Admin(AdminRoute::GetKey(id.to_owned())),
@@ -58,6 +70,12 @@ pub fn route(method: &str, path: &str) -> Route {
             _ => Route::NotFound,
         },
     }
+}
+
+/// A model id from the path: percent-decoded, non-empty, valid UTF-8 without control characters.
+fn model_id(raw: &str) -> Option<String> {
+    let id = percent_encoding::percent_decode_str(raw).decode_utf8().ok()?;
+    (!id.is_empty() && !id.chars().any(char::is_control)).then(|| id.into_owned())
 }
 
 fn only(method_ok: bool, route: Route, allowed: &'static str) -> Route {
@@ -74,10 +92,19 @@ mod tests {
 
     #[test]
     fn known_routes_match_their_method() {
-        assert_eq!(route("POST", "/v1/chat/completions"), Route::ChatCompletions);
-        assert_eq!(route("POST", "/v1/chat/completions/"), Route::ChatCompletions);
+        assert_eq!(route("POST", "/v1/chat/completions"), Route::Model(Endpoint::ChatCompletions));
+        assert_eq!(route("POST", "/v1/chat/completions/"), Route::Model(Endpoint::ChatCompletions));
+        assert_eq!(route("POST", "/v1/completions"), Route::Model(Endpoint::Completions));
+        assert_eq!(route("POST", "/v1/responses"), Route::Model(Endpoint::Responses));
+        assert_eq!(route("POST", "/v1/embeddings"), Route::Model(Endpoint::Embeddings));
+        assert_eq!(route("GET", "/v1/responses"), Route::MethodNotAllowed { allowed: "POST" });
         assert_eq!(route("GET", "/v1/models"), Route::Models);
         assert_eq!(route("GET", "/v1/usage"), Route::OwnUsage);
+        assert_eq!(route("GET", "/v1/models/openai%2Fgpt-4o"), Route::ModelInfo("openai/gpt-4o".into()));
+        assert_eq!(route("GET", "/v1/models/openai/gpt-4o:free"), Route::ModelInfo("openai/gpt-4o:free".into()));
+        assert_eq!(route("POST", "/v1/models/m"), Route::MethodNotAllowed { allowed: "GET" });
+        assert_eq!(route("GET", "/v1/models/%FF"), Route::NotFound);
+        assert_eq!(route("GET", "/v1/models/a%0Ab"), Route::NotFound);
         assert_eq!(route("GET", "/health"), Route::Health);
         assert_eq!(route("HEAD", "/health"), Route::Health);
     }
@@ -108,8 +135,17 @@ mod tests {
 
     #[test]
     fn everything_else_is_not_found_and_options_is_a_preflight() {
-        for path in ["/", "", "/v1", "/v1/completions", "/v1/chat/completions/x", "//v1/models", "/V1/models", "/admin"]
-        {
+        for path in [
+            "/",
+            "",
+            "/v1",
+            "/v1/completion",
+            "/v1/responses/x",
+            "/v1/chat/completions/x",
+            "//v1/models",
+            "/V1/models",
+            "/admin",
+        ] {
             assert_eq!(route("POST", path), Route::NotFound, "{path}");
         }
         assert_eq!(route("OPTIONS", "/anything"), Route::Preflight);

@@ -1,4 +1,6 @@
-//! Reading an OpenRouter SSE stream as it passes through, without holding it.
+//! Reading an OpenRouter SSE stream as it passes through, without holding it: chat completion chunks, legacy
+//! text completion chunks (`choices[].text`), or the Responses API's typed events (`event:` + `data:`,
+//! `response.created` … `response.completed`).
 //!
 //! [`SseScanner`] is fed the upstream's byte chunks in order. For each chunk it says what the client gets —
 //! usually the very same chunk (so the relay forwards the original buffer without copying it back out of wasm),
@@ -10,8 +12,10 @@
 //!   may index `choices[0]`, so that event is dropped.
 //! - An event whose data is not JSON would make the SDKs raise a parse error; it becomes an OpenAI error event
 //!   and the stream ends (the answer is no longer trustworthy).
-//! - A stream that ends without `[DONE]` or an error event gets an error event, so a truncated answer is never
-//!   mistaken for a complete one.
+//! - A stream that ends without its end (`[DONE]`; for Responses `response.completed` or `response.incomplete`)
+//!   or an error event gets an error event, so a truncated answer is never mistaken for a complete one. For
+//!   Responses that is the event its SDKs expect: `response.failed` (the created response, failed, with the
+//!   gateway's error) once a response was created, else an `error` event.
 //!
 //! Events that straddle chunks are held back until complete, so dropping one never tears another.
 
@@ -20,6 +24,8 @@ use std::borrow::Cow;
 use serde::de::IgnoredAny;
 use serde_json::Value;
 
+use crate::answer::responses_finish_reason;
+use crate::endpoint::Endpoint;
 use crate::error::ApiError;
 use crate::usage::Usage;
 
@@ -65,7 +71,7 @@ impl GatewayStop {
 }
 
 impl StreamSummary {
-    /// The stream reached its natural end (`[DONE]` or the upstream's own error event).
+    /// The stream reached its natural end (its end event or the upstream's own error event).
     pub fn ended_by_upstream(&self) -> bool {
         self.done || self.upstream_error.is_some()
     }
@@ -91,10 +97,21 @@ pub struct Step {
 
 #[derive(Debug)]
 pub struct SseScanner {
+    endpoint: Endpoint,
     include_usage: bool,
     pending: Vec<u8>,
     stopped: bool,
     summary: StreamSummary,
+    responses: ResponsesState,
+}
+
+/// What a Responses stream's failure ending needs: the created response and the last sequence number.
+#[derive(Debug, Default)]
+struct ResponsesState {
+    /// The `response` object of the latest `response.created` / `response.in_progress`, as sent.
+    snapshot: Option<String>,
+    last_sequence: Option<u64>,
+    called_a_tool: bool,
 }
 
 enum Verdict {
@@ -105,9 +122,10 @@ enum Verdict {
 
 impl SseScanner {
     /// `capture_text`: keep the generated content (for analytics with content capture on).
-    pub fn new(include_usage: bool, capture_text: bool) -> Self {
+    pub fn new(endpoint: Endpoint, include_usage: bool, capture_text: bool) -> Self {
         let summary = StreamSummary { completion_text: capture_text.then(String::new), ..StreamSummary::default() };
-        Self { include_usage, pending: Vec::new(), stopped: false, summary }
+        let responses = ResponsesState::default();
+        Self { endpoint, include_usage, pending: Vec::new(), stopped: false, summary, responses }
     }
 
     pub fn summary(&self) -> &StreamSummary {
@@ -133,7 +151,11 @@ impl SseScanner {
         while let Some(len) = next_event_len(&self.pending[consumed..]) {
             let event = &self.pending[consumed..consumed + len];
             consumed += len;
-            match classify(event, self.include_usage, &mut self.summary) {
+            let verdict = match self.endpoint {
+                Endpoint::Responses => classify_response_event(event, &mut self.summary, &mut self.responses),
+                _ => classify(event, self.include_usage, &mut self.summary),
+            };
+            match verdict {
                 Verdict::Keep => out.extend_from_slice(event),
                 Verdict::Drop => changed = true,
                 Verdict::Malformed => {
@@ -186,7 +208,10 @@ impl SseScanner {
         self.stopped = true;
         self.pending.clear();
         self.summary.gateway_stop = Some(stop);
-        stop.error().sse_event()
+        match self.endpoint {
+            Endpoint::Responses => self.responses.failure_event(&stop.error()),
+            _ => stop.error().sse_event(),
+        }
     }
 }
 
@@ -249,6 +274,137 @@ fn classify(event: &[u8], include_usage: bool, summary: &mut StreamSummary) -> V
     }
 }
 
+impl ResponsesState {
+    /// `response.failed` with the created response (status `failed`, the gateway's error), or OpenAI's `error`
+    /// event when no response was created yet.
+    fn failure_event(&self, error: &ApiError) -> String {
+        let sequence_number = self.last_sequence.map_or(0, |n| n + 1);
+        let code = error.code.unwrap_or(error.kind);
+        let snapshot = self.snapshot.as_deref().and_then(|s| serde_json::from_str::<Value>(s).ok());
+        match snapshot {
+            Some(Value::Object(mut response)) => {
+                response.insert("status".into(), "failed".into());
+                response.insert("error".into(), serde_json::json!({"code": code, "message": error.message.as_ref()}));
+                let data = serde_json::json!({"type": "response.failed", "sequence_number": sequence_number,
+                    "response": response});
+                format!("event: response.failed\ndata: {data}\n\n")
+            }
+            _ => {
+                let data = serde_json::json!({"type": "error", "code": code, "message": error.message.as_ref(),
+                    "param": null, "sequence_number": sequence_number});
+                format!("event: error\ndata: {data}\n\n")
+            }
+        }
+    }
+}
+
+/// One Responses event: deltas are counted as generated text, lifecycle events give the response's id, model,
+/// usage and end. Every event reaches the client as sent.
+fn classify_response_event(event: &[u8], summary: &mut StreamSummary, state: &mut ResponsesState) -> Verdict {
+    #[derive(serde::Deserialize)]
+    struct Event<'a> {
+        #[serde(borrow, rename = "type")]
+        kind: Option<Cow<'a, str>>,
+        #[serde(borrow)]
+        delta: Option<Cow<'a, str>>,
+        sequence_number: Option<u64>,
+        #[serde(borrow)]
+        response: Option<&'a serde_json::value::RawValue>,
+        #[serde(borrow)]
+        item: Option<&'a serde_json::value::RawValue>,
+        #[serde(borrow)]
+        message: Option<Cow<'a, str>>,
+        /// OpenRouter documents `error` events both flat (`message`) and nested (`error.message`).
+        error: Option<Value>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Response<'a> {
+        #[serde(borrow)]
+        id: Option<Cow<'a, str>>,
+        #[serde(borrow)]
+        model: Option<Cow<'a, str>>,
+        #[serde(borrow)]
+        status: Option<Cow<'a, str>>,
+        incomplete_details: Option<Value>,
+        usage: Option<Value>,
+        error: Option<Value>,
+    }
+    let Some(data) = event_data(event) else { return Verdict::Keep };
+    if data.as_ref() == b"[DONE]" {
+        summary.done = true;
+        return Verdict::Keep;
+    }
+    let Ok(parsed) = serde_json::from_slice::<Event>(&data) else { return Verdict::Malformed };
+    let kind = parsed.kind.as_deref().map(Cow::Borrowed).or_else(|| event_name(event)).unwrap_or_default();
+    if let Some(n) = parsed.sequence_number {
+        state.last_sequence = Some(state.last_sequence.map_or(n, |last| last.max(n)));
+    }
+    let delta = parsed.delta.as_deref();
+    match kind.as_ref() {
+        "response.output_text.delta" | "response.refusal.delta" => record_delta(summary, None, delta, None, None),
+        "response.reasoning_text.delta" | "response.reasoning_summary_text.delta" => {
+            record_delta(summary, None, None, delta, None)
+        }
+        "response.function_call_arguments.delta" | "response.custom_tool_call_input.delta" => {
+            record_delta(summary, None, None, None, Some(chars(delta)))
+        }
+        "response.output_item.added" => {
+            let item = parsed.item.and_then(|raw| serde_json::from_str::<crate::answer::OutputItem>(raw.get()).ok());
+            if item.is_some_and(|i| i.kind.as_deref() == Some("function_call")) {
+                state.called_a_tool = true;
+            }
+        }
+        "error" | "response.error" => {
+            let nested = parsed.error.as_ref().and_then(|e| e.get("message")).and_then(Value::as_str);
+            summary.upstream_error = Some(parsed.message.as_deref().or(nested).unwrap_or("upstream error").to_owned());
+            summary.finish_reason = Some("error".to_owned());
+        }
+        "response.created"
+        | "response.in_progress"
+        | "response.completed"
+        | "response.incomplete"
+        | "response.failed" => {
+            let Some(raw) = parsed.response else { return Verdict::Malformed };
+            let Ok(response) = serde_json::from_str::<Response>(raw.get()) else { return Verdict::Malformed };
+            if summary.generation_id.is_none() {
+                summary.generation_id = response.id.map(Cow::into_owned);
+            }
+            if let Some(model) = response.model {
+                summary.served_model = Some(model.into_owned());
+            }
+            match kind.as_ref() {
+                "response.created" | "response.in_progress" => state.snapshot = Some(raw.get().to_owned()),
+                "response.failed" => {
+                    let message = response.error.as_ref().and_then(|e| e.get("message")).and_then(Value::as_str);
+                    summary.upstream_error = Some(message.unwrap_or("The response failed upstream.").to_owned());
+                    summary.finish_reason = Some("error".to_owned());
+                }
+                _ => {
+                    summary.usage = response.usage.as_ref().and_then(Usage::from_json);
+                    summary.finish_reason = responses_finish_reason(
+                        response.status.as_deref(),
+                        response.incomplete_details.as_ref(),
+                        state.called_a_tool,
+                    );
+                    summary.done = true;
+                }
+            }
+        }
+        _ => {}
+    }
+    Verdict::Keep
+}
+
+/// The event's `event:` name, when its data carries no `type`.
+fn event_name(event: &[u8]) -> Option<Cow<'static, str>> {
+    event.split(|&b| b == b'\n').find_map(|line| {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let name = line.strip_prefix(b"event:")?;
+        let name = std::str::from_utf8(name).ok()?.trim();
+        Some(Cow::Owned(name.to_owned()))
+    })
+}
+
 /// The common event — a content delta — read without building a JSON tree: only the fields the summary needs are
 /// decoded (borrowed where possible), the rest is skipped. Returns false for anything else (usage, errors, odd
 /// shapes), which the full reading handles.
@@ -268,6 +424,9 @@ fn record_content_chunk(data: &[u8], summary: &mut StreamSummary) -> bool {
     struct Choice<'a> {
         #[serde(borrow)]
         delta: Option<Delta<'a>>,
+        /// Legacy text completions.
+        #[serde(borrow)]
+        text: Option<Cow<'a, str>>,
         #[serde(borrow)]
         finish_reason: Option<Cow<'a, str>>,
     }
@@ -317,7 +476,7 @@ fn record_content_chunk(data: &[u8], summary: &mut StreamSummary) -> bool {
         record_delta(
             summary,
             choice.finish_reason.as_deref(),
-            delta.and_then(|d| d.content.as_deref()),
+            delta.and_then(|d| d.content.as_deref()).or(choice.text.as_deref()),
             delta.and_then(|d| d.reasoning.as_deref()),
             tool_calls.map(|_| tool_chars),
         );
@@ -345,7 +504,7 @@ fn record_choice(choice: &Value, summary: &mut StreamSummary) {
     record_delta(
         summary,
         choice.get("finish_reason").and_then(Value::as_str),
-        text("content"),
+        text("content").or_else(|| choice.get("text").and_then(Value::as_str)),
         text("reasoning"),
         tool_chars,
     );
@@ -421,7 +580,7 @@ mod tests {
 
     /// Feeds the chunks and returns what the client would receive, plus the summary.
     fn run(include_usage: bool, chunks: &[&[u8]]) -> (Vec<u8>, StreamSummary) {
-        let mut scanner = SseScanner::new(include_usage, false);
+        let mut scanner = SseScanner::new(Endpoint::ChatCompletions, include_usage, false);
         let mut client = Vec::new();
         for chunk in chunks {
             let step = scanner.push(chunk);
@@ -453,7 +612,7 @@ mod tests {
 
     #[test]
     fn whole_events_pass_unchanged_and_usage_is_recorded() {
-        let mut scanner = SseScanner::new(true, false);
+        let mut scanner = SseScanner::new(Endpoint::ChatCompletions, true, false);
         for piece in [content("Hi"), finish("stop"), usage_chunk(), DONE.to_owned()] {
             assert_eq!(scanner.push(piece.as_bytes()).output, Output::Same);
         }
@@ -505,7 +664,7 @@ mod tests {
 
     #[test]
     fn first_token_is_reported_once_on_the_chunk_that_carries_it() {
-        let mut scanner = SseScanner::new(false, false);
+        let mut scanner = SseScanner::new(Endpoint::ChatCompletions, false, false);
         let role_only = "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n";
         assert!(!scanner.push(b": OPENROUTER PROCESSING\n\n").first_token);
         assert!(!scanner.push(role_only.as_bytes()).first_token);
@@ -515,8 +674,8 @@ mod tests {
 
     #[test]
     fn content_is_kept_only_when_capturing() {
-        let mut capturing = SseScanner::new(false, true);
-        let mut plain = SseScanner::new(false, false);
+        let mut capturing = SseScanner::new(Endpoint::ChatCompletions, false, true);
+        let mut plain = SseScanner::new(Endpoint::ChatCompletions, false, false);
         for piece in [content("Hel"), content("lo"), finish("stop")] {
             capturing.push(piece.as_bytes());
             plain.push(piece.as_bytes());
@@ -527,7 +686,7 @@ mod tests {
 
     #[test]
     fn tool_call_deltas_count_as_first_token() {
-        let mut scanner = SseScanner::new(false, false);
+        let mut scanner = SseScanner::new(Endpoint::ChatCompletions, false, false);
         let tool =
             "data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"name\":\"f\"}}]}}]}\n\n";
         assert!(scanner.push(tool.as_bytes()).first_token);
@@ -585,7 +744,7 @@ mod tests {
         assert!(text.contains("\"error\""));
         assert_eq!(summary.gateway_stop, Some(GatewayStop::CutOff));
 
-        let mut scanner = SseScanner::new(false, false);
+        let mut scanner = SseScanner::new(Endpoint::ChatCompletions, false, false);
         let partial = content("torn");
         let step = scanner.push(&partial.as_bytes()[..10]);
         assert_eq!(step.output, Output::Rewritten(Vec::new()));
@@ -603,7 +762,7 @@ mod tests {
 
     #[test]
     fn endless_event_without_newlines_is_bounded() {
-        let mut scanner = SseScanner::new(false, false);
+        let mut scanner = SseScanner::new(Endpoint::ChatCompletions, false, false);
         let blob = vec![b'a'; 64 * 1024];
         let mut stopped = false;
         for _ in 0..40 {
@@ -614,5 +773,184 @@ mod tests {
         }
         assert!(stopped);
         assert!(scanner.push(b"data: [DONE]\n\n").stop, "nothing more is forwarded after a stop");
+    }
+
+    /// Feeds whole events of any endpoint; returns the client's bytes and the summary.
+    fn run_at(endpoint: Endpoint, events: &[String], interrupted: bool) -> (String, StreamSummary) {
+        let mut scanner = SseScanner::new(endpoint, false, true);
+        let mut client = Vec::new();
+        for event in events {
+            let step = scanner.push(event.as_bytes());
+            match step.output {
+                Output::Same => client.extend_from_slice(event.as_bytes()),
+                Output::Rewritten(bytes) => client.extend_from_slice(&bytes),
+            }
+            if step.stop {
+                return (String::from_utf8_lossy(&client).into_owned(), scanner.into_summary());
+            }
+        }
+        if let Some(tail) = scanner.finish(interrupted) {
+            client.extend_from_slice(&tail);
+        }
+        (String::from_utf8_lossy(&client).into_owned(), scanner.into_summary())
+    }
+
+    fn typed(kind: &str, sequence_number: u64, mut data: Value) -> String {
+        data["type"] = json!(kind);
+        data["sequence_number"] = json!(sequence_number);
+        format!("event: {kind}\ndata: {data}\n\n")
+    }
+
+    fn response_object(status: &str) -> Value {
+        json!({"id": "gen-r", "object": "response", "model": "m/served", "status": status, "output": [],
+            "usage": null, "instructions": "be brief"})
+    }
+
+    fn responses_stream() -> Vec<String> {
+        let mut completed = response_object("completed");
+        completed["usage"] = json!({"input_tokens": 9, "output_tokens": 2, "total_tokens": 11, "cost": 0.5,
+            "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}});
+        vec![
+            ": OPENROUTER PROCESSING\n\n".to_owned(),
+            typed("response.created", 0, json!({"response": response_object("in_progress")})),
+            typed("response.in_progress", 1, json!({"response": response_object("in_progress")})),
+            typed(
+                "response.output_item.added",
+                2,
+                json!({"output_index": 0, "item": {"type": "message", "id": "m1",
+                "role": "assistant", "content": []}}),
+            ),
+            typed(
+                "response.output_text.delta",
+                3,
+                json!({"item_id": "m1", "output_index": 0, "content_index": 0,
+                "delta": "Hé"}),
+            ),
+            typed(
+                "response.output_text.delta",
+                4,
+                json!({"item_id": "m1", "output_index": 0, "content_index": 0,
+                "delta": "llo"}),
+            ),
+            typed("response.output_text.done", 5, json!({"text": "Héllo"})),
+            typed("response.completed", 6, json!({"response": completed})),
+        ]
+    }
+
+    #[test]
+    fn responses_events_pass_as_sent_and_usage_comes_from_response_completed() {
+        let events = responses_stream();
+        let (client, s) = run_at(Endpoint::Responses, &events, false);
+        assert_eq!(client, events.concat(), "nothing is edited");
+        assert!(s.done && s.first_token_seen && s.gateway_stop.is_none());
+        let usage = s.usage.expect("usage");
+        assert_eq!((usage.prompt_tokens, usage.completion_tokens, usage.cost), (9, 2, Some(0.5)));
+        assert_eq!((s.completion_chars, s.completion_text.as_deref()), (5, Some("Héllo")));
+        assert_eq!((s.generation_id.as_deref(), s.served_model.as_deref()), (Some("gen-r"), Some("m/served")));
+        assert_eq!(s.finish_reason.as_deref(), Some("stop"));
+        // OpenRouter may add [DONE] after the end: passed on, harmless.
+        let mut with_done = events.clone();
+        with_done.push(DONE.to_owned());
+        assert!(run_at(Endpoint::Responses, &with_done, false).1.done);
+    }
+
+    #[test]
+    fn a_cut_responses_stream_ends_with_response_failed_or_an_error_event() {
+        let events = responses_stream();
+        // Cut after the first delta: the created response comes back failed, numbered after the last event.
+        let (client, s) = run_at(Endpoint::Responses, &events[..5], true);
+        assert_eq!(s.gateway_stop, Some(GatewayStop::CutOff));
+        assert!(!s.done && s.usage.is_none());
+        let tail = client.strip_prefix(&events[..5].concat()).expect("the events as sent, then the ending").to_owned();
+        assert!(tail.starts_with("event: response.failed\ndata: "), "{tail}");
+        let data: Value =
+            serde_json::from_str(tail.trim_end().trim_start_matches("event: response.failed\ndata: ")).expect("json");
+        assert_eq!((data["type"].as_str(), data["sequence_number"].as_u64()), (Some("response.failed"), Some(4)));
+        assert_eq!(
+            (data["response"]["status"].as_str(), data["response"]["id"].as_str()),
+            (Some("failed"), Some("gen-r"))
+        );
+        assert_eq!(data["response"]["error"]["code"], "upstream_cut_off");
+        assert_eq!(data["response"]["instructions"], "be brief", "the created response, as sent");
+        // Cut before any event: OpenAI's error event.
+        let (client, s) = run_at(Endpoint::Responses, &events[..1], true);
+        assert_eq!(s.gateway_stop, Some(GatewayStop::CutOff));
+        assert!(client.contains("event: error\ndata: {"), "{client}");
+        assert!(client.contains(r#""type":"error""#) && client.contains(r#""sequence_number":0"#), "{client}");
+        // A clean close without response.completed is a cut too.
+        assert_eq!(run_at(Endpoint::Responses, &events[..7], false).1.gateway_stop, Some(GatewayStop::CutOff));
+        // Garbage ends the stream the same way.
+        let mut garbage = events[..4].to_vec();
+        garbage.push("data: {not json\n\n".to_owned());
+        let (client, s) = run_at(Endpoint::Responses, &garbage, false);
+        assert_eq!(s.gateway_stop, Some(GatewayStop::Malformed));
+        assert!(client.ends_with("\n\n") && client.contains("event: response.failed"));
+        assert!(!client.contains("not json"));
+    }
+
+    #[test]
+    fn upstream_failures_and_incomplete_responses_are_natural_ends() {
+        let events = responses_stream();
+        let mut failed = response_object("failed");
+        failed["error"] = json!({"code": "server_error", "message": "Provider disconnected"});
+        let mut stream = events[..5].to_vec();
+        stream.push(typed("response.failed", 5, json!({"response": failed})));
+        let (client, s) = run_at(Endpoint::Responses, &stream, false);
+        assert_eq!(client, stream.concat());
+        assert_eq!((s.upstream_error.as_deref(), s.gateway_stop), (Some("Provider disconnected"), None));
+        assert_eq!(s.finish_reason.as_deref(), Some("error"));
+        let mut stream = events[..5].to_vec();
+        stream.push(typed("error", 5, json!({"code": "rate_limit", "message": "slow down", "param": null})));
+        assert_eq!(run_at(Endpoint::Responses, &stream, false).1.upstream_error.as_deref(), Some("slow down"));
+        // OpenRouter's nested form, on a data-only event.
+        let mut stream = events[..5].to_vec();
+        stream.push(format!("data: {}\n\n", json!({"type": "error", "error": {"code": 502, "message": "nested"}})));
+        assert_eq!(run_at(Endpoint::Responses, &stream, false).1.upstream_error.as_deref(), Some("nested"));
+        let mut incomplete = response_object("incomplete");
+        incomplete["incomplete_details"] = json!({"reason": "max_output_tokens"});
+        incomplete["usage"] = json!({"input_tokens": 9, "output_tokens": 1});
+        let mut stream = events[..5].to_vec();
+        stream.push(typed("response.incomplete", 5, json!({"response": incomplete})));
+        let s = run_at(Endpoint::Responses, &stream, false).1;
+        assert!(s.done);
+        assert_eq!((s.finish_reason.as_deref(), s.usage.map(|u| u.completion_tokens)), (Some("length"), Some(1)));
+    }
+
+    #[test]
+    fn responses_tool_calls_and_reasoning_count_as_generated() {
+        let mut completed = response_object("completed");
+        completed["usage"] = json!({"input_tokens": 1, "output_tokens": 1});
+        let stream = vec![
+            typed("response.created", 0, json!({"response": response_object("in_progress")})),
+            typed("response.reasoning_summary_text.delta", 1, json!({"delta": "hmm"})),
+            typed(
+                "response.output_item.added",
+                2,
+                json!({"output_index": 1, "item": {"type": "function_call",
+                "name": "f", "arguments": "", "call_id": "c"}}),
+            ),
+            typed("response.function_call_arguments.delta", 3, json!({"delta": "{\"a\":1}"})),
+            typed("response.completed", 4, json!({"response": completed})),
+        ];
+        let s = run_at(Endpoint::Responses, &stream, false).1;
+        assert_eq!((s.completion_chars, s.finish_reason.as_deref()), (3 + 7, Some("tool_calls")));
+        assert_eq!(s.completion_text.as_deref(), Some(""), "only output text is captured");
+    }
+
+    #[test]
+    fn legacy_completion_chunks_are_read_from_their_text_and_lose_the_usage_chunk() {
+        let chunk = |text: &str, finish: Value| {
+            let chunk = json!({"id": "gen-c", "object": "text_completion", "model": "m/served",
+                "choices": [{"text": text, "index": 0, "logprobs": null, "finish_reason": finish}]});
+            format!("data: {chunk}\n\n")
+        };
+        let events = vec![chunk("Hel", Value::Null), chunk("lo", json!("stop")), usage_chunk(), DONE.to_owned()];
+        let (client, s) = run_at(Endpoint::Completions, &events, false);
+        assert_eq!(client, [events[0].as_str(), &events[1], DONE].concat(), "the usage chunk was not asked for");
+        assert_eq!((s.completion_chars, s.completion_text.as_deref()), (5, Some("Hello")));
+        assert_eq!((s.finish_reason.as_deref(), s.done, s.usage.is_some()), (Some("stop"), true, true));
+        let (client, s) = run_at(Endpoint::Completions, &events[..1], true);
+        assert_eq!(s.gateway_stop, Some(GatewayStop::CutOff));
+        assert!(client.contains("closed the stream"));
     }
 }

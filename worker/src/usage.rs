@@ -1,4 +1,5 @@
-//! Token usage as OpenRouter reports it (in a completion body or the final stream chunk), read leniently:
+//! Token usage as OpenRouter reports it (in a completion body, the final stream chunk, a Responses object or an
+//! embeddings list), read leniently:
 //! a missing or oddly typed field is a zero, never a failed request, and absurd values are clamped to what one
 //! request can account for ([`Amount::MAX_TOKENS`], [`Amount::MAX_USD`]).
 
@@ -19,7 +20,8 @@ pub struct Usage {
 }
 
 impl Usage {
-    /// Reads an OpenAI/OpenRouter `usage` object.
+    /// Reads an OpenAI/OpenRouter `usage` object: chat's names (`prompt_tokens`, `completion_tokens`, `…_details`)
+    /// or the Responses API's (`input_tokens`, `output_tokens`, `input_tokens_details`, `output_tokens_details`).
     pub fn from_json(usage: &Value) -> Option<Usage> {
         let usage = usage.as_object()?;
         let count = |v: Option<&Value>| {
@@ -27,12 +29,14 @@ impl Usage {
                 .filter(|n| n.is_finite() && *n >= 0.0)
                 .map_or(0, |n| (n as u64).min(Amount::MAX_TOKENS))
         };
-        let nested = |outer: &str, inner: &str| count(usage.get(outer).and_then(|o| o.get(inner)));
+        let either = |chat: &str, responses: &str| usage.get(chat).or_else(|| usage.get(responses));
+        let nested =
+            |chat: &str, responses: &str, inner: &str| count(either(chat, responses).and_then(|o| o.get(inner)));
         Some(Usage {
-            prompt_tokens: count(usage.get("prompt_tokens")),
-            completion_tokens: count(usage.get("completion_tokens")),
-            cached_tokens: nested("prompt_tokens_details", "cached_tokens"),
-            reasoning_tokens: nested("completion_tokens_details", "reasoning_tokens"),
+            prompt_tokens: count(either("prompt_tokens", "input_tokens")),
+            completion_tokens: count(either("completion_tokens", "output_tokens")),
+            cached_tokens: nested("prompt_tokens_details", "input_tokens_details", "cached_tokens"),
+            reasoning_tokens: nested("completion_tokens_details", "output_tokens_details", "reasoning_tokens"),
             cost: usage
                 .get("cost")
                 .and_then(Value::as_f64)
@@ -70,6 +74,25 @@ mod tests {
             }
         );
         assert_eq!(u.total_tokens(), 196);
+    }
+
+    #[test]
+    fn reads_responses_and_embeddings_usage() {
+        let u = Usage::from_json(&json!({"input_tokens": 36, "input_tokens_details": {"cached_tokens": 6},
+            "output_tokens": 87, "output_tokens_details": {"reasoning_tokens": 40}, "total_tokens": 123, "cost": 0.01}))
+        .expect("usage");
+        assert_eq!(
+            u,
+            Usage {
+                prompt_tokens: 36,
+                completion_tokens: 87,
+                cached_tokens: 6,
+                reasoning_tokens: 40,
+                cost: Some(0.01)
+            }
+        );
+        let e = Usage::from_json(&json!({"prompt_tokens": 8, "total_tokens": 8, "cost": 0.0000016})).expect("usage");
+        assert_eq!((e.prompt_tokens, e.completion_tokens, e.cost), (8, 0, Some(0.0000016)));
     }
 
     #[test]

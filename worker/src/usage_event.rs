@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::endpoint::Endpoint;
 use crate::pricing::ModelPrice;
 use crate::usage::Usage;
 
@@ -47,6 +48,9 @@ pub struct UsageEvent {
     pub error: Option<String>,
     /// When the request arrived (ms since the epoch).
     pub timestamp_ms: u64,
+    /// The API the request used (events queued before it was recorded were chat completions).
+    #[serde(default)]
+    pub endpoint: Endpoint,
     pub temperature: Option<f64>,
     pub max_tokens: u32,
     /// The request's messages and the answer's text, only when content capture is on.
@@ -190,6 +194,7 @@ mod tests {
             finish_reason: Some("stop".into()),
             error: None,
             timestamp_ms: 1,
+            endpoint: Endpoint::ChatCompletions,
             temperature: None,
             max_tokens: 5,
             content: None,

@@ -12,6 +12,7 @@ pub enum GroupBy {
     Model,
     Key,
     User,
+    Endpoint,
 }
 
 impl GroupBy {
@@ -22,7 +23,10 @@ impl GroupBy {
             Some("model") => Ok(GroupBy::Model),
             Some("key") => Ok(GroupBy::Key),
             Some("user") => Ok(GroupBy::User),
-            Some(_) => Err(ApiError::invalid_param("group_by", "'group_by' must be day, model, key or user.")),
+            Some("endpoint") => Ok(GroupBy::Endpoint),
+            Some(_) => {
+                Err(ApiError::invalid_param("group_by", "'group_by' must be day, model, key, user or endpoint."))
+            }
         }
     }
 
@@ -34,6 +38,7 @@ impl GroupBy {
             GroupBy::Model => "model",
             GroupBy::Key => "key_id",
             GroupBy::User => "user_id",
+            GroupBy::Endpoint => "endpoint",
         }
     }
 
@@ -44,6 +49,7 @@ impl GroupBy {
             GroupBy::Model => "model",
             GroupBy::Key => "key_id",
             GroupBy::User => "user_id",
+            GroupBy::Endpoint => "endpoint",
         }
     }
 }
@@ -143,6 +149,8 @@ mod tests {
         assert_eq!(GroupBy::parse(Some("day")).ok(), Some(GroupBy::Day));
         assert_eq!(GroupBy::parse(Some("model; DROP TABLE")).err().and_then(|e| e.param).as_deref(), Some("group_by"));
         assert!(aggregate_sql(GroupBy::Day).contains("substr(created_at, 1, 10) AS grp"));
+        assert_eq!(GroupBy::parse(Some("endpoint")).ok(), Some(GroupBy::Endpoint));
+        assert!(aggregate_sql(GroupBy::Endpoint).contains("SELECT endpoint AS grp"));
     }
 
     #[test]
