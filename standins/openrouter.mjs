@@ -72,6 +72,9 @@
 // Every endpoint sends X-Generation-Id (the body's `id` too), records the request and counts it in the stats
 // (chat_completions, completions, responses, embeddings).
 //
+// GET /api/v1/models and GET /api/v1/embeddings/models: the text and the embedding models, with prices (stats
+// models and embedding_models count the fetches).
+//
 // GET /api/v1/generation?id=<X-Generation-Id>: OpenRouter's generation stats. Every served completion, response
 // and embedding is a generation (api_type "completions", or "embeddings"; not errors answered before any token;
 // the last MAX_GENERATIONS are kept); it ends when the answer is complete, when the stand-in cut it
@@ -141,6 +144,7 @@ const stats = {
   responses: 0,
   embeddings: 0,
   models: 0,
+  embedding_models: 0,
   aborted_streams: 0,
   completion_tokens_streamed: 0,
   generation_lookups: 0,
@@ -1382,11 +1386,26 @@ const MODELS_BODY = JSON.stringify({
   ],
 });
 
+// OpenRouter lists embedding models apart, in the same shape; priced as this stand-in charges embeddings.
+const EMBEDDING_MODELS_BODY = JSON.stringify({
+  data: [
+    {
+      ...modelEntry('openai/text-embedding-3-small', 'OpenAI: Text Embedding 3 Small', 8192, 0, 'GPT', [], {
+        ...DEFAULT_PRICING,
+        completion: '0',
+      }),
+      architecture: { modality: 'text->text', input_modalities: ['text'], output_modalities: ['embeddings'], tokenizer: 'GPT' },
+    },
+  ],
+});
+
 async function handleModels(req, res, path) {
-  stats.models++;
+  const embeddings = path === `${BASE}/embeddings/models`;
+  if (embeddings) stats.embedding_models++;
+  else stats.models++;
   const raw = await readBody(req);
   record(req, path, raw ?? '', raw ? (parseJson(raw) ?? null) : null);
-  sendJson(res, 200, MODELS_BODY);
+  sendJson(res, 200, embeddings ? EMBEDDING_MODELS_BODY : MODELS_BODY);
 }
 
 async function handleControl(req, res, path) {
@@ -1429,7 +1448,7 @@ async function route(req, res) {
   const post = POST_ROUTES.get(path);
   if (post) {
     if (req.method === 'POST') return post(req, res, path);
-  } else if (path === `${BASE}/models`) {
+  } else if (path === `${BASE}/models` || path === `${BASE}/embeddings/models`) {
     if (req.method === 'GET') return handleModels(req, res, path);
   } else if (path === `${BASE}/generation`) {
     if (req.method === 'GET') return handleGeneration(req, res, path);

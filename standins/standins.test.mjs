@@ -326,6 +326,17 @@ describe('openrouter stand-in', () => {
     }
   });
 
+  it('lists embedding models apart, priced as embeddings are charged', async () => {
+    const before = (await (await fetch(`${server.origin}/__standin/stats`)).json()).embedding_models;
+    const { data } = await (await fetch(`${server.url}/embeddings/models`)).json();
+    assert.deepEqual(data.map((m) => m.id), ['openai/text-embedding-3-small']);
+    assert.deepEqual(data[0].architecture.output_modalities, ['embeddings']);
+    assert.equal(data[0].pricing.prompt, '0.000001');
+    assert.equal(data[0].pricing.completion, '0');
+    const after = (await (await fetch(`${server.origin}/__standin/stats`)).json()).embedding_models;
+    assert.equal(after, before + 1);
+  });
+
   it('records requests and clears them', async () => {
     await chat({ model: 'm', messages, standin: { note: 'recorded' } });
     await fetch(`${server.url}/models`);

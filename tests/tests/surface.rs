@@ -18,6 +18,7 @@ fn options() -> GatewayOptions {
         .var("RATE_LIMIT_PER_MINUTE", 100_000)
         .var("ADMIN_API_KEY", ADMIN_KEY)
         .keys(&["sdk", "raw"])
+        .key_with("usd", &[("usd_limit", "1.0")])
         .posthog(&[]);
     // One key per endpoint at 1 request per minute.
     for endpoint in ENDPOINTS {
@@ -387,6 +388,29 @@ async fn a_cut_responses_stream_ends_with_response_failed_and_is_billed_by_estim
     assert_eq!((row["endpoint"].as_str(), row["error"].as_str()), (Some("responses"), Some("cut_off")));
     assert!(matches!(row["usage_source"].as_str(), Some("estimated" | "reconciled")), "{row}");
     assert!(u(&row["output_tokens"]) > 0);
+}
+
+/// Embedding models come from OpenRouter's own list of them (`/embeddings/models`), merged into the gateway's: they
+/// can be looked up, and priced for a key with a USD budget.
+#[tokio::test]
+async fn embedding_models_are_listed_and_priced_for_usd_budgets() {
+    let gw = gateway();
+    let key = &gw.key("usd").secret;
+    let model = client().get(gw.url("/v1/models/openai%2Ftext-embedding-3-small")).bearer_auth(key).send().await;
+    let model: Value = model.expect("reachable").json().await.expect("JSON");
+    assert_eq!((model["id"].as_str(), model["pricing"]["prompt"].as_str()), (Some("openai/text-embedding-3-small"), Some("0.000001")));
+    let id = format!("usd-{}", random_hex(4));
+    let body = json!({"model": "openai/text-embedding-3-small", "input": ["one two three four", "five"]});
+    let response = post(gw, "embeddings", key, &id, &body).await;
+    assert_eq!(response.status(), 200, "a priced embedding model is admitted on a USD budget");
+    let answer: Value = response.json().await.expect("JSON");
+    let tokens = u(&answer["usage"]["prompt_tokens"]);
+    let row = &ledger_rows(gw, &id, 1).await[&id];
+    assert_eq!(u(&row["input_tokens"]), tokens);
+    assert!((row["cost"].as_f64().unwrap_or_default() - tokens as f64 * 0.000001).abs() < 1e-12, "{row}");
+    // Its charge reached the key's budget.
+    let usage = gw.own_usage(key).await;
+    assert!(usage["current"]["budget_used"]["usd"].as_f64().is_some_and(|usd| usd > 0.0), "{usage}");
 }
 
 #[tokio::test]

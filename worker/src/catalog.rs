@@ -29,9 +29,7 @@ pub async fn model_list(env: &Env, config: &Config) -> Result<String, ApiError> 
     if let Some(fresh) = cached.as_ref().filter(|c| c.is_fresh(now, ttl)) {
         return Ok(fresh.body.clone());
     }
-    let fetched = forward::get_models(config)
-        .await
-        .and_then(|raw| models::to_openai_list(&raw).ok_or_else(ApiError::upstream_malformed));
+    let fetched = fetch_lists(config).await;
     match (fetched, cached) {
         (Ok(body), _) => {
             if ttl > 0 {
@@ -48,6 +46,18 @@ pub async fn model_list(env: &Env, config: &Config) -> Result<String, ApiError> 
 }
 
 /// Every model's price, as this isolate last read them. `None` only when no list could be had at all.
+/// OpenRouter lists text models at `/models` and embedding models at `/embeddings/models`; the gateway serves
+/// (and prices) both as one list, as OpenAI's `/v1/models` does. Without the embeddings list (an upstream that
+/// does not serve it, or fails to) the text models are served alone.
+async fn fetch_lists(config: &Config) -> Result<String, ApiError> {
+    let (models, embeddings) =
+        futures_util::join!(forward::get_models(config, "models"), forward::get_models(config, "embeddings/models"));
+    let models = models?;
+    let embeddings = embeddings.map_err(|e| log_error("embedding_models_unavailable", e.label)).ok();
+    let lists: Vec<&[u8]> = [Some(models.as_slice()), embeddings.as_deref()].into_iter().flatten().collect();
+    models::to_openai_list(&lists).ok_or_else(ApiError::upstream_malformed)
+}
+
 pub async fn prices(env: &Env, config: &Config) -> Option<Rc<PriceTable>> {
     let now = now_ms();
     let ttl_ms = (config.models_cache_ttl_secs * 1000).max(MIN_PRICES_TTL_MS);

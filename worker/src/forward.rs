@@ -44,9 +44,9 @@ pub async fn post(config: &Config, endpoint: Endpoint, body: &str) -> Result<Ups
     send(request, config.upstream_timeout_secs).await
 }
 
-/// Fetches the upstream model list (OpenRouter's shape).
-pub async fn get_models(config: &Config) -> Result<Vec<u8>, ApiError> {
-    let url = format!("{}/models", config.upstream_base_url);
+/// Fetches an upstream model list (OpenRouter's shape): `models` (text models) or `embeddings/models`.
+pub async fn get_models(config: &Config, list: &str) -> Result<Vec<u8>, ApiError> {
+    let url = format!("{}/{list}", config.upstream_base_url);
     let mut init = RequestInit::new();
     init.with_method(Method::Get).with_headers(upstream_headers(config)?);
     let request = Request::new_with_init(&url, &init).map_err(|e| internal("upstream_request_build", &e))?;

@@ -21,11 +21,18 @@ pub const KV_MIN_TTL_SECS: u64 = 60;
 
 /// Converts OpenRouter's `{"data":[{id, created, context_length, pricing, ...}]}` into
 /// `{"object":"list","data":[{id, object:"model", created, owned_by, ...}]}`. `None` if the body is not a list.
-pub fn to_openai_list(openrouter_body: &[u8]) -> Option<String> {
-    let parsed: Value = serde_json::from_slice(openrouter_body).ok()?;
-    let models = parsed.get("data")?.as_array()?;
-    let data: Vec<Value> = models
+pub fn to_openai_list(openrouter_bodies: &[&[u8]]) -> Option<String> {
+    let mut lists = Vec::with_capacity(openrouter_bodies.len());
+    for body in openrouter_bodies {
+        let mut parsed: Value = serde_json::from_slice(body).ok()?;
+        let Value::Array(list) = parsed.get_mut("data")?.take() else { return None };
+        lists.push(list);
+    }
+    let mut seen = std::collections::HashSet::new();
+    let data: Vec<Value> = lists
         .iter()
+        .flatten()
+        .filter(|m| m.get("id").and_then(Value::as_str).is_some_and(|id| seen.insert(id.to_owned())))
         .filter_map(|m| {
             let id = m.get("id")?.as_str()?;
             let owned_by = id.split_once('/').map_or("openrouter", |(owner, _)| owner);
@@ -61,7 +68,7 @@ mod tests {
     #[test]
     fn one_model_is_found_by_its_exact_id() {
         let list =
-            to_openai_list(br#"{"data":[{"id":"openai/gpt-4o-mini","created":1},{"id":"x/y:free"}]}"#).expect("list");
+            to_openai_list(&[br#"{"data":[{"id":"openai/gpt-4o-mini","created":1},{"id":"x/y:free"}]}"#]).expect("list");
         let found: Value = serde_json::from_str(&find(&list, "x/y:free").expect("found")).expect("json");
         assert_eq!(
             (found["id"].as_str(), found["object"].as_str(), found["owned_by"].as_str()),
@@ -77,7 +84,7 @@ mod tests {
         let body = br#"{"data":[{"id":"openai/gpt-4o-mini","name":"GPT-4o mini","created":1721260800,
             "context_length":128000,"pricing":{"prompt":"0.00000015"},"architecture":{}},
             {"id":"weird-no-owner"},{"name":"no id"}]}"#;
-        let out: Value = serde_json::from_str(&to_openai_list(body).expect("list")).expect("json");
+        let out: Value = serde_json::from_str(&to_openai_list(&[body]).expect("list")).expect("json");
         assert_eq!(out["object"], "list");
         let data = out["data"].as_array().expect("data");
         assert_eq!(data.len(), 2);
@@ -92,8 +99,18 @@ mod tests {
 
     #[test]
     fn non_list_bodies_are_rejected() {
-        assert!(to_openai_list(b"<html>").is_none());
-        assert!(to_openai_list(b"{\"data\":{}}").is_none());
+        assert!(to_openai_list(&[b"<html>"]).is_none());
+        assert!(to_openai_list(&[b"{\"data\":{}}"]).is_none());
+    }
+
+    #[test]
+    fn text_and_embedding_models_are_one_list_without_repeats() {
+        let text = br#"{"data":[{"id":"a/chat"},{"id":"b/both"}]}"#;
+        let embeddings = br#"{"data":[{"id":"e/embed","pricing":{"prompt":"0.00000002"}},{"id":"b/both"}]}"#;
+        let out: Value = serde_json::from_str(&to_openai_list(&[text, embeddings]).expect("list")).expect("json");
+        let ids: Vec<&str> = out["data"].as_array().expect("data").iter().filter_map(|m| m["id"].as_str()).collect();
+        assert_eq!(ids, ["a/chat", "b/both", "e/embed"]);
+        assert_eq!(out["data"][2]["pricing"]["prompt"], "0.00000002");
     }
 
     #[test]
