@@ -278,7 +278,7 @@ mod tests {
                                     if let (Some(g), _) = quota.grant(now, &l, &ask) {
                                         prop_assert!(l.max_concurrency.is_none(), "a lease for a key with a concurrency cap");
                                         granted += g.slots;
-                                        let grant = LeaseGrant { lease_id, slots: g.slots, allowance: g.allowance, valid_ms: g.valid_ms, state: g.state, control: control.clone(), at_ms: g.at_ms };
+                                        let grant = g.into_grant(lease_id, control.clone());
                                         iso.leases.push(HeldLease::new(grant, now));
                                     }
                                 }
@@ -389,15 +389,7 @@ mod tests {
                     unsettled_event: None,
                 };
                 if let (Some(g), _) = quota.grant(now, &l, &want) {
-                    let grant = LeaseGrant {
-                        lease_id: want.lease_id,
-                        slots: g.slots,
-                        allowance: g.allowance,
-                        valid_ms: g.valid_ms,
-                        state: g.state,
-                        control: control(&l),
-                        at_ms: g.at_ms,
-                    };
+                    let grant = g.into_grant(want.lease_id, control(&l));
                     leases.push(HeldLease::new(grant, now));
                 }
             }
@@ -427,18 +419,7 @@ mod tests {
         let g = g.expect("room for a lease");
         assert_eq!((g.slots, g.allowance.tokens), (20, 2_000));
         assert_eq!(quota.snapshot(T0, &l).requests.remaining, 80);
-        let mut lease = HeldLease::new(
-            LeaseGrant {
-                lease_id: "l".into(),
-                slots: g.slots,
-                allowance: g.allowance,
-                valid_ms: g.valid_ms,
-                state: g.state,
-                control: control(&l),
-                at_ms: g.at_ms,
-            },
-            T0,
-        );
+        let mut lease = HeldLease::new(g.into_grant("l".into(), control(&l)), T0);
         let headers = lease.admit(T0 + 1, "v1", &[], tokens(100)).expect("a slot");
         assert_eq!(headers.requests.remaining, 99, "the lease's unused slots count as remaining");
         assert_eq!(lease.admit(T0 + 1_000, "v1", &[], tokens(100)), Err(Miss::Spent), "the lease has ended");

@@ -21,8 +21,8 @@ use worker::{durable_object, DurableObject, Env, Request, Response, Result, Sche
 use std::collections::HashMap;
 
 use crate::protocol::{
-    AdjustBatch, AdjustResponse, AdmitDecision, AdmitRequest, AdmitResponse, Call, DenyReason, KeyControl, LeaseGrant,
-    LeaseReport, Limits, SettleBatch, SettleRequest, SettleResponse, StateRequest, StateResponse,
+    AdjustBatch, AdjustResponse, AdmitDecision, AdmitRequest, AdmitResponse, Call, DenyReason, KeyControl, LeaseReport,
+    Limits, SettleBatch, SettleRequest, SettleResponse, StateRequest, StateResponse,
 };
 use crate::quota::{Change, Decision, Quota};
 use crate::store::Store;
@@ -202,15 +202,7 @@ impl Live {
                     if let Some(event) = &want.unsettled_event {
                         events.insert(want.lease_id.as_str(), event.as_str());
                     }
-                    LeaseGrant {
-                        lease_id: want.lease_id.clone(),
-                        slots: g.slots,
-                        allowance: g.allowance,
-                        valid_ms: g.valid_ms,
-                        state: g.state,
-                        control: control.clone(),
-                        at_ms: g.at_ms,
-                    }
+                    g.into_grant(want.lease_id.clone(), control.clone())
                 })
             }
             _ => None,

@@ -26,7 +26,8 @@ use std::collections::{HashMap, VecDeque};
 use serde::{Deserialize, Serialize};
 
 use crate::protocol::{
-    Adjustment, Amount, DenyReason, LeaseReport, LeaseTotals, LeaseWant, Limits, Period, Snapshot, WindowState,
+    Adjustment, Amount, DenyReason, KeyControl, LeaseGrant, LeaseReport, LeaseTotals, LeaseWant, Limits, Period,
+    Snapshot, WindowState,
 };
 
 /// One admission inside the sliding window.
@@ -137,6 +138,21 @@ pub struct Granted {
     /// The key's state with the lease counted in full.
     pub state: Snapshot,
     pub at_ms: u64,
+}
+
+impl Granted {
+    /// The grant as the isolate receives it: named, with the control that applied.
+    pub fn into_grant(self, lease_id: String, control: KeyControl) -> LeaseGrant {
+        LeaseGrant {
+            lease_id,
+            slots: self.slots,
+            allowance: self.allowance,
+            valid_ms: self.valid_ms,
+            state: self.state,
+            control,
+            at_ms: self.at_ms,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -398,7 +398,10 @@ async fn embedding_models_are_listed_and_priced_for_usd_budgets() {
     let key = &gw.key("usd").secret;
     let model = client().get(gw.url("/v1/models/openai%2Ftext-embedding-3-small")).bearer_auth(key).send().await;
     let model: Value = model.expect("reachable").json().await.expect("JSON");
-    assert_eq!((model["id"].as_str(), model["pricing"]["prompt"].as_str()), (Some("openai/text-embedding-3-small"), Some("0.000001")));
+    assert_eq!(
+        (model["id"].as_str(), model["pricing"]["prompt"].as_str()),
+        (Some("openai/text-embedding-3-small"), Some("0.000001"))
+    );
     let id = format!("usd-{}", random_hex(4));
     let body = json!({"model": "openai/text-embedding-3-small", "input": ["one two three four", "five"]});
     let response = post(gw, "embeddings", key, &id, &body).await;

@@ -126,24 +126,27 @@ fn read_choices_loosely(body: &[u8]) -> Result<BodySummary, ApiError> {
     })
 }
 
+/// A Responses object as billing reads it: a non-streamed answer, or the `response` of a stream's lifecycle
+/// events (`response.created` … `response.completed`).
+#[derive(Deserialize)]
+pub struct ResponseObject<'a> {
+    #[serde(borrow)]
+    pub id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub model: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub status: Option<Cow<'a, str>>,
+    pub incomplete_details: Option<Value>,
+    pub usage: Option<Value>,
+    pub error: Option<Value>,
+    #[serde(borrow, default)]
+    pub output: Vec<&'a serde_json::value::RawValue>,
+}
+
 /// A Responses object: `output` items (messages of `output_text` parts, reasoning, function calls), `status`,
 /// `usage` in the Responses API's names.
 fn read_response(body: &[u8]) -> Result<BodySummary, ApiError> {
-    #[derive(Deserialize)]
-    struct Body<'a> {
-        #[serde(borrow)]
-        id: Option<Cow<'a, str>>,
-        #[serde(borrow)]
-        model: Option<Cow<'a, str>>,
-        #[serde(borrow)]
-        status: Option<Cow<'a, str>>,
-        incomplete_details: Option<Value>,
-        usage: Option<Value>,
-        error: Option<Value>,
-        #[serde(borrow, default)]
-        output: Vec<&'a serde_json::value::RawValue>,
-    }
-    let parsed: Body = serde_json::from_slice(body).map_err(|_| ApiError::upstream_malformed())?;
+    let parsed: ResponseObject = serde_json::from_slice(body).map_err(|_| ApiError::upstream_malformed())?;
     if let Some(error) = error_in_body(parsed.error.as_ref()) {
         return Err(error);
     }

@@ -67,8 +67,8 @@ mod tests {
 
     #[test]
     fn one_model_is_found_by_its_exact_id() {
-        let list =
-            to_openai_list(&[br#"{"data":[{"id":"openai/gpt-4o-mini","created":1},{"id":"x/y:free"}]}"#]).expect("list");
+        let list = to_openai_list(&[br#"{"data":[{"id":"openai/gpt-4o-mini","created":1},{"id":"x/y:free"}]}"#])
+            .expect("list");
         let found: Value = serde_json::from_str(&find(&list, "x/y:free").expect("found")).expect("json");
         assert_eq!(
             (found["id"].as_str(), found["object"].as_str(), found["owned_by"].as_str()),

@@ -1,8 +1,8 @@
 //! The request path, as a straight line of named stages:
 //!
 //! ```text
-//! route → authenticate → read body → validate (per endpoint) → price → admit (`limiter`: the isolate's lease of the key, else
-//!       the key's Durable Object) → forward
+//! route → authenticate → read body → validate (per endpoint) → price → admit (`limiter`: the isolate's lease
+//!       of the key, else the key's Durable Object) → forward
 //!       → reply (JSON, or a relayed stream) → decorate (security, CORS, rate-limit headers, request id)
 //!       → finish, after the response is handed over: relay the stream, settle the reservation,
 //!         enqueue the usage event (→ D1 ledger + PostHog, see `consumer`), report the key's leases, log

@@ -24,7 +24,7 @@ use std::borrow::Cow;
 use serde::de::IgnoredAny;
 use serde_json::Value;
 
-use crate::answer::responses_finish_reason;
+use crate::answer::{responses_finish_reason, OutputItem, ResponseObject};
 use crate::endpoint::Endpoint;
 use crate::error::ApiError;
 use crate::usage::Usage;
@@ -317,18 +317,6 @@ fn classify_response_event(event: &[u8], summary: &mut StreamSummary, state: &mu
         /// OpenRouter documents `error` events both flat (`message`) and nested (`error.message`).
         error: Option<Value>,
     }
-    #[derive(serde::Deserialize)]
-    struct Response<'a> {
-        #[serde(borrow)]
-        id: Option<Cow<'a, str>>,
-        #[serde(borrow)]
-        model: Option<Cow<'a, str>>,
-        #[serde(borrow)]
-        status: Option<Cow<'a, str>>,
-        incomplete_details: Option<Value>,
-        usage: Option<Value>,
-        error: Option<Value>,
-    }
     let Some(data) = event_data(event) else { return Verdict::Keep };
     if data.as_ref() == b"[DONE]" {
         summary.done = true;
@@ -349,7 +337,7 @@ fn classify_response_event(event: &[u8], summary: &mut StreamSummary, state: &mu
             record_delta(summary, None, None, None, Some(chars(delta)))
         }
         "response.output_item.added" => {
-            let item = parsed.item.and_then(|raw| serde_json::from_str::<crate::answer::OutputItem>(raw.get()).ok());
+            let item = parsed.item.and_then(|raw| serde_json::from_str::<OutputItem>(raw.get()).ok());
             if item.is_some_and(|i| i.kind.as_deref() == Some("function_call")) {
                 state.called_a_tool = true;
             }
@@ -365,7 +353,7 @@ fn classify_response_event(event: &[u8], summary: &mut StreamSummary, state: &mu
         | "response.incomplete"
         | "response.failed" => {
             let Some(raw) = parsed.response else { return Verdict::Malformed };
-            let Ok(response) = serde_json::from_str::<Response>(raw.get()) else { return Verdict::Malformed };
+            let Ok(response) = serde_json::from_str::<ResponseObject>(raw.get()) else { return Verdict::Malformed };
             if summary.generation_id.is_none() {
                 summary.generation_id = response.id.map(Cow::into_owned);
             }
