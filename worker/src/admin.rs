@@ -1,23 +1,23 @@
 //! The admin API (`/admin/*`, behind `ADMIN_API_KEY`) and the key owner's `GET /v1/usage`.
 //!
-//! Changes to a key are written to D1 and then pushed to the key's Durable Object, which every admission consults:
+//! Changes to a key are written to the key store and then pushed to the key's Durable Object, which every admission consults:
 //! a revocation or a new limit applies to the next request everywhere, without waiting for any cache. When the
 //! object cannot be told (after a few tries), the caller gets a 503 saying so: the change is saved, and repeating
 //! the request is safe.
 
 use key_limiter::protocol::{KeyControl, Period, StateResponse};
 use serde_json::{json, Value};
-use wasm_bindgen::JsValue;
 use worker::{Env, Request};
 
 use crate::admit;
 use crate::auth::KeyRecord;
-use crate::bindings::{self, iso_time, log_error, now_ms, number_param, random_bytes, text_param};
+use crate::bindings::{self, log_error, now_ms, random_bytes};
 use crate::config::Config;
 use crate::error::ApiError;
-use crate::keys::{self, KeyFields, KeyRow, KeyView, KEY_COLUMNS};
+use crate::keys::{self, KeyFields, KeyRow, KeyView};
 use crate::limiter;
 use crate::routes::AdminRoute;
+use crate::store;
 use crate::usage_report::{self, GroupBy, UsageFilter, UsageRow};
 
 const MAX_PAGE: u64 = 100;
@@ -62,30 +62,9 @@ pub async fn handle(
 async fn create_key(raw: &[u8], env: &Env) -> Result<AdminReply, ApiError> {
     let fields = keys::parse_fields(raw, true)?;
     let (id, plaintext) = keys::new_key(random_bytes(), random_bytes());
-    let now = iso_time(now_ms());
-    let models = fields.allowed_models.clone().flatten().map(|m| json!(m).to_string());
-    let params = [
-        JsValue::from_str(&id),
-        JsValue::from_str(&crate::auth::key_hash(&plaintext)),
-        text_param(fields.user_id.as_deref()),
-        text_param(fields.name.clone().flatten().as_deref()),
-        number_param(fields.rpm.flatten().map(|n| n as f64)),
-        number_param(fields.tpm.flatten().map(|n| n as f64)),
-        number_param(fields.usage_limit.flatten().map(|n| n as f64)),
-        JsValue::from_str(fields.budget_period.as_deref().unwrap_or("lifetime")),
-        number_param(fields.usd_limit.flatten()),
-        number_param(fields.max_concurrency.flatten().map(|n| n as f64)),
-        text_param(models.as_deref()),
-        JsValue::from_str(&now),
-    ];
-    bindings::d1_run(
-        env,
-        "INSERT INTO api_keys (id, key_hash, user_id, name, rpm, tpm, usage_limit, budget_period, usd_limit, \
-         max_concurrency, allowed_models, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)",
-        &params,
-    )
-    .await
-    .map_err(|e| storage_error("key_create_failed", &e))?;
+    store::insert_key(env, &id, &crate::auth::key_hash(&plaintext), &fields, now_ms())
+        .await
+        .map_err(|e| storage_error("key_create_failed", &e))?;
     let mut view = load_key(env, &id).await?;
     view.key = Some(plaintext);
     Ok(AdminReply::Json(201, json!(view)))
@@ -99,43 +78,7 @@ async fn update_key(id: &str, raw: &[u8], env: &Env, config: &Config) -> Result<
 /// Writes the changed columns, then tells the key's Durable Object (see the module docs).
 async fn apply_update(id: &str, fields: KeyFields, env: &Env, config: &Config) -> Result<AdminReply, ApiError> {
     load_key(env, id).await?;
-    let now = iso_time(now_ms());
-    let mut sets = vec!["updated_at = ?1".to_owned()];
-    let mut params = vec![JsValue::from_str(&now)];
-    let mut set = |column: &str, value: JsValue| {
-        params.push(value);
-        sets.push(format!("{column} = ?{}", params.len()));
-    };
-    if let Some(name) = &fields.name {
-        set("name", text_param(name.as_deref()));
-    }
-    for (column, value) in [
-        ("rpm", fields.rpm),
-        ("tpm", fields.tpm),
-        ("usage_limit", fields.usage_limit),
-        ("max_concurrency", fields.max_concurrency),
-    ] {
-        if let Some(value) = value {
-            set(column, number_param(value.map(|n| n as f64)));
-        }
-    }
-    if let Some(period) = &fields.budget_period {
-        set("budget_period", JsValue::from_str(period));
-    }
-    if let Some(usd) = fields.usd_limit {
-        set("usd_limit", number_param(usd));
-    }
-    if let Some(models) = &fields.allowed_models {
-        let json = models.as_ref().map(|m| json!(m).to_string());
-        set("allowed_models", text_param(json.as_deref()));
-    }
-    if let Some(active) = fields.active {
-        set("active", JsValue::from_f64(if active { 1.0 } else { 0.0 }));
-        set("revoked_at", if active { JsValue::NULL } else { JsValue::from_str(&now) });
-    }
-    params.push(JsValue::from_str(id));
-    let sql = format!("UPDATE api_keys SET {} WHERE id = ?{}", sets.join(", "), params.len());
-    bindings::d1_run(env, &sql, &params).await.map_err(|e| storage_error("key_update_failed", &e))?;
+    store::update_key(env, id, &fields, now_ms()).await.map_err(|e| storage_error("key_update_failed", &e))?;
 
     let row = load_row(env, id).await?;
     tell_limiter(env, config, &row).await?;
@@ -163,13 +106,8 @@ async fn list_keys(query: &[(String, String)], env: &Env) -> Result<AdminReply, 
         None => None,
     };
     let user_id = param(query, "user_id");
-    let sql = format!(
-        "SELECT {KEY_COLUMNS} FROM api_keys WHERE (?1 IS NULL OR id > ?1) AND (?2 IS NULL OR user_id = ?2) \
-         ORDER BY id LIMIT ?3"
-    );
-    let params = [text_param(cursor), text_param(user_id), JsValue::from_f64((limit + 1) as f64)];
-    let mut rows: Vec<KeyRow> =
-        bindings::d1_rows(env, &sql, &params).await.map_err(|e| storage_error("key_list_failed", &e))?;
+    let mut rows =
+        store::keys(env, cursor, user_id, limit + 1).await.map_err(|e| storage_error("key_list_failed", &e))?;
     let has_more = rows.len() as u64 > limit;
     rows.truncate(limit as usize);
     let next_cursor = if has_more { rows.last().map(|r| r.id.clone()) } else { None };
@@ -205,15 +143,7 @@ async fn usage(query: &[(String, String)], env: &Env) -> Result<AdminReply, ApiE
 }
 
 async fn aggregate(env: &Env, group_by: GroupBy, filter: &UsageFilter) -> Result<Vec<UsageRow>, ApiError> {
-    let params = [
-        text_param(filter.user_id.as_deref()),
-        text_param(filter.key_id.as_deref()),
-        text_param(filter.from.as_deref()),
-        text_param(filter.to.as_deref()),
-    ];
-    bindings::d1_rows(env, &usage_report::aggregate_sql(group_by), &params)
-        .await
-        .map_err(|e| storage_error("usage_query_failed", &e))
+    store::usage(env, group_by, filter).await.map_err(|e| storage_error("usage_query_failed", &e))
 }
 
 /// `GET /v1/usage` for the key in the request: its limits, where its windows stand (from its Durable Object) and
@@ -272,11 +202,8 @@ async fn load_key(env: &Env, id: &str) -> Result<KeyView, ApiError> {
 }
 
 async fn load_row(env: &Env, id: &str) -> Result<KeyRow, ApiError> {
-    let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?1");
-    let rows: Vec<KeyRow> = bindings::d1_rows(env, &sql, &[JsValue::from_str(id)])
-        .await
-        .map_err(|e| storage_error("key_read_failed", &e))?;
-    rows.into_iter().next().ok_or_else(|| ApiError::key_not_found(id))
+    let row = store::key(env, id).await.map_err(|e| storage_error("key_read_failed", &e))?;
+    row.ok_or_else(|| ApiError::key_not_found(id))
 }
 
 fn checked_id(id: &str) -> Result<&str, ApiError> {

@@ -104,20 +104,10 @@ pub async fn find_active_key(env: &Env, config: &Config, hash: &str) -> Result<O
     Ok(found)
 }
 
-/// The active key with this hash, read from D1 now (what the request path uses when the key's Durable Object,
-/// which knows of revocations first, cannot be asked).
+/// The active key with this hash, read from the key store now (what the request path uses when the key's
+/// Durable Object, which knows of revocations first, cannot be asked).
 pub async fn find_active_key_uncached(env: &Env, hash: &str) -> Result<Option<KeyRecord>, ApiError> {
-    let query = || async {
-        env.d1(DB)?
-            .prepare(
-                "SELECT id, user_id, rpm, tpm, usage_limit, budget_period, usd_limit, max_concurrency, allowed_models, \
-                 updated_at FROM api_keys WHERE key_hash = ?1 AND active = 1",
-            )
-            .bind(&[JsValue::from_str(hash)])?
-            .first::<KeyRecord>(None)
-            .await
-    };
-    d1_retrying("key lookup", query).await.map_err(|e| {
+    crate::store::active_key(env, hash).await.map_err(|e| {
         log_error("d1_key_lookup_failed", &e.to_string());
         ApiError::unavailable("auth_unavailable", "API key verification")
     })

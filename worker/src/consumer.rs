@@ -19,10 +19,10 @@ use crate::bindings::{self, iso_time, log_error, now_ms, within};
 use crate::catalog;
 use crate::config::{Config, PostHogConfig};
 use crate::forward;
-use crate::ledger::{self, RowState};
 use crate::limiter;
 use crate::posthog::{self, Delivery};
 use crate::reconcile::{self, Job, Lookup, QueueItem};
+use crate::store::{self, ledger::RowState};
 use crate::usage_event::UsageEvent;
 
 const POSTHOG_TIMEOUT_SECS: u64 = 10;
@@ -87,9 +87,7 @@ async fn deliver(env: &Env, config: &Config, items: &[Item]) {
         return;
     }
     let events: Vec<&UsageEvent> = items.iter().map(|i| &i.event).collect();
-    let rows =
-        ledger::rows_json(events.iter().copied(), iso_time, |e| reconcile::wanted(e, config.reconcile_estimates));
-    match bindings::d1_run(env, ledger::INSERT_BATCH, &[rows.as_str().into()]).await {
+    match store::insert_ledger_rows(env, &events, |e| reconcile::wanted(e, config.reconcile_estimates)).await {
         Ok(rows_written) => {
             let line = serde_json::json!({"level": "info", "event": "ledger_batch", "events": items.len(),
                 "d1_rows_written": rows_written});
@@ -135,9 +133,8 @@ async fn send_owed(env: &Env, config: &Config, owed: Vec<&Item>) {
         Delivery::Retry => retry(owed),
         verdict => {
             let state = if verdict == Delivery::Sent { "sent" } else { "rejected" };
-            let owed_ids = ledger::ids_json(owed_events.iter().map(|e| e.request_id.as_str()));
-            if let Err(e) = bindings::d1_run(env, ledger::MARK_POSTHOG, &[owed_ids.as_str().into(), state.into()]).await
-            {
+            let owed_ids = owed_events.iter().map(|e| e.request_id.as_str());
+            if let Err(e) = store::mark_posthog(env, owed_ids, state).await {
                 // PostHog has the events; retrying would send them again, so only log.
                 log_error("ledger_mark_failed", &e.to_string());
             }
@@ -147,8 +144,7 @@ async fn send_owed(env: &Env, config: &Config, owed: Vec<&Item>) {
 }
 
 async fn row_states<'a>(env: &Env, ids: impl IntoIterator<Item = &'a str>) -> Option<Vec<RowState>> {
-    let ids = ledger::ids_json(ids);
-    match bindings::d1_rows::<RowState>(env, ledger::ROW_STATES, &[ids.as_str().into()]).await {
+    match store::ledger_states(env, ids).await {
         Ok(rows) => Some(rows),
         Err(e) => {
             log_error("ledger_read_failed", &e.to_string());
@@ -199,8 +195,7 @@ async fn reconcile_one(env: &Env, config: &Config, job: &Item) -> Option<UsageEv
                 "reconcile_gave_up",
                 &format!("{} ({generation_id}): lookup answered {status:?}", event.request_id),
             );
-            let failed = [event.request_id.as_str().into(), iso_time(now_ms()).into()];
-            bindings::d1_run(env, ledger::RECONCILE_FAILED, &failed).await.ok()?;
+            store::reconcile_failed(env, &event.request_id, now_ms()).await.ok()?;
             return Some(event.clone());
         }
     };
@@ -212,16 +207,7 @@ async fn reconcile_one(env: &Env, config: &Config, job: &Item) -> Option<UsageEv
         }
     }
     let reconciled = reconcile::reconciled(event, &generation);
-    let params = [
-        reconciled.request_id.as_str().into(),
-        JsValue::from_f64(reconciled.input_tokens as f64),
-        JsValue::from_f64(reconciled.output_tokens as f64),
-        JsValue::from_f64(reconciled.cached_tokens as f64),
-        JsValue::from_f64(reconciled.reasoning_tokens as f64),
-        JsValue::from_f64(reconciled.cost_usd),
-        iso_time(now_ms()).into(),
-    ];
-    if let Err(e) = bindings::d1_run(env, ledger::RECONCILE_DONE, &params).await {
+    if let Err(e) = store::reconcile_done(env, &reconciled, now_ms()).await {
         log_error("ledger_write_failed", &e.to_string());
         return None;
     }

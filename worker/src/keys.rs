@@ -227,10 +227,6 @@ impl KeyRow {
     }
 }
 
-/// The columns every admin query selects (never `key_hash`).
-pub const KEY_COLUMNS: &str = "id, user_id, name, active, rpm, tpm, usage_limit, budget_period, usd_limit, \
-max_concurrency, allowed_models, created_at, updated_at, revoked_at";
-
 /// A key as the admin API shows it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct KeyView {

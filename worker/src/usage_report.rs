@@ -1,5 +1,5 @@
-//! Usage read-out from the ledger: the query behind `GET /admin/usage` and the owner's `GET /v1/usage`, and the
-//! CSV rendering for billing exports. Pure.
+//! Usage read-out from the ledger (`GET /admin/usage` and the owner's `GET /v1/usage`): how a report is grouped
+//! and filtered, and the CSV rendering for billing exports; the query itself is the store's. Pure.
 
 use serde::{Deserialize, Serialize};
 
@@ -30,18 +30,6 @@ impl GroupBy {
         }
     }
 
-    /// The SQL expression grouped on (fixed strings only: never built from input).
-    fn expression(self) -> &'static str {
-        match self {
-            GroupBy::Total => "'total'",
-            GroupBy::Day => "substr(created_at, 1, 10)",
-            GroupBy::Model => "model",
-            GroupBy::Key => "key_id",
-            GroupBy::User => "user_id",
-            GroupBy::Endpoint => "endpoint",
-        }
-    }
-
     pub fn column_name(self) -> &'static str {
         match self {
             GroupBy::Total => "total",
@@ -63,19 +51,6 @@ pub struct UsageFilter {
     pub from: Option<String>,
     /// Exclusive upper bound.
     pub to: Option<String>,
-}
-
-/// The aggregate query and its four parameters (`user_id`, `key_id`, `from`, `to`; null = no filter).
-pub fn aggregate_sql(group_by: GroupBy) -> String {
-    format!(
-        "SELECT {} AS grp, COUNT(*) AS requests, COALESCE(SUM(input_tokens), 0) AS input_tokens, \
-         COALESCE(SUM(output_tokens), 0) AS output_tokens, COALESCE(SUM(cached_tokens), 0) AS cached_tokens, \
-         COALESCE(SUM(cost), 0) AS cost_usd FROM usage_logs \
-         WHERE (?1 IS NULL OR user_id = ?1) AND (?2 IS NULL OR key_id = ?2) \
-         AND (?3 IS NULL OR created_at >= ?3) AND (?4 IS NULL OR created_at < ?4) \
-         GROUP BY grp ORDER BY grp",
-        group_by.expression()
-    )
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -148,9 +123,7 @@ mod tests {
         assert_eq!(GroupBy::parse(None).ok(), Some(GroupBy::Total));
         assert_eq!(GroupBy::parse(Some("day")).ok(), Some(GroupBy::Day));
         assert_eq!(GroupBy::parse(Some("model; DROP TABLE")).err().and_then(|e| e.param).as_deref(), Some("group_by"));
-        assert!(aggregate_sql(GroupBy::Day).contains("substr(created_at, 1, 10) AS grp"));
         assert_eq!(GroupBy::parse(Some("endpoint")).ok(), Some(GroupBy::Endpoint));
-        assert!(aggregate_sql(GroupBy::Endpoint).contains("SELECT endpoint AS grp"));
     }
 
     #[test]

@@ -164,6 +164,7 @@ mod tests {
             "latency_ms",
             "ttft_ms",
             "created_at",
+            "endpoint",
         ] {
             assert!(row.get(column).is_some(), "row lacks {column}");
             assert!(columns.contains(column), "insert lacks {column}");
