@@ -1,9 +1,9 @@
 //! The admin API (`/admin/*`, behind `ADMIN_API_KEY`) and the key owner's `GET /v1/usage`.
 //!
-//! Changes to a key are written to the key store and then pushed to the key's Durable Object, which every admission consults:
-//! a revocation or a new limit applies to the next request everywhere, without waiting for any cache. When the
-//! object cannot be told (after a few tries), the caller gets a 503 saying so: the change is saved, and repeating
-//! the request is safe.
+//! Changes to a key are written to the key store (`store`) and then pushed to the key's Durable Object, which
+//! every admission consults: a revocation or a new limit applies to the next request everywhere, without waiting
+//! for any cache. When the object cannot be told (after a few tries), the caller gets a 503 saying so: the change
+//! is saved, and repeating the request is safe.
 
 use key_limiter::protocol::{KeyControl, Period, StateResponse};
 use serde_json::{json, Value};

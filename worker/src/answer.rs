@@ -140,7 +140,7 @@ pub struct ResponseObject<'a> {
     pub usage: Option<Value>,
     pub error: Option<Value>,
     #[serde(borrow, default)]
-    pub output: Vec<&'a serde_json::value::RawValue>,
+    pub output: Option<Vec<&'a serde_json::value::RawValue>>,
 }
 
 /// A Responses object: `output` items (messages of `output_text` parts, reasoning, function calls), `status`,
@@ -161,7 +161,7 @@ fn read_response(body: &[u8]) -> Result<BodySummary, ApiError> {
     };
     let mut called_a_tool = false;
     // An item of a shape billing does not know (a hosted tool's call) is skipped, not an error.
-    for item in parsed.output.iter().filter_map(|raw| serde_json::from_str::<OutputItem>(raw.get()).ok()) {
+    for item in parsed.output.iter().flatten().filter_map(|raw| serde_json::from_str::<OutputItem>(raw.get()).ok()) {
         called_a_tool |= item.kind.as_deref() == Some("function_call");
         summary.generated_chars += item.generated_chars();
         if summary.content.is_empty() && item.kind.as_deref() == Some("message") {

@@ -322,7 +322,11 @@ fn classify_response_event(event: &[u8], summary: &mut StreamSummary, state: &mu
         summary.done = true;
         return Verdict::Keep;
     }
-    let Ok(parsed) = serde_json::from_slice::<Event>(&data) else { return Verdict::Malformed };
+    let Ok(parsed) = serde_json::from_slice::<Event>(&data) else {
+        // An event of a shape billing does not read (a field of another type) is still the upstream's JSON.
+        let json = serde_json::from_slice::<serde_json::Map<String, Value>>(&data).is_ok();
+        return if json { Verdict::Keep } else { Verdict::Malformed };
+    };
     let kind = parsed.kind.as_deref().map(Cow::Borrowed).or_else(|| event_name(event)).unwrap_or_default();
     if let Some(n) = parsed.sequence_number {
         state.last_sequence = Some(state.last_sequence.map_or(n, |last| last.max(n)));
@@ -352,28 +356,38 @@ fn classify_response_event(event: &[u8], summary: &mut StreamSummary, state: &mu
         | "response.completed"
         | "response.incomplete"
         | "response.failed" => {
-            let Some(raw) = parsed.response else { return Verdict::Malformed };
-            let Ok(response) = serde_json::from_str::<ResponseObject>(raw.get()) else { return Verdict::Malformed };
-            if summary.generation_id.is_none() {
-                summary.generation_id = response.id.map(Cow::into_owned);
-            }
-            if let Some(model) = response.model {
-                summary.served_model = Some(model.into_owned());
+            // A lifecycle event whose response billing cannot read still ends the stream as it says.
+            let response =
+                parsed.response.and_then(|raw| Some((raw, serde_json::from_str::<ResponseObject>(raw.get()).ok()?)));
+            if let Some((_, response)) = &response {
+                if summary.generation_id.is_none() {
+                    summary.generation_id = response.id.as_deref().map(str::to_owned);
+                }
+                if let Some(model) = &response.model {
+                    summary.served_model = Some(model.to_string());
+                }
             }
             match kind.as_ref() {
-                "response.created" | "response.in_progress" => state.snapshot = Some(raw.get().to_owned()),
+                "response.created" | "response.in_progress" => {
+                    if let Some((raw, _)) = response {
+                        state.snapshot = Some(raw.get().to_owned());
+                    }
+                }
                 "response.failed" => {
-                    let message = response.error.as_ref().and_then(|e| e.get("message")).and_then(Value::as_str);
+                    let error = response.as_ref().and_then(|(_, r)| r.error.as_ref());
+                    let message = error.and_then(|e| e.get("message")).and_then(Value::as_str);
                     summary.upstream_error = Some(message.unwrap_or("The response failed upstream.").to_owned());
                     summary.finish_reason = Some("error".to_owned());
                 }
                 _ => {
-                    summary.usage = response.usage.as_ref().and_then(Usage::from_json);
-                    summary.finish_reason = responses_finish_reason(
-                        response.status.as_deref(),
-                        response.incomplete_details.as_ref(),
-                        state.called_a_tool,
-                    );
+                    if let Some((_, response)) = &response {
+                        summary.usage = response.usage.as_ref().and_then(Usage::from_json);
+                        summary.finish_reason = responses_finish_reason(
+                            response.status.as_deref(),
+                            response.incomplete_details.as_ref(),
+                            state.called_a_tool,
+                        );
+                    }
                     summary.done = true;
                 }
             }
@@ -902,6 +916,19 @@ mod tests {
         let s = run_at(Endpoint::Responses, &stream, false).1;
         assert!(s.done);
         assert_eq!((s.finish_reason.as_deref(), s.usage.map(|u| u.completion_tokens)), (Some("length"), Some(1)));
+    }
+
+    #[test]
+    fn responses_events_of_unread_shapes_pass_and_still_end_the_stream() {
+        let events = responses_stream();
+        let mut stream = events[..5].to_vec();
+        // A field of a type billing does not expect, then a completed event whose response is not an object.
+        stream.push(typed("response.output_text.delta", 5, json!({"delta": {"structured": true}})));
+        stream.push(typed("response.completed", 6, json!({"response": "opaque"})));
+        let (client, s) = run_at(Endpoint::Responses, &stream, false);
+        assert_eq!(client, stream.concat());
+        assert!(s.done && s.gateway_stop.is_none() && s.usage.is_none(), "billed by estimate, not cut");
+        assert_eq!(s.completion_chars, 2, "what was read before");
     }
 
     #[test]
