@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Builds the Worker (Rust → wasm → worker/build/index.js + index_bg.wasm) with the pinned tools in .tools/.
+# Builds the Worker (Rust → wasm) with the pinned tools in .tools/, twice:
+#   worker/build/           the default bundle: keys and the ledger in D1
+#   worker/build-postgres/  with the `postgres` feature, for DB_PROVIDER=neon (tokio-postgres over Hyperdrive)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -13,3 +15,4 @@ export PATH="$ROOT/.tools/bin:$PATH"
 export WASM_BINDGEN_BIN="$ROOT/.tools/bin/wasm-bindgen"
 export ESBUILD_BIN="$ROOT/node_modules/.bin/esbuild"
 worker-build --release worker >&2
+worker-build --release --out-dir build-postgres worker -- --features postgres >&2

@@ -12,14 +12,18 @@
 // the Worker's console lines are still printed (workerd's structured logs, not the inspector, carry them).
 //
 // 1. applies the D1 migrations to the local database (wrangler CLI, as a deployment does);
-// 2. makes sure the demo API key exists (local database only) and prints it;
+//    with `--db neon` (or DB_PROVIDER=neon), also starts a local PostgreSQL (scripts/postgres.mjs; its cluster
+//    in <state>/postgres) with the Postgres migrations, unless `--postgres URL` names one, and serves the
+//    Postgres build against it through a local HYPERDRIVE binding;
+// 2. makes sure the demo API key exists (in the local store in use) and prints it;
 // 3. without an OPENROUTER_API_KEY (environment, .dev.vars/.env or --var), starts the OpenRouter stand-in and points
 //    the gateway at it, so everything works offline;
 // 4. enables the admin API with a local development admin key (for `npm run keys`), unless one is configured;
 // 5. starts the dev server and, once it is ready, prints {"listening":"http://127.0.0.1:<port>"} (what
 //    scripts/serve.mjs prints; the test harness waits for it) and a curl to try.
 //
-//   node scripts/dev.mjs [--port N] [--ip H] [--persist-to DIR] [--var NAME:VALUE ...] [--inspect] [--exit-with-stdin]
+//   node scripts/dev.mjs [--port N] [--ip H] [--persist-to DIR] [--var NAME:VALUE ...] [--db d1|neon]
+//                        [--postgres URL] [--inspect] [--exit-with-stdin]
 //
 // scripts/setup.sh has already installed the toolchain and built the Worker (see package.json).
 
@@ -30,6 +34,7 @@ import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { LOCAL_ADMIN_KEY } from './keys.mjs';
+import { POSTGRES_MAIN, psql, startServer } from './postgres.mjs';
 
 // Before wrangler is loaded: it reads this when it starts.
 process.env.WRANGLER_SEND_METRICS = 'false';
@@ -58,6 +63,16 @@ const OPTIONS = {
     default: [],
     arg: 'NAME:VALUE',
     about: 'set a var or secret, over wrangler.toml and .dev.vars (repeatable)',
+  },
+  db: {
+    type: 'string',
+    arg: 'd1|neon',
+    about: 'where keys and the ledger live (default: DB_PROVIDER from the environment or --var, else d1)',
+  },
+  postgres: {
+    type: 'string',
+    arg: 'URL',
+    about: 'with --db neon: use this PostgreSQL (migrated) instead of starting a local one',
   },
   inspect: {
     type: 'boolean',
@@ -106,9 +121,14 @@ function parseOptions(argv) {
     if (at <= 0) fail(`--var expects NAME:VALUE, got ${pair}`);
     vars[pair.slice(0, at)] = pair.slice(at + 1);
   }
+  const db = (values.db ?? vars.DB_PROVIDER ?? process.env.DB_PROVIDER ?? 'd1').toLowerCase();
+  if (!['d1', 'neon'].includes(db)) fail(`--db expects d1 or neon, got ${db}`);
+  if (values.postgres && db !== 'neon') fail('--postgres needs --db neon');
   return {
     port,
     ip: values.ip,
+    db,
+    postgresUrl: values.postgres,
     // wrangler resolves a relative --persist-to against the working directory; so do both uses below.
     persistTo: values['persist-to'] === undefined ? undefined : resolve(values['persist-to']),
     vars,
@@ -138,16 +158,30 @@ function configured(name, vars, local) {
   return Boolean(process.env[name] || vars[name] || local[name]?.value);
 }
 
+// The same statement for both stores (SQLite and PostgreSQL agree on this upsert).
+const DEMO_KEY_SQL =
+  `INSERT INTO api_keys (id, key_hash, user_id, name) ` +
+  `VALUES ('${DEMO_KEY_ID}', '${createHash('sha256').update(DEMO_KEY).digest('hex')}', '${DEMO_USER}', ` +
+  `'local demo key') ON CONFLICT (id) DO UPDATE SET key_hash = excluded.key_hash, active = 1, revoked_at = NULL`;
+
 function prepareDatabase(persistTo) {
   const persist = persistTo ? ['--persist-to', persistTo] : [];
   wrangler(['d1', 'migrations', 'apply', 'DB', '--local', ...persist]);
-  const hash = createHash('sha256').update(DEMO_KEY).digest('hex');
-  wrangler([
-    'd1', 'execute', 'DB', '--local', ...persist, '--command',
-    `INSERT INTO api_keys (id, key_hash, user_id, name) ` +
-      `VALUES ('${DEMO_KEY_ID}', '${hash}', '${DEMO_USER}', 'local demo key') ` +
-      `ON CONFLICT (id) DO UPDATE SET key_hash = excluded.key_hash, active = 1, revoked_at = NULL`,
-  ]);
+  wrangler(['d1', 'execute', 'DB', '--local', ...persist, '--command', DEMO_KEY_SQL]);
+}
+
+/** `--db neon`: the PostgreSQL to serve against (started here unless --postgres names one), with the demo key. */
+async function preparePostgres(options) {
+  let server = null;
+  let url = options.postgresUrl;
+  if (!url) {
+    const dataDir = join(options.persistTo ?? join(ROOT, '.wrangler', 'state'), 'postgres');
+    server = await startServer({ dataDir, log: 'ignore' });
+    url = server.url;
+    console.log(`[dev] DB_PROVIDER=neon: keys and the ledger in the local PostgreSQL at ${url} (cluster ${dataDir})`);
+  }
+  psql(url, DEMO_KEY_SQL);
+  return { url, server };
 }
 
 async function startStandin() {
@@ -168,6 +202,7 @@ let stopping = false;
 async function main() {
   const options = parseOptions(process.argv.slice(2));
   prepareDatabase(options.persistTo);
+  const postgres = options.db === 'neon' ? await preparePostgres(options) : null;
 
   // The variables dev.mjs adds; the user's --var always win.
   const vars = {};
@@ -192,6 +227,10 @@ async function main() {
   const bindings = Object.fromEntries(
     Object.entries(vars).map(([name, value]) => [name, { type: 'plain_text', value, hidden: true }]),
   );
+  if (postgres) {
+    bindings.DB_PROVIDER = { type: 'plain_text', value: 'neon' };
+    bindings.HYPERDRIVE = { type: 'hyperdrive', id: 'local', localConnectionString: postgres.url };
+  }
 
   if (options.inspect) {
     console.warn(
@@ -201,6 +240,7 @@ async function main() {
   }
   const worker = await unstable_startWorker({
     config: WRANGLER_TOML,
+    ...(postgres ? { entrypoint: POSTGRES_MAIN } : {}),
     bindings,
     sendMetrics: false,
     dev: {
@@ -217,6 +257,7 @@ async function main() {
     if (stopping) process.exit(code); // a second Ctrl-C: do not wait for the dispose
     stopping = true;
     standin?.child.kill('SIGTERM');
+    postgres?.server?.server.kill('SIGINT');
     // A stuck dispose must not keep the process (and the port) alive.
     setTimeout(() => process.exit(code), 10_000).unref();
     // dispose() first waits for `ready`, which a failed start never reaches: tear down directly then (its error is

@@ -10,6 +10,7 @@ import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Miniflare, Log, LogLevel } from 'miniflare';
 import { unstable_getMiniflareWorkerOptions, unstable_readConfig } from 'wrangler';
+import { POSTGRES_MAIN } from './postgres.mjs';
 
 export const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..');
 const WRANGLER_TOML = join(ROOT, 'wrangler.toml');
@@ -27,15 +28,20 @@ export function stateRoot(persistTo) {
   return join(persistTo, 'v3');
 }
 
-/** The gateway's Miniflare worker options; `vars` override wrangler.toml's [vars] (and provide secrets). */
-export function gatewayWorkerOptions({ vars = {} } = {}) {
+/**
+ * The gateway's Miniflare worker options; `vars` override wrangler.toml's [vars] (and provide secrets). With
+ * `postgresUrl`, the Postgres build serves with DB_PROVIDER=neon and a `HYPERDRIVE` binding whose local
+ * connection string is that URL (as `localConnectionString` gives a deployed config's binding under wrangler dev).
+ */
+export function gatewayWorkerOptions({ vars = {}, postgresUrl = null } = {}) {
   const { workerOptions, main } = unstable_getMiniflareWorkerOptions(WRANGLER_TOML);
+  const gateway = { ...workerOptions, name: GATEWAY_NAME, modules: true };
+  if (!postgresUrl) return { ...gateway, scriptPath: main, bindings: { ...workerOptions.bindings, ...vars } };
   return {
-    ...workerOptions,
-    name: GATEWAY_NAME,
-    modules: true,
-    scriptPath: main,
-    bindings: { ...workerOptions.bindings, ...vars },
+    ...gateway,
+    scriptPath: POSTGRES_MAIN,
+    hyperdrives: { HYPERDRIVE: postgresUrl },
+    bindings: { ...workerOptions.bindings, DB_PROVIDER: 'neon', ...vars },
   };
 }
 
@@ -43,12 +49,21 @@ export function gatewayWorkerOptions({ vars = {} } = {}) {
  * Starts the gateway. `vars` override wrangler.toml's [vars] (and provide secrets); `persistTo` null keeps the
  * state in a temporary directory that Miniflare removes at `dispose()` (still files on disk: Miniflare's local D1
  * and Durable Objects are SQLite files either way; a `persistTo` on a tmpfs keeps them in memory). `onStdio(stdout, stderr)` receives workerd's output (the Worker's console lines).
+ * `postgresUrl`: keep keys and the ledger in that PostgreSQL database (see `gatewayWorkerOptions`).
  * `extraWorkers`: Miniflare worker options of more Workers to run in the same workerd, next to the gateway (which
  * stays the one serving `port`); they can bind the gateway's Durable Object classes with `scriptName: GATEWAY_NAME`.
  * Returns the instance, its URL, and when it was created and ready (`performance.now()` values).
  */
-export async function startGateway({ port = 0, host = '127.0.0.1', persistTo = null, vars = {}, onStdio, extraWorkers = [] } = {}) {
-  const gateway = gatewayWorkerOptions({ vars });
+export async function startGateway({
+  port = 0,
+  host = '127.0.0.1',
+  persistTo = null,
+  vars = {},
+  postgresUrl = null,
+  onStdio,
+  extraWorkers = [],
+} = {}) {
+  const gateway = gatewayWorkerOptions({ vars, postgresUrl });
   const createdAt = performance.now();
   const mf = new Miniflare({
     workers: [gateway, ...extraWorkers],

@@ -2,7 +2,10 @@
 // Serves the built gateway in workerd via Miniflare (see scripts/runtime.mjs) — the runtime the integration tests
 // drive. Prints {"listening":"http://127.0.0.1:<port>"} once ready; the Worker's console output goes to stdout.
 //
-//   node scripts/serve.mjs [--port N] [--persist-to DIR] [--var NAME:VALUE ...] [--exit-with-stdin]
+//   node scripts/serve.mjs [--port N] [--persist-to DIR] [--var NAME:VALUE ...] [--postgres URL] [--exit-with-stdin]
+//
+// --postgres URL: the Postgres build with DB_PROVIDER=neon, its HYPERDRIVE binding pointing at URL (a database
+// scripts/postgres.mjs serves and has migrated).
 
 import { parseArgs } from 'node:util';
 import { startGateway } from './runtime.mjs';
@@ -12,6 +15,7 @@ const { values } = parseArgs({
     port: { type: 'string', default: '0' },
     'persist-to': { type: 'string' },
     var: { type: 'string', multiple: true, default: [] },
+    postgres: { type: 'string' },
     'exit-with-stdin': { type: 'boolean', default: false },
   },
 });
@@ -30,6 +34,7 @@ const { mf, url } = await startGateway({
   port: Number(values.port),
   persistTo: values['persist-to'] ?? null,
   vars,
+  postgresUrl: values.postgres ?? null,
   onStdio: (stdout, stderr) => {
     stdout.pipe(process.stdout);
     stderr.pipe(process.stderr);

@@ -3,7 +3,9 @@
 #   1. the wasm32 target (rustup; Debian's rustc-web packages as a fallback when rustup cannot fetch it)
 #   2. worker-build and the wasm-bindgen CLI, pinned, installed into .tools/ (never downloaded from GitHub)
 #   3. npm packages from the lockfile (wrangler, miniflare, esbuild)
-#   4. the Worker build (scripts/build.sh)
+#   4. PostgreSQL's server and psql (Debian's postgresql package), for the Postgres store's tests and
+#      `npm run dev -- --db neon`
+#   5. the Worker build (scripts/build.sh): the D1 bundle and the Postgres one
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -57,8 +59,17 @@ ensure_npm_packages() {
   echo "$want" > "$stamp"
 }
 
+ensure_postgres() {
+  if node scripts/postgres.mjs which >/dev/null 2>&1; then
+    return
+  fi
+  say "installing PostgreSQL (Debian's postgresql package) for the Postgres store"
+  apt-get update && apt-get install -y --no-install-recommends postgresql
+}
+
 ensure_wasm_target
 ensure_cargo_tool worker-build "$WORKER_BUILD_VERSION" worker-build
 ensure_cargo_tool wasm-bindgen-cli "$WASM_BINDGEN_VERSION" wasm-bindgen
 ensure_npm_packages
+ensure_postgres
 bash scripts/build.sh

@@ -9,6 +9,7 @@ export WRANGLER_SEND_METRICS=false NO_COLOR=1
 
 echo "[test] unit tests" >&2
 cargo test --quiet -p gateway -p key-limiter
+cargo test --quiet -p gateway --features postgres  # the Postgres store's own tests and config
 
 echo "[test] stand-in protocol tests" >&2
 node --test standins/

@@ -43,7 +43,7 @@ export class GatewayLog {
     const routine = line.includes('"level":"info"') && !line.includes('"stream_end"');
     if (routine && line.includes('"event":"ledger_batch"')) {
       const events = /"events":(\d+)/.exec(line);
-      const written = /"d1_rows_written":(\d+)/.exec(line);
+      const written = /"rows_written":(\d+)/.exec(line);
       if (events && written) {
         this.ledger.events += Number(events[1]);
         this.ledger.d1_rows_written += Number(written[1]);

@@ -1,8 +1,10 @@
 //! Test harness: starts the real gateway (workerd with local D1/KV/DO/Queues) against the repository's stand-ins, on
 //! free ports, with its own state directory, and cleans up after itself. Two runtimes serve it (see [`Runtime`]):
 //! Miniflare's API (scripts/serve.mjs, the default) and wrangler's dev server exactly as `npm run dev` starts it
-//! (scripts/dev.mjs). The database is prepared with the wrangler CLI (`d1 migrations apply`), exactly as a
-//! deployment's is; tests then read and write the local SQLite files directly ([`sqlite`]).
+//! (scripts/dev.mjs). Two stores keep keys and the ledger (see [`Store`]): D1, prepared with the wrangler CLI
+//! (`d1 migrations apply`) exactly as a deployment's is, whose local SQLite file tests read and write directly
+//! ([`sqlite`]); or a PostgreSQL cluster of the gateway's own (scripts/postgres.mjs: initdb, the Postgres
+//! migrations), reached through a local Hyperdrive binding and queried with psql ([`Gateway::db`]).
 //!
 //! Every child process is started behind a small shell watchdog that holds a pipe from the test process: when the
 //! test binary exits — normally, by panic, or killed — the pipe closes and the watchdog kills the child's whole
@@ -227,6 +229,33 @@ impl Runtime {
     }
 }
 
+/// Makes each `async fn name(store: Store)` two tests, `name::d1` and `name::postgres`.
+#[macro_export]
+macro_rules! test_each_store {
+    ($($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn d1() {
+                super::$name($crate::Store::D1).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres() {
+                super::$name($crate::Store::Postgres).await
+            }
+        }
+    )+};
+}
+
+/// Where the gateway keeps keys and the ledger (`DB_PROVIDER`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Store {
+    #[default]
+    D1,
+    /// `DB_PROVIDER=neon`: the Postgres build against a PostgreSQL cluster started for this gateway.
+    Postgres,
+}
+
 #[derive(Default, Clone)]
 pub struct GatewayOptions {
     /// `--var NAME:VALUE` overrides on top of wrangler.toml's [vars].
@@ -235,9 +264,15 @@ pub struct GatewayOptions {
     /// Start the PostHog stand-in (with these extra CLI arguments) and point the gateway at it.
     pub posthog: Option<Vec<String>>,
     pub runtime: Runtime,
+    pub store: Store,
 }
 
 impl GatewayOptions {
+    pub fn store(mut self, store: Store) -> Self {
+        self.store = store;
+        self
+    }
+
     pub fn runtime(mut self, runtime: Runtime) -> Self {
         self.runtime = runtime;
         self
@@ -280,6 +315,7 @@ pub struct Gateway {
     port: u16,
     options: GatewayOptions,
     process: Mutex<Supervised>,
+    postgres: Option<Postgres>,
 }
 
 impl Gateway {
@@ -301,7 +337,20 @@ impl Gateway {
         let log_path = state_dir.join("gateway.log");
 
         let specs = create_keys(&options.keys);
-        prepare_database(&state_dir, &specs);
+        let postgres = match options.store {
+            Store::D1 => {
+                prepare_database(&state_dir, &specs);
+                None
+            }
+            Store::Postgres => {
+                let postgres = Postgres::start(&state_dir.join("postgres"), 0);
+                if !specs.is_empty() {
+                    postgres.query(&key_inserts(&specs));
+                }
+                Some(postgres)
+            }
+        };
+        let postgres_url = postgres.as_ref().map(|p| p.url.clone());
         let keys = specs.into_iter().map(|(name, (key, _))| (name, key)).collect();
 
         let mut options = options;
@@ -309,11 +358,11 @@ impl Gateway {
             options = options.var("POSTHOG_API_KEY", POSTHOG_KEY).var("POSTHOG_HOST", &posthog.base_url);
         }
         // The runtime picks its own port (no race with other gateways starting at the same time) and announces it.
-        let process = spawn_gateway(&state_dir, &log_path, 0, &upstream, &options);
+        let process = spawn_gateway(&state_dir, &log_path, 0, &upstream, &options, postgres_url.as_deref());
         let base = announced_url(&log_path, 0);
         let port = base.rsplit(':').next().and_then(|p| p.parse().ok()).expect("a port in the announced URL");
         let process = Mutex::new(process);
-        let gateway = Gateway { base, upstream, posthog, state_dir, log_path, keys, port, options, process };
+        let gateway = Gateway { base, upstream, posthog, state_dir, log_path, keys, port, options, process, postgres };
         gateway.wait_ready();
         gateway
     }
@@ -323,7 +372,8 @@ impl Gateway {
         let mut process = self.process.lock().expect("process lock");
         process.kill();
         let announced_before = std::fs::read_to_string(&self.log_path).map_or(0, |log| announcements(&log));
-        *process = spawn_gateway(&self.state_dir, &self.log_path, self.port, &self.upstream, &self.options);
+        let postgres_url = self.postgres.as_ref().map(|p| p.url.as_str());
+        *process = spawn_gateway(&self.state_dir, &self.log_path, self.port, &self.upstream, &self.options, postgres_url);
         drop(process);
         announced_url(&self.log_path, announced_before);
         self.wait_ready();
@@ -381,6 +431,20 @@ impl Gateway {
     /// returns the rows (see [`sqlite`]).
     pub fn d1(&self, sql: &str) -> Vec<Value> {
         sqlite(&self.d1_file(), sql)
+    }
+
+    /// Runs SQL on the store the gateway uses (its D1 file, or its PostgreSQL database) and returns the rows, in
+    /// [`sqlite`]'s shape. Write SQL both dialects accept.
+    pub fn db(&self, sql: &str) -> Vec<Value> {
+        match &self.postgres {
+            None => self.d1(sql),
+            Some(postgres) => postgres.query(sql),
+        }
+    }
+
+    /// The gateway's PostgreSQL (under [`Store::Postgres`]).
+    pub fn postgres(&self) -> &Postgres {
+        self.postgres.as_ref().expect("this gateway runs with Store::Postgres")
     }
 
     /// The SQLite files of the gateway's Durable Objects (one per object that has stored anything), for [`sqlite`].
@@ -505,9 +569,13 @@ fn wrangler(state_dir: &Path, args: &[&str]) {
 /// started yet, so nothing contends for the database.
 fn prepare_database(state_dir: &Path, keys: &KeyRows) {
     wrangler(state_dir, &["d1", "migrations", "apply", "DB", "--local"]);
-    if keys.is_empty() {
-        return;
+    if !keys.is_empty() {
+        sqlite(&d1_file(state_dir), &key_inserts(keys));
     }
+}
+
+/// The INSERTs of the test keys (SQL both stores run).
+fn key_inserts(keys: &KeyRows) -> String {
     let statements: Vec<String> = keys
         .values()
         .map(|(k, columns)| {
@@ -521,7 +589,7 @@ fn prepare_database(state_dir: &Path, keys: &KeyRows) {
             format!("INSERT INTO api_keys ({}) VALUES ({});", names.join(", "), values.join(", "))
         })
         .collect();
-    sqlite(&d1_file(state_dir), &statements.join(" "));
+    statements.join(" ")
 }
 
 /// How many times the runtime has announced its address in this log.
@@ -546,7 +614,14 @@ fn announced_url(log: &Path, seen: usize) -> String {
     panic!("the gateway never announced its address; log:\n{}", std::fs::read_to_string(log).unwrap_or_default());
 }
 
-fn spawn_gateway(state_dir: &Path, log: &Path, port: u16, upstream: &Standin, options: &GatewayOptions) -> Supervised {
+fn spawn_gateway(
+    state_dir: &Path,
+    log: &Path,
+    port: u16,
+    upstream: &Standin,
+    options: &GatewayOptions,
+    postgres_url: Option<&str>,
+) -> Supervised {
     let runtime = options.runtime;
     let mut args = vec![
         repo_root().join(runtime.script()).display().to_string(),
@@ -555,6 +630,12 @@ fn spawn_gateway(state_dir: &Path, log: &Path, port: u16, upstream: &Standin, op
         "--persist-to".to_owned(),
         state_dir.display().to_string(),
     ];
+    if let Some(url) = postgres_url {
+        if runtime == Runtime::Dev {
+            args.extend(["--db".to_owned(), "neon".to_owned()]);
+        }
+        args.extend(["--postgres".to_owned(), url.to_owned()]);
+    }
     args.extend(runtime.extra_args().iter().map(|a| a.to_string()));
     let mut vars = vec![
         ("OPENROUTER_BASE_URL".to_owned(), upstream.base_url.clone()),
@@ -565,6 +646,108 @@ fn spawn_gateway(state_dir: &Path, log: &Path, port: u16, upstream: &Standin, op
         args.extend(["--var".to_owned(), format!("{name}:{value}")]);
     }
     Supervised::spawn(Path::new("node"), &args, log, &[("NO_COLOR", "1"), ("WRANGLER_SEND_METRICS", "false")])
+}
+
+/// A PostgreSQL server of one gateway's (scripts/postgres.mjs serve: a cluster in the gateway's state directory,
+/// migrated), which a test may stop and start again on the same port and data.
+pub struct Postgres {
+    pub url: String,
+    data_dir: PathBuf,
+    log: PathBuf,
+    port: u16,
+    process: Mutex<Option<Supervised>>,
+}
+
+impl Postgres {
+    fn start(data_dir: &Path, port: u16) -> Postgres {
+        let log = data_dir.with_extension("log");
+        let announced_before = std::fs::read_to_string(&log).map_or(0, |text| text.matches("{\"postgres\":").count());
+        let args = [
+            repo_root().join("scripts/postgres.mjs").display().to_string(),
+            "serve".to_owned(),
+            "--data".to_owned(),
+            data_dir.display().to_string(),
+            "--port".to_owned(),
+            port.to_string(),
+            "--exit-with-stdin".to_owned(),
+        ];
+        let process = Supervised::spawn(Path::new("node"), &args, &log, &[]);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let url = loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let line = text.lines().filter(|l| l.starts_with("{\"postgres\":")).nth(announced_before);
+            if let Some(url) = line.and_then(|l| serde_json::from_str::<Value>(l).ok()).and_then(|v| v["postgres"].as_str().map(str::to_owned)) {
+                break url;
+            }
+            assert!(Instant::now() < deadline, "PostgreSQL did not start; log:\n{text}");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let port = url.rsplit(':').next().and_then(|rest| rest.split('/').next()).and_then(|p| p.parse().ok()).expect("a port");
+        Postgres { url, data_dir: data_dir.to_owned(), log, port, process: Mutex::new(Some(process)) }
+    }
+
+    /// Stops the server as a crash would (SIGKILL): the gateway's connections break, new ones are refused.
+    pub fn stop(&self) {
+        if let Some(mut process) = self.process.lock().expect("lock").take() {
+            process.kill();
+        }
+    }
+
+    /// Starts the server again on the same port and data.
+    pub fn resume(&self) {
+        let started = Postgres::start(&self.data_dir, self.port);
+        let process = started.process.lock().expect("lock").take();
+        *self.process.lock().expect("lock") = process;
+    }
+
+    /// Runs statements (no rows) or a query (its rows, as [`sqlite`] gives them) with psql.
+    pub fn query(&self, sql: &str) -> Vec<Value> {
+        let query = sql.trim().trim_end_matches(';');
+        let reads = ["select", "with"].iter().any(|w| query.get(..w.len()).is_some_and(|s| s.eq_ignore_ascii_case(w)));
+        let statement = if reads { format!("SELECT coalesce(json_agg(q), '[]')::text FROM ({query}) q") } else { sql.to_owned() };
+        let out = Command::new(pg_bin("psql"))
+            .args([self.url.as_str(), "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-c", &statement])
+            .output()
+            .expect("run psql");
+        assert!(out.status.success(), "psql failed: {}\n{sql}", String::from_utf8_lossy(&out.stderr));
+        if !reads {
+            return Vec::new();
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        match serde_json::from_str(text.trim()) {
+            Ok(Value::Array(rows)) => rows,
+            _ => panic!("psql answered {text}"),
+        }
+    }
+
+    /// The server's log (PostgreSQL's own lines).
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// A PostgreSQL binary: on PATH, or in the newest /usr/lib/postgresql/<version>/bin (as scripts/postgres.mjs finds it).
+fn pg_bin(name: &str) -> PathBuf {
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+        .map(|dir| dir.join(name))
+        .find(|p| p.exists());
+    if let Some(path) = on_path {
+        return path;
+    }
+    let mut versions: Vec<u32> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    versions.sort_unstable();
+    versions
+        .iter()
+        .rev()
+        .map(|v| PathBuf::from(format!("/usr/lib/postgresql/{v}/bin/{name}")))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("{name} not found: scripts/setup.sh installs PostgreSQL"))
 }
 
 /// The PostHog project key the tests give the gateway (when the PostHog stand-in runs).

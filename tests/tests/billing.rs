@@ -1,6 +1,8 @@
 //! Usage billing through the real Queue and D1, and LLM analytics to the PostHog stand-in: exactly one ledger
 //! row per admitted request (streams, errors and aborted streams included), events in PostHog's schema and
 //! units, nothing lost or duplicated in the ledger when the sinks fail, and clients never waiting for telemetry.
+//! The ledger tests run on both stores (`<test>::d1`, `<test>::postgres`); the sink faults are D1's (SQLite
+//! triggers), Postgres' own are in postgres.rs.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::OnceLock;
@@ -10,11 +12,12 @@ use futures_util::future::join_all;
 use gateway_tests::*;
 use serde_json::Value;
 
-fn gateway() -> &'static Gateway {
-    static GATEWAY: OnceLock<Gateway> = OnceLock::new();
-    GATEWAY.get_or_init(|| {
+fn gateway(store: Store) -> &'static Gateway {
+    static GATEWAYS: [OnceLock<Gateway>; 2] = [OnceLock::new(), OnceLock::new()];
+    GATEWAYS[store as usize].get_or_init(|| {
         Gateway::start(
             GatewayOptions::default()
+                .store(store)
                 .var("RATE_LIMIT_PER_MINUTE", 100_000)
                 .keys(&["payer", "stall"])
                 .key_with("limited", &[("rpm", "1")])
@@ -59,7 +62,7 @@ fn ask(text: &str) -> Value {
 async fn ledger_rows(gw: &Gateway, prefix: &str, expected: usize, within: Duration) -> Vec<Value> {
     let deadline = Instant::now() + within;
     loop {
-        let rows = gw.d1(&format!(
+        let rows = gw.db(&format!(
             "SELECT * FROM usage_logs WHERE client_request_id LIKE '{prefix}%' ORDER BY client_request_id"
         ));
         if rows.len() >= expected || Instant::now() > deadline {
@@ -124,9 +127,14 @@ async fn abort_after_first_token(response: reqwest::Response) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn every_admitted_request_gets_exactly_one_ledger_row_and_one_posthog_event() {
-    let gw = gateway();
+test_each_store!(
+    every_admitted_request_gets_exactly_one_ledger_row_and_one_posthog_event,
+    client_abort_policies_trade_upstream_cost_against_exact_billing,
+    a_cut_stream_is_estimated_with_everything_it_generated_and_priced,
+);
+
+async fn every_admitted_request_gets_exactly_one_ledger_row_and_one_posthog_event(store: Store) {
+    let gw = gateway(store);
     let key = gw.key("payer").secret.clone();
     let prefix = format!("bill-{}-", random_hex(4));
     let id = |case: &str, i: usize| format!("{prefix}{case}-{i}");
@@ -334,14 +342,14 @@ async fn failing_sinks_lose_nothing_and_never_duplicate_ledger_rows() {
         "faults were injected"
     );
     let logs = gw.logs();
-    let (tries, batches) = (logs.matches("d1_call_retried").count(), logs.matches("ledger_write_failed").count());
+    let (tries, batches) = (logs.matches("store_call_retried").count(), logs.matches("ledger_write_failed").count());
     println!("faults: {tries} D1 statements failed and were tried again, {batches} ledger batches were redelivered");
     assert!(tries >= 3 && batches >= 1, "each failed statement was tried three times, then the batch redelivered");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stalled_sink_does_not_delay_responses() {
-    let gw = gateway();
+    let gw = gateway(Store::D1);
     let key = gw.key("stall").secret.clone();
     let posthog = gw.posthog.as_ref().expect("posthog");
     let prefix = format!("stall-{}-", random_hex(4));
@@ -377,13 +385,13 @@ async fn a_stalled_sink_does_not_delay_responses() {
 
 /// The client-abort trade-off, measured on two gateways that differ only in `CLIENT_ABORT_POLICY`: what the
 /// upstream generated (and would charge) for abandoned streams, and what the ledger bills.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn client_abort_policies_trade_upstream_cost_against_exact_billing() {
+async fn client_abort_policies_trade_upstream_cost_against_exact_billing(store: Store) {
     const STREAMS: usize = 3;
     const ANSWER_TOKENS: u64 = 40;
     let mut figures = Vec::new();
     for policy in ["cancel", "drain"] {
-        let gw = Gateway::start(GatewayOptions::default().var("CLIENT_ABORT_POLICY", policy).keys(&["leaver"]));
+        let options = GatewayOptions::default().store(store).var("CLIENT_ABORT_POLICY", policy);
+        let gw = Gateway::start(options.keys(&["leaver"]));
         let key = gw.key("leaver").secret.clone();
         let prefix = format!("{policy}-{}-", random_hex(4));
         let before = gw.upstream.stats().await["completion_tokens_streamed"].as_u64().unwrap_or(0);
@@ -424,11 +432,12 @@ async fn client_abort_policies_trade_upstream_cost_against_exact_billing() {
 }
 
 /// A gateway that does not reconcile, so the estimate itself can be seen in the ledger.
-fn estimating() -> &'static Gateway {
-    static GATEWAY: OnceLock<Gateway> = OnceLock::new();
-    GATEWAY.get_or_init(|| {
+fn estimating(store: Store) -> &'static Gateway {
+    static GATEWAYS: [OnceLock<Gateway>; 2] = [OnceLock::new(), OnceLock::new()];
+    GATEWAYS[store as usize].get_or_init(|| {
         Gateway::start(
             GatewayOptions::default()
+                .store(store)
                 .var("RATE_LIMIT_PER_MINUTE", 100_000)
                 .var("RECONCILE_ESTIMATES", "false")
                 .keys(&["cut"]),
@@ -436,9 +445,8 @@ fn estimating() -> &'static Gateway {
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_cut_stream_is_estimated_with_everything_it_generated_and_priced() {
-    let gw = estimating();
+async fn a_cut_stream_is_estimated_with_everything_it_generated_and_priced(store: Store) {
+    let gw = estimating(store);
     let key = gw.key("cut").secret.clone();
     let prefix = format!("est-{}-", random_hex(4));
     let cases = [

@@ -17,7 +17,7 @@ use crate::error::ApiError;
 use crate::keys::{self, KeyFields, KeyRow, KeyView};
 use crate::limiter;
 use crate::routes::AdminRoute;
-use crate::store;
+use crate::store::Store;
 use crate::usage_report::{self, GroupBy, UsageFilter, UsageRow};
 
 const MAX_PAGE: u64 = 100;
@@ -45,42 +45,48 @@ pub async fn handle(
     if !keys::admin_key_matches(presented.unwrap_or_default(), admin_key.expose()) {
         return Err(ApiError::invalid_api_key("Invalid admin API key."));
     }
+    let store = Store::open(env, config);
     match route {
-        AdminRoute::CreateKey => create_key(&body(req, config).await?, env).await,
-        AdminRoute::ListKeys => list_keys(&query(req)?, env).await,
-        AdminRoute::GetKey(id) => Ok(AdminReply::Json(200, json!(load_key(env, checked_id(id)?).await?))),
-        AdminRoute::UpdateKey(id) => update_key(checked_id(id)?, &body(req, config).await?, env, config).await,
+        AdminRoute::CreateKey => create_key(&body(req, config).await?, &store).await,
+        AdminRoute::ListKeys => list_keys(&query(req)?, &store).await,
+        AdminRoute::GetKey(id) => Ok(AdminReply::Json(200, json!(load_key(&store, checked_id(id)?).await?))),
+        AdminRoute::UpdateKey(id) => {
+            let fields = keys::parse_fields(&body(req, config).await?, false)?;
+            apply_update(checked_id(id)?, fields, &store, env, config).await
+        }
         AdminRoute::RevokeKey(id) => {
             let fields = KeyFields { active: Some(false), ..KeyFields::default() };
-            apply_update(checked_id(id)?, fields, env, config).await
+            apply_update(checked_id(id)?, fields, &store, env, config).await
         }
-        AdminRoute::Usage => usage(&query(req)?, env).await,
+        AdminRoute::Usage => usage(&query(req)?, &store).await,
     }
 }
 
 /// Creates a key; its plaintext is in this response only. (Its Durable Object learns its limits at first use.)
-async fn create_key(raw: &[u8], env: &Env) -> Result<AdminReply, ApiError> {
+async fn create_key(raw: &[u8], store: &Store) -> Result<AdminReply, ApiError> {
     let fields = keys::parse_fields(raw, true)?;
     let (id, plaintext) = keys::new_key(random_bytes(), random_bytes());
-    store::insert_key(env, &id, &crate::auth::key_hash(&plaintext), &fields, now_ms())
+    store
+        .insert_key(&id, &crate::auth::key_hash(&plaintext), &fields, now_ms())
         .await
         .map_err(|e| storage_error("key_create_failed", &e))?;
-    let mut view = load_key(env, &id).await?;
+    let mut view = load_key(store, &id).await?;
     view.key = Some(plaintext);
     Ok(AdminReply::Json(201, json!(view)))
 }
 
-async fn update_key(id: &str, raw: &[u8], env: &Env, config: &Config) -> Result<AdminReply, ApiError> {
-    let fields = keys::parse_fields(raw, false)?;
-    apply_update(id, fields, env, config).await
-}
-
 /// Writes the changed columns, then tells the key's Durable Object (see the module docs).
-async fn apply_update(id: &str, fields: KeyFields, env: &Env, config: &Config) -> Result<AdminReply, ApiError> {
-    load_key(env, id).await?;
-    store::update_key(env, id, &fields, now_ms()).await.map_err(|e| storage_error("key_update_failed", &e))?;
+async fn apply_update(
+    id: &str,
+    fields: KeyFields,
+    store: &Store,
+    env: &Env,
+    config: &Config,
+) -> Result<AdminReply, ApiError> {
+    load_key(store, id).await?;
+    store.update_key(id, &fields, now_ms()).await.map_err(|e| storage_error("key_update_failed", &e))?;
 
-    let row = load_row(env, id).await?;
+    let row = load_row(store, id).await?;
     tell_limiter(env, config, &row).await?;
     Ok(AdminReply::Json(200, json!(KeyView::from_row(row))))
 }
@@ -94,7 +100,7 @@ async fn tell_limiter(env: &Env, config: &Config, row: &KeyRow) -> Result<(), Ap
     })
 }
 
-async fn list_keys(query: &[(String, String)], env: &Env) -> Result<AdminReply, ApiError> {
+async fn list_keys(query: &[(String, String)], store: &Store) -> Result<AdminReply, ApiError> {
     let limit = match param(query, "limit") {
         None => DEFAULT_PAGE,
         Some(raw) => raw.parse::<u64>().ok().filter(|n| (1..=MAX_PAGE).contains(n)).ok_or_else(|| {
@@ -107,7 +113,7 @@ async fn list_keys(query: &[(String, String)], env: &Env) -> Result<AdminReply, 
     };
     let user_id = param(query, "user_id");
     let mut rows =
-        store::keys(env, cursor, user_id, limit + 1).await.map_err(|e| storage_error("key_list_failed", &e))?;
+        store.keys(cursor, user_id, limit + 1).await.map_err(|e| storage_error("key_list_failed", &e))?;
     let has_more = rows.len() as u64 > limit;
     rows.truncate(limit as usize);
     let next_cursor = if has_more { rows.last().map(|r| r.id.clone()) } else { None };
@@ -115,7 +121,7 @@ async fn list_keys(query: &[(String, String)], env: &Env) -> Result<AdminReply, 
     Ok(AdminReply::Json(200, json!({"object": "list", "data": data, "has_more": has_more, "next_cursor": next_cursor})))
 }
 
-async fn usage(query: &[(String, String)], env: &Env) -> Result<AdminReply, ApiError> {
+async fn usage(query: &[(String, String)], store: &Store) -> Result<AdminReply, ApiError> {
     let group_by = GroupBy::parse(param(query, "group_by"))?;
     let filter = UsageFilter {
         user_id: param(query, "user_id").map(str::to_owned),
@@ -128,7 +134,7 @@ async fn usage(query: &[(String, String)], env: &Env) -> Result<AdminReply, ApiE
         Some("csv") => true,
         Some(_) => return Err(ApiError::invalid_param("format", "'format' must be json or csv.")),
     };
-    let rows = aggregate(env, group_by, &filter).await?;
+    let rows = aggregate(store, group_by, &filter).await?;
     if csv {
         return Ok(AdminReply::Csv(usage_report::to_csv(group_by, &rows)));
     }
@@ -142,8 +148,8 @@ async fn usage(query: &[(String, String)], env: &Env) -> Result<AdminReply, ApiE
     Ok(AdminReply::Json(200, json!({"object": "usage_report", "group_by": group_by.column_name(), "data": data})))
 }
 
-async fn aggregate(env: &Env, group_by: GroupBy, filter: &UsageFilter) -> Result<Vec<UsageRow>, ApiError> {
-    store::usage(env, group_by, filter).await.map_err(|e| storage_error("usage_query_failed", &e))
+async fn aggregate(store: &Store, group_by: GroupBy, filter: &UsageFilter) -> Result<Vec<UsageRow>, ApiError> {
+    store.usage(group_by, filter).await.map_err(|e| storage_error("usage_query_failed", &e))
 }
 
 /// `GET /v1/usage` for the key in the request: its limits, where its windows stand (from its Durable Object) and
@@ -155,7 +161,7 @@ pub async fn own_usage(key: &KeyRecord, env: &Env, config: &Config) -> Result<Va
     let period_key = key_limiter::quota::period_key(now_ms(), period);
     let from = (period != Period::Lifetime).then_some(period_key.clone());
     let filter = UsageFilter { key_id: Some(key.id.clone()), from, ..UsageFilter::default() };
-    let totals = aggregate(env, GroupBy::Total, &filter).await?.into_iter().next();
+    let totals = aggregate(&Store::open(env, config), GroupBy::Total, &filter).await?.into_iter().next();
     let window = |w: &key_limiter::protocol::WindowState| json!({"limit": w.limit, "remaining": w.remaining, "reset_seconds": w.reset_ms as f64 / 1000.0});
     Ok(json!({
         "object": "key_usage",
@@ -197,12 +203,12 @@ pub async fn key_state(env: &Env, config: &Config, key: &KeyRecord) -> Result<St
     Ok(state)
 }
 
-async fn load_key(env: &Env, id: &str) -> Result<KeyView, ApiError> {
-    load_row(env, id).await.map(KeyView::from_row)
+async fn load_key(store: &Store, id: &str) -> Result<KeyView, ApiError> {
+    load_row(store, id).await.map(KeyView::from_row)
 }
 
-async fn load_row(env: &Env, id: &str) -> Result<KeyRow, ApiError> {
-    let row = store::key(env, id).await.map_err(|e| storage_error("key_read_failed", &e))?;
+async fn load_row(store: &Store, id: &str) -> Result<KeyRow, ApiError> {
+    let row = store.key(id).await.map_err(|e| storage_error("key_read_failed", &e))?;
     row.ok_or_else(|| ApiError::key_not_found(id))
 }
 

@@ -1,6 +1,6 @@
 //! The only code that touches the Workers runtime's bindings and globals: env, D1, KV, Queues, clock,
 //! randomness, timers, and the per-isolate state (validated config, auth cache). The key's Durable Object is
-//! `limiter`'s. Every wait on a binding has a deadline.
+//! `limiter`'s, the Hyperdrive connection `store::postgres`'. Every wait on a binding has a deadline.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -95,7 +95,7 @@ pub async fn find_active_key(env: &Env, config: &Config, hash: &str) -> Result<O
     if let Some(answer) = cached {
         return Ok(answer);
     }
-    let found = find_active_key_uncached(env, hash).await?;
+    let found = find_active_key_uncached(env, config, hash).await?;
     AUTH_CACHE.with(|c| {
         c.borrow_mut()
             .get_or_insert_with(|| AuthCache::new(config.auth_cache_ttl_secs, config.auth_cache_max_entries))
@@ -106,9 +106,9 @@ pub async fn find_active_key(env: &Env, config: &Config, hash: &str) -> Result<O
 
 /// The active key with this hash, read from the key store now (what the request path uses when the key's
 /// Durable Object, which knows of revocations first, cannot be asked).
-pub async fn find_active_key_uncached(env: &Env, hash: &str) -> Result<Option<KeyRecord>, ApiError> {
-    crate::store::active_key(env, hash).await.map_err(|e| {
-        log_error("d1_key_lookup_failed", &e.to_string());
+pub async fn find_active_key_uncached(env: &Env, config: &Config, hash: &str) -> Result<Option<KeyRecord>, ApiError> {
+    crate::store::Store::open(env, config).active_key(hash).await.map_err(|e| {
+        log_error("key_lookup_failed", &e.to_string());
         ApiError::unavailable("auth_unavailable", "API key verification")
     })
 }
@@ -159,7 +159,7 @@ pub async fn d1_run(env: &Env, sql: &str, params: &[JsValue]) -> Result<u64, Err
         }
         Ok(result.meta()?.and_then(|m| m.rows_written).map_or(0, |c| c as u64))
     };
-    d1_retrying("D1 statement", run).await
+    retried("D1 statement", run).await
 }
 
 /// Runs a D1 query and decodes every row.
@@ -169,23 +169,23 @@ pub async fn d1_rows<T: serde::de::DeserializeOwned>(
     params: &[JsValue],
 ) -> Result<Vec<T>, Error> {
     let query = || async { env.d1(DB)?.prepare(sql).bind(params)?.all().await?.results::<T>() };
-    d1_retrying("D1 query", query).await
+    retried("D1 query", query).await
 }
 
-/// Pauses before the second and third try of a D1 call.
-const D1_RETRIES_MS: [u64; 2] = [25, 150];
+/// Pauses before the second and third try of a store call.
+const STORE_RETRIES_MS: [u64; 2] = [25, 150];
 
-/// A D1 call, each try bounded, tried again after a transient failure (D1 reports some — a busy database, a
-/// lost connection — that the next try does not meet). Only for idempotent statements.
-async fn d1_retrying<T, F, Fut>(what: &str, call: F) -> Result<T, Error>
+/// A store call (D1 or Postgres), each try bounded, tried again after a transient failure (a busy database, a
+/// lost connection: the next try does not meet it). Only for idempotent statements.
+pub async fn retried<T, F, Fut>(what: &str, call: F) -> Result<T, Error>
 where
     F: Fn() -> Fut,
     Fut: Future<Output = Result<T, Error>>,
 {
     let mut result = bounded(what, call()).await;
-    for pause_ms in D1_RETRIES_MS {
+    for pause_ms in STORE_RETRIES_MS {
         let Err(e) = &result else { break };
-        log_error("d1_call_retried", &format!("{what}: {e}"));
+        log_error("store_call_retried", &format!("{what}: {e}"));
         worker::Delay::from(Duration::from_millis(pause_ms)).await;
         result = bounded(what, call()).await;
     }

@@ -10,6 +10,8 @@ pub const DEFAULT_OPENROUTER_BASE_URL: &str = "https://openrouter.ai/api/v1";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
+    /// Where API keys and the usage ledger live (`DB_PROVIDER`).
+    pub store: StoreKind,
     /// Base URL requests are forwarded to; `/chat/completions` and `/models` are appended.
     pub upstream_base_url: String,
     pub openrouter_api_key: Option<Secret>,
@@ -57,6 +59,30 @@ pub struct Config {
     pub posthog: Option<PostHogConfig>,
     /// Enables the admin API (`/admin/*`); without it those routes do not exist.
     pub admin_api_key: Option<Secret>,
+}
+
+/// The key store: D1, or PostgreSQL (Neon) through the `HYPERDRIVE` binding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    D1,
+    #[cfg(feature = "postgres")]
+    Postgres,
+}
+
+impl StoreKind {
+    fn parse(raw: &str) -> Result<Self, ConfigError> {
+        let problem = match raw.to_ascii_lowercase().as_str() {
+            "d1" => return Ok(Self::D1),
+            #[cfg(feature = "postgres")]
+            "neon" => return Ok(Self::Postgres),
+            #[cfg(not(feature = "postgres"))]
+            "neon" => "'neon' needs the Postgres build of the Worker (worker/build-postgres, built by \
+                       scripts/build.sh); this build has only D1"
+                .to_owned(),
+            other => format!("'{other}' is not a store: use 'd1' or 'neon'"),
+        };
+        Err(ConfigError { variable: "DB_PROVIDER", problem })
+    }
 }
 
 /// The worst case of a request to a model without a known price cannot be computed: refuse it, or reserve a
@@ -123,15 +149,7 @@ impl Config {
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let get = |name: &str| lookup(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
 
-        let db_provider = get("DB_PROVIDER").unwrap_or_else(|| "d1".to_owned());
-        if !db_provider.eq_ignore_ascii_case("d1") {
-            return Err(ConfigError {
-                variable: "DB_PROVIDER",
-                problem: format!(
-                    "'{db_provider}' is not supported; the gateway stores keys and usage in D1 (use 'd1')"
-                ),
-            });
-        }
+        let store = StoreKind::parse(get("DB_PROVIDER").as_deref().unwrap_or("d1"))?;
 
         let upstream_base_url = match get("CF_AI_GATEWAY_URL") {
             Some(url) => parse_base_url("CF_AI_GATEWAY_URL", &url)?,
@@ -163,6 +181,7 @@ impl Config {
         };
 
         Ok(Config {
+            store,
             upstream_base_url,
             openrouter_api_key: get("OPENROUTER_API_KEY").map(Secret),
             default_model: get("DEFAULT_MODEL").unwrap_or_else(|| "openai/gpt-4o-mini".to_owned()),
@@ -357,9 +376,15 @@ mod tests {
     }
 
     #[test]
-    fn only_d1_is_a_supported_db_provider() {
-        assert!(config(&[("DB_PROVIDER", "D1")]).is_ok());
-        assert_eq!(config(&[("DB_PROVIDER", "neon")]).err().map(|e| e.variable), Some("DB_PROVIDER"));
+    fn db_provider_is_d1_or_neon_in_the_postgres_build() {
+        assert_eq!(config(&[("DB_PROVIDER", "D1")]).map(|c| c.store), Ok(StoreKind::D1));
+        assert_eq!(config(&[]).map(|c| c.store), Ok(StoreKind::D1));
+        let neon = config(&[("DB_PROVIDER", "neon")]);
+        #[cfg(feature = "postgres")]
+        assert_eq!(neon.map(|c| c.store), Ok(StoreKind::Postgres));
+        #[cfg(not(feature = "postgres"))]
+        assert!(neon.is_err_and(|e| e.variable == "DB_PROVIDER" && e.problem.contains("build-postgres")));
+        assert_eq!(config(&[("DB_PROVIDER", "mysql")]).err().map(|e| e.variable), Some("DB_PROVIDER"));
     }
 
     #[test]

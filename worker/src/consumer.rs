@@ -1,4 +1,4 @@
-//! The Queue consumer: usage events → the D1 ledger, then PostHog; reconciliation jobs → OpenRouter's account of
+//! The Queue consumer: usage events → the ledger (D1 or Postgres, see `store`), then PostHog; reconciliation jobs → OpenRouter's account of
 //! the generation → the key's Durable Object, the ledger, then PostHog (see `reconcile`).
 //!
 //! Per batch of usage events: one INSERT for the whole ledger (idempotent per request id); one SELECT for where
@@ -22,7 +22,7 @@ use crate::forward;
 use crate::limiter;
 use crate::posthog::{self, Delivery};
 use crate::reconcile::{self, Job, Lookup, QueueItem};
-use crate::store::{self, ledger::RowState};
+use crate::store::{ledger::RowState, Store};
 use crate::usage_event::UsageEvent;
 
 const POSTHOG_TIMEOUT_SECS: u64 = 10;
@@ -71,8 +71,9 @@ pub async fn queue(batch: QueueBatch, env: Env, _ctx: JsValue) -> Result<(), JsV
     }
     match bindings::config(&env) {
         Ok(config) => {
-            deliver(&env, &config, &usage).await;
-            reconcile_all(&env, &config, &jobs).await;
+            let store = Store::open(&env, &config);
+            deliver(&env, &config, &store, &usage).await;
+            reconcile_all(&env, &config, &store, &jobs).await;
         }
         Err(_) => {
             retry(&usage);
@@ -82,15 +83,15 @@ pub async fn queue(batch: QueueBatch, env: Env, _ctx: JsValue) -> Result<(), JsV
     Ok(())
 }
 
-async fn deliver(env: &Env, config: &Config, items: &[Item]) {
+async fn deliver(env: &Env, config: &Config, store: &Store, items: &[Item]) {
     if items.is_empty() {
         return;
     }
     let events: Vec<&UsageEvent> = items.iter().map(|i| &i.event).collect();
-    match store::insert_ledger_rows(env, &events, |e| reconcile::wanted(e, config.reconcile_estimates)).await {
+    match store.insert_ledger_rows(&events, |e| reconcile::wanted(e, config.reconcile_estimates)).await {
         Ok(rows_written) => {
             let line = serde_json::json!({"level": "info", "event": "ledger_batch", "events": items.len(),
-                "d1_rows_written": rows_written});
+                "rows_written": rows_written});
             worker::console_log!("{line}");
         }
         Err(e) => {
@@ -98,7 +99,7 @@ async fn deliver(env: &Env, config: &Config, items: &[Item]) {
             return retry(items);
         }
     }
-    let Some(states) = row_states(env, items.iter().map(|i| i.event.request_id.as_str())).await else {
+    let Some(states) = row_states(store, items.iter().map(|i| i.event.request_id.as_str())).await else {
         return retry(items);
     };
     let state_of = |item: &Item| states.iter().find(|s| s.request_id == item.event.request_id);
@@ -119,11 +120,11 @@ async fn deliver(env: &Env, config: &Config, items: &[Item]) {
         None => (Vec::new(), items.iter().collect()),
     };
     ack(done);
-    send_owed(env, config, owed).await;
+    send_owed(env, config, store, owed).await;
 }
 
 /// Sends PostHog the events it is owed, records its verdict, and acks or retries their messages.
-async fn send_owed(env: &Env, config: &Config, owed: Vec<&Item>) {
+async fn send_owed(env: &Env, config: &Config, store: &Store, owed: Vec<&Item>) {
     let Some(posthog) = &config.posthog else { return ack(owed) };
     if owed.is_empty() {
         return;
@@ -134,7 +135,7 @@ async fn send_owed(env: &Env, config: &Config, owed: Vec<&Item>) {
         verdict => {
             let state = if verdict == Delivery::Sent { "sent" } else { "rejected" };
             let owed_ids = owed_events.iter().map(|e| e.request_id.as_str());
-            if let Err(e) = store::mark_posthog(env, owed_ids, state).await {
+            if let Err(e) = store.mark_posthog(owed_ids, state).await {
                 // PostHog has the events; retrying would send them again, so only log.
                 log_error("ledger_mark_failed", &e.to_string());
             }
@@ -143,8 +144,8 @@ async fn send_owed(env: &Env, config: &Config, owed: Vec<&Item>) {
     }
 }
 
-async fn row_states<'a>(env: &Env, ids: impl IntoIterator<Item = &'a str>) -> Option<Vec<RowState>> {
-    match store::ledger_states(env, ids).await {
+async fn row_states<'a>(store: &Store, ids: impl IntoIterator<Item = &'a str>) -> Option<Vec<RowState>> {
+    match store.ledger_states(ids).await {
         Ok(rows) => Some(rows),
         Err(e) => {
             log_error("ledger_read_failed", &e.to_string());
@@ -154,31 +155,31 @@ async fn row_states<'a>(env: &Env, ids: impl IntoIterator<Item = &'a str>) -> Op
 }
 
 /// Reconciles each job's row (see `reconcile`), then sends PostHog the events that were held back for them.
-async fn reconcile_all(env: &Env, config: &Config, jobs: &[Item]) {
+async fn reconcile_all(env: &Env, config: &Config, store: &Store, jobs: &[Item]) {
     if jobs.is_empty() {
         return;
     }
     let mut settled = Vec::new();
     for job in jobs {
-        match reconcile_one(env, config, job).await {
+        match reconcile_one(env, config, store, job).await {
             Some(final_event) => {
                 settled.push(Item { event: final_event, message: job.message.clone().unchecked_into() })
             }
             None => retry([job]),
         }
     }
-    let Some(states) = row_states(env, settled.iter().map(|i| i.event.request_id.as_str())).await else {
+    let Some(states) = row_states(store, settled.iter().map(|i| i.event.request_id.as_str())).await else {
         return retry(&settled);
     };
     let (owed, done): (Vec<&Item>, Vec<&Item>) =
         settled.iter().partition(|i| states.iter().any(|s| s.request_id == i.event.request_id && s.owes_posthog()));
     ack(done);
-    send_owed(env, config, owed).await;
+    send_owed(env, config, store, owed).await;
 }
 
 /// One job: look the generation up, correct the key's budget and the ledger row. Returns the request's final
 /// event (reconciled, or the estimate when reconciliation gave up), or `None` to try again later.
-async fn reconcile_one(env: &Env, config: &Config, job: &Item) -> Option<UsageEvent> {
+async fn reconcile_one(env: &Env, config: &Config, store: &Store, job: &Item) -> Option<UsageEvent> {
     let event = &job.event;
     let generation_id = event.generation_id.as_deref()?;
     let last_attempt = job.message.attempts() >= f64::from(config.reconcile_max_attempts);
@@ -195,7 +196,7 @@ async fn reconcile_one(env: &Env, config: &Config, job: &Item) -> Option<UsageEv
                 "reconcile_gave_up",
                 &format!("{} ({generation_id}): lookup answered {status:?}", event.request_id),
             );
-            store::reconcile_failed(env, &event.request_id, now_ms()).await.ok()?;
+            store.reconcile_failed(&event.request_id, now_ms()).await.ok()?;
             return Some(event.clone());
         }
     };
@@ -207,7 +208,7 @@ async fn reconcile_one(env: &Env, config: &Config, job: &Item) -> Option<UsageEv
         }
     }
     let reconciled = reconcile::reconciled(event, &generation);
-    if let Err(e) = store::reconcile_done(env, &reconciled, now_ms()).await {
+    if let Err(e) = store.reconcile_done(&reconciled, now_ms()).await {
         log_error("ledger_write_failed", &e.to_string());
         return None;
     }

@@ -337,7 +337,7 @@ async fn admit_without_limiter(
     exchange: &Exchange,
 ) -> Result<(), ApiError> {
     let Some((_, hash)) = &exchange.key else { return Err(auth::invalid_key()) };
-    let fresh = bindings::find_active_key_uncached(env, hash)
+    let fresh = bindings::find_active_key_uncached(env, config, hash)
         .await?
         .ok_or_else(|| ApiError::invalid_api_key("This API key has been revoked."))?;
     match admit::control_for(&fresh, config).forbidden_model(&request.models) {
