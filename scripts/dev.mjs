@@ -34,7 +34,7 @@ import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { LOCAL_ADMIN_KEY } from './keys.mjs';
-import { POSTGRES_MAIN, psql, startServer } from './postgres.mjs';
+import { POSTGRES_MAIN, guardHyperdriveProxy, psql, startServer } from './postgres.mjs';
 
 // Before wrangler is loaded: it reads this when it starts.
 process.env.WRANGLER_SEND_METRICS = 'false';
@@ -181,6 +181,7 @@ async function preparePostgres(options) {
     console.log(`[dev] DB_PROVIDER=neon: keys and the ledger in the local PostgreSQL at ${url} (cluster ${dataDir})`);
   }
   psql(url, DEMO_KEY_SQL);
+  guardHyperdriveProxy(url);
   return { url, server };
 }
 

@@ -15,7 +15,7 @@
 
 import { spawn, spawnSync } from 'node:child_process';
 import { chownSync, existsSync, mkdirSync, readdirSync } from 'node:fs';
-import { createServer } from 'node:net';
+import net, { createServer } from 'node:net';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
@@ -132,6 +132,32 @@ export async function startServer({ dataDir, port = 0, log = 'inherit' }) {
   const url = connectionString(port);
   migrate(url);
   return { url, port, server, exited };
+}
+
+/**
+ * Makes the local Hyperdrive binding survive its database going away. Miniflare (4.20260426) serves a local
+ * Hyperdrive binding through a TCP proxy in this Node process whose database socket has no 'error' listener: a
+ * refused connection (the database down) is an uncaught exception that ends the process, and with it every
+ * binding of the local runtime (workers-sdk#11556; #13390 later connects workerd to the database directly when
+ * no TLS is wanted). Here a socket to `url`'s host and port gets the listener the proxy lacks, which closes the
+ * Worker's side too, so the Worker sees a failed connection, as a deployed Hyperdrive reports an unreachable
+ * origin. Other sockets are untouched.
+ */
+export function guardHyperdriveProxy(url) {
+  const { hostname, port } = new URL(url);
+  const target = (options) => options?.host === hostname && String(options?.port) === port;
+  const connect = net.connect;
+  net.connect = function guardedConnect(...args) {
+    const socket = connect.apply(this, args);
+    if (target(args[0])) {
+      const sources = new Set();
+      socket.on('pipe', (source) => sources.add(source));
+      socket.on('error', () => {
+        for (const source of sources) source.destroy();
+      });
+    }
+    return socket;
+  };
 }
 
 function ids(user) {

@@ -10,7 +10,7 @@ import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Miniflare, Log, LogLevel } from 'miniflare';
 import { unstable_getMiniflareWorkerOptions, unstable_readConfig } from 'wrangler';
-import { POSTGRES_MAIN } from './postgres.mjs';
+import { POSTGRES_MAIN, guardHyperdriveProxy } from './postgres.mjs';
 
 export const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..');
 const WRANGLER_TOML = join(ROOT, 'wrangler.toml');
@@ -64,6 +64,7 @@ export async function startGateway({
   extraWorkers = [],
 } = {}) {
   const gateway = gatewayWorkerOptions({ vars, postgresUrl });
+  if (postgresUrl) guardHyperdriveProxy(postgresUrl);
   const createdAt = performance.now();
   const mf = new Miniflare({
     workers: [gateway, ...extraWorkers],
