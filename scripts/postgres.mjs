@@ -151,7 +151,11 @@ export function guardHyperdriveProxy(url) {
     const socket = connect.apply(this, args);
     if (target(args[0])) {
       const sources = new Set();
-      socket.on('pipe', (source) => sources.add(source));
+      socket.setNoDelay(true);
+      socket.on('pipe', (source) => {
+        sources.add(source);
+        source.setNoDelay?.(true);
+      });
       socket.on('error', () => {
         for (const source of sources) source.destroy();
       });
