@@ -67,7 +67,7 @@ const OPTIONS = {
   db: {
     type: 'string',
     arg: 'd1|neon',
-    about: 'where keys and the ledger live (default: DB_PROVIDER from the environment or --var, else d1)',
+    about: 'where keys and the ledger live (default: DB_PROVIDER from --var, the environment, .dev.vars, wrangler.toml)',
   },
   postgres: {
     type: 'string',
@@ -121,7 +121,9 @@ function parseOptions(argv) {
     if (at <= 0) fail(`--var expects NAME:VALUE, got ${pair}`);
     vars[pair.slice(0, at)] = pair.slice(at + 1);
   }
-  const db = (values.db ?? vars.DB_PROVIDER ?? process.env.DB_PROVIDER ?? 'd1').toLowerCase();
+  // As the Worker would see it: --db, --var, the environment, then .dev.vars and wrangler.toml's [vars].
+  const db = (values.db ?? vars.DB_PROVIDER ?? process.env.DB_PROVIDER ?? localVars().DB_PROVIDER?.value ?? 'd1')
+    .toLowerCase();
   if (!['d1', 'neon'].includes(db)) fail(`--db expects d1 or neon, got ${db}`);
   if (values.postgres && db !== 'neon') fail('--postgres needs --db neon');
   return {

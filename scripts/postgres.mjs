@@ -109,10 +109,12 @@ export async function startServer({ dataDir, port = 0, log = 'inherit' }) {
     run(command, args, 'initdb');
   }
   port = port || (await freePort());
-  // Local development and tests: durability is not the point, speed is (fsync off).
+  // Local development and tests: fsync off (an operating-system crash may lose data; nothing here needs to
+  // survive one). Commits still reach the operating system before they are acknowledged (synchronous_commit
+  // stays on), so a killed server — the tests' outage — loses nothing it confirmed.
   const [command, args] = serverCommand('postgres', ['-D', dataDir, '-p', String(port), '-c',
     'listen_addresses=127.0.0.1', '-c', 'unix_socket_directories=', '-c', 'fsync=off', '-c',
-    'synchronous_commit=off', '-c', 'full_page_writes=off']);
+    'full_page_writes=off']);
   const server = spawn(command, args, { stdio: ['ignore', log, log] });
   const exited = new Promise((resolve) => server.once('exit', resolve));
   const admin = `postgres://${USER}:${PASSWORD}@127.0.0.1:${port}/postgres`;

@@ -369,3 +369,20 @@ async fn a_key_inserted_by_hand_with_the_original_columns_gets_an_id_and_works()
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
+
+#[tokio::test]
+async fn auth_reads_keys_from_the_store_and_refuses_unknown_and_revoked_ones() {
+    let created = create(json!({"user_id": user("auth")})).await;
+    let key = created["key"].as_str().expect("key").to_owned();
+    let id = created["id"].as_str().expect("id");
+    // Revoked in the store by hand before it was ever used: no cache anywhere knows it, so the next lookup reads
+    // the row and refuses it.
+    gateway().db(&format!("UPDATE api_keys SET active = 0 WHERE id = '{id}'"));
+    for (secret, case) in [(key.as_str(), "revoked"), ("sk-gw-unknown-0000", "unknown")] {
+        let response = chat(secret, "openai/gpt-4o-mini").await;
+        assert_eq!(response.status(), 401, "{case}");
+        let body: Value = response.json().await.expect("json");
+        assert_eq!(assert_openai_error(&body)["code"], "invalid_api_key", "{case}");
+    }
+    assert_eq!(chat(&gateway().key("regular").secret, "openai/gpt-4o-mini").await.status(), 200);
+}

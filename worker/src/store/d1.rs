@@ -9,7 +9,7 @@ use serde_json::json;
 use wasm_bindgen::JsValue;
 use worker::{Env, Error};
 
-use super::{group_expression, ledger::RowState};
+use super::{group_expression, ledger::RowState, KEY_COLUMNS};
 use crate::auth::KeyRecord;
 use crate::bindings::{self, iso_time, number_param, text_param};
 use crate::keys::{KeyFields, KeyRow};
@@ -100,10 +100,6 @@ pub async fn update_key(env: &Env, id: &str, fields: &KeyFields, now_ms: u64) ->
     let sql = format!("UPDATE api_keys SET {} WHERE id = ?{}", sets.join(", "), params.len());
     bindings::d1_run(env, &sql, &params).await.map(drop)
 }
-
-/// The columns of a [`KeyRow`]: every admin read selects these (never `key_hash`).
-const KEY_COLUMNS: &str = "id, user_id, name, active, rpm, tpm, usage_limit, budget_period, usd_limit, \
-max_concurrency, allowed_models, created_at, updated_at, revoked_at";
 
 /// One key's row, by its public id.
 pub async fn key(env: &Env, id: &str) -> Result<Option<KeyRow>, Error> {

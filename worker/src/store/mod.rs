@@ -5,7 +5,8 @@
 //! in [`ledger`], for both.
 //!
 //! Every operation is bounded and tried again after a transient failure, so every statement is idempotent:
-//! ledger inserts ignore conflicts, updates set values, a key's id is chosen before its insert.
+//! ledger inserts ignore conflicts and updates set values. (A key insert retried after its first try did land
+//! fails on the key's id: the admin call answers 503 and nothing is written twice.)
 
 #[cfg(feature = "postgres")]
 pub mod postgres;
@@ -147,6 +148,10 @@ impl Store {
         }
     }
 }
+
+/// The columns of a [`KeyRow`]: every admin read selects these (never `key_hash`).
+const KEY_COLUMNS: &str = "id, user_id, name, active, rpm, tpm, usage_limit, budget_period, usd_limit, \
+max_concurrency, allowed_models, created_at, updated_at, revoked_at";
 
 /// The SQL expression a report groups on, the same in both dialects (fixed strings only: never built from input).
 fn group_expression(group_by: GroupBy) -> &'static str {

@@ -19,7 +19,7 @@ use tokio_postgres::Client;
 use worker::postgres_tls::PassthroughTls;
 use worker::{Env, Error, SecureTransport, Socket};
 
-use super::{group_expression, ledger::RowState};
+use super::{group_expression, ledger::RowState, KEY_COLUMNS};
 use crate::auth::KeyRecord;
 use crate::bindings::{self, iso_time, log_error};
 use crate::keys::{KeyFields, KeyRow};
@@ -57,7 +57,7 @@ impl Postgres {
         let usd_limit = fields.usd_limit.flatten();
         let sql = "INSERT INTO api_keys (id, key_hash, user_id, name, rpm, tpm, usage_limit, budget_period, \
                    usd_limit, max_concurrency, allowed_models, created_at, updated_at) \
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12) ON CONFLICT (id) DO NOTHING";
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12)";
         let params: [Param; 12] = [
             (&id, Type::TEXT),
             (&hash, Type::TEXT),
@@ -227,10 +227,6 @@ impl Postgres {
         Ok(client)
     }
 }
-
-/// The columns of a [`KeyRow`]: every admin read selects these (never `key_hash`).
-const KEY_COLUMNS: &str = "id, user_id, name, active, rpm, tpm, usage_limit, budget_period, usd_limit, \
-max_concurrency, allowed_models, created_at, updated_at, revoked_at";
 
 /// The aggregate query and its four parameters (`user_id`, `key_id`, `from`, `to`; null = no filter).
 fn aggregate_sql(group_by: GroupBy) -> String {
