@@ -373,7 +373,8 @@ impl Gateway {
         process.kill();
         let announced_before = std::fs::read_to_string(&self.log_path).map_or(0, |log| announcements(&log));
         let postgres_url = self.postgres.as_ref().map(|p| p.url.as_str());
-        *process = spawn_gateway(&self.state_dir, &self.log_path, self.port, &self.upstream, &self.options, postgres_url);
+        *process =
+            spawn_gateway(&self.state_dir, &self.log_path, self.port, &self.upstream, &self.options, postgres_url);
         drop(process);
         announced_url(&self.log_path, announced_before);
         self.wait_ready();
@@ -659,7 +660,8 @@ pub struct Postgres {
 }
 
 impl Postgres {
-    fn start(data_dir: &Path, port: u16) -> Postgres {
+    /// Starts (creating and migrating on first use) a server with its cluster in `data_dir`, on `port` (0: a free one).
+    pub fn start(data_dir: &Path, port: u16) -> Postgres {
         let log = data_dir.with_extension("log");
         let announced_before = std::fs::read_to_string(&log).map_or(0, |text| text.matches("{\"postgres\":").count());
         let args = [
@@ -676,13 +678,21 @@ impl Postgres {
         let url = loop {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
             let line = text.lines().filter(|l| l.starts_with("{\"postgres\":")).nth(announced_before);
-            if let Some(url) = line.and_then(|l| serde_json::from_str::<Value>(l).ok()).and_then(|v| v["postgres"].as_str().map(str::to_owned)) {
+            if let Some(url) = line
+                .and_then(|l| serde_json::from_str::<Value>(l).ok())
+                .and_then(|v| v["postgres"].as_str().map(str::to_owned))
+            {
                 break url;
             }
             assert!(Instant::now() < deadline, "PostgreSQL did not start; log:\n{text}");
             std::thread::sleep(Duration::from_millis(100));
         };
-        let port = url.rsplit(':').next().and_then(|rest| rest.split('/').next()).and_then(|p| p.parse().ok()).expect("a port");
+        let port = url
+            .rsplit(':')
+            .next()
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|p| p.parse().ok())
+            .expect("a port");
         Postgres { url, data_dir: data_dir.to_owned(), log, port, process: Mutex::new(Some(process)) }
     }
 
@@ -704,7 +714,8 @@ impl Postgres {
     pub fn query(&self, sql: &str) -> Vec<Value> {
         let query = sql.trim().trim_end_matches(';');
         let reads = ["select", "with"].iter().any(|w| query.get(..w.len()).is_some_and(|s| s.eq_ignore_ascii_case(w)));
-        let statement = if reads { format!("SELECT coalesce(json_agg(q), '[]')::text FROM ({query}) q") } else { sql.to_owned() };
+        let statement =
+            if reads { format!("SELECT coalesce(json_agg(q), '[]')::text FROM ({query}) q") } else { sql.to_owned() };
         let out = Command::new(pg_bin("psql"))
             .args([self.url.as_str(), "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-c", &statement])
             .output()

@@ -112,8 +112,7 @@ async fn list_keys(query: &[(String, String)], store: &Store) -> Result<AdminRep
         None => None,
     };
     let user_id = param(query, "user_id");
-    let mut rows =
-        store.keys(cursor, user_id, limit + 1).await.map_err(|e| storage_error("key_list_failed", &e))?;
+    let mut rows = store.keys(cursor, user_id, limit + 1).await.map_err(|e| storage_error("key_list_failed", &e))?;
     let has_more = rows.len() as u64 > limit;
     rows.truncate(limit as usize);
     let next_cursor = if has_more { rows.last().map(|r| r.id.clone()) } else { None };

@@ -78,8 +78,8 @@ impl Postgres {
     pub async fn update_key(&self, id: &str, fields: &KeyFields, now_ms: u64) -> Result<(), Error> {
         let now = iso_time(now_ms);
         let name = fields.name.as_ref().map(|n| n.as_deref());
-        let limits = [fields.rpm, fields.tpm, fields.usage_limit, fields.max_concurrency]
-            .map(|set| set.map(|n| n.map(int)));
+        let limits =
+            [fields.rpm, fields.tpm, fields.usage_limit, fields.max_concurrency].map(|set| set.map(|n| n.map(int)));
         let models = fields.allowed_models.as_ref().map(|m| m.as_ref().map(|m| json!(m).to_string()));
         let active = fields.active.map(i32::from);
         let revoked_at = fields.active.map(|active| (!active).then(|| now.clone()));
@@ -214,8 +214,9 @@ impl Postgres {
         let hyperdrive = self.env.hyperdrive(HYPERDRIVE)?;
         let config: tokio_postgres::Config = hyperdrive.connection_string().parse().map_err(pg_error)?;
         // Hyperdrive answers the client's TLS request itself; a local server without TLS declines it.
-        let socket =
-            Socket::builder().secure_transport(SecureTransport::StartTls).connect(hyperdrive.host(), hyperdrive.port())?;
+        let socket = Socket::builder()
+            .secure_transport(SecureTransport::StartTls)
+            .connect(hyperdrive.host(), hyperdrive.port())?;
         let (client, connection) = config.connect_raw(socket, PassthroughTls).await.map_err(pg_error)?;
         wasm_bindgen_futures::spawn_local(async move {
             if let Err(e) = connection.await {
