@@ -10,11 +10,10 @@ use serde_json::{json, Value};
 use worker::{Env, Request};
 
 use crate::admit;
-use crate::auth::KeyRecord;
 use crate::bindings::{self, log_error, now_ms, random_bytes};
 use crate::config::Config;
 use crate::error::ApiError;
-use crate::keys::{self, KeyFields, KeyRow, KeyView};
+use crate::keys::{self, KeyFields, KeyRecord, KeyRow, KeyView};
 use crate::limiter;
 use crate::routes::AdminRoute;
 use crate::store::Store;

@@ -3,10 +3,10 @@
 
 use key_limiter::protocol::{Amount, Budget, DenyReason, KeyControl, Limits, Period, Snapshot, WindowState};
 
-use crate::auth::KeyRecord;
 use crate::config::Config;
 use crate::endpoint::Endpoint;
 use crate::error::ApiError;
+use crate::keys::KeyRecord;
 use crate::usage::Usage;
 use crate::validate::ModelRequest;
 

@@ -1,37 +1,17 @@
 //! API-key authentication: the bearer token, its SHA-256, and a small per-isolate cache of lookups.
 //!
 //! Only the hash ever leaves this module; the plaintext key is never stored, cached or logged. The cache holds
-//! positive *and* negative answers for a short TTL, so a flood of requests (or of bad keys) costs one D1 query per
-//! key per TTL, and a revoked key stops working within that TTL at the latest.
+//! positive *and* negative answers for a short TTL, so a flood of requests (or of bad keys) costs one store query
+//! per key per TTL, and a revoked key stops working within that TTL at the latest.
 
 use std::collections::HashMap;
 
-use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::error::ApiError;
+use crate::keys::KeyRecord;
 
 const MAX_KEY_LEN: usize = 256;
-
-/// What the gateway knows about an active key (one row of `api_keys`); limits left `None` fall back to the
-/// gateway's defaults (requests) or to no limit (the rest).
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-pub struct KeyRecord {
-    /// The key's public id: safe to log and show.
-    pub id: String,
-    pub user_id: String,
-    pub rpm: Option<u32>,
-    pub tpm: Option<u64>,
-    /// Token budget per `budget_period` (the seed's column name).
-    pub usage_limit: Option<u64>,
-    pub budget_period: Option<String>,
-    pub usd_limit: Option<f64>,
-    pub max_concurrency: Option<u32>,
-    /// JSON array of model ids, or `None` for any model.
-    pub allowed_models: Option<String>,
-    /// When the row last changed (RFC 3339): the version of the key's limits.
-    pub updated_at: String,
-}
 
 /// The key from `Authorization: Bearer <key>`.
 pub fn bearer_key(authorization: Option<&str>) -> Result<&str, ApiError> {

@@ -11,9 +11,10 @@ use futures_util::future::{select, Either};
 use wasm_bindgen::prelude::*;
 use worker::{Env, Error};
 
-use crate::auth::{AuthCache, KeyRecord};
+use crate::auth::AuthCache;
 use crate::config::{Config, ConfigError};
 use crate::error::ApiError;
+use crate::keys::KeyRecord;
 use crate::models::{CachedModels, KV_MIN_TTL_SECS};
 
 pub const DB: &str = "DB";
@@ -41,7 +42,7 @@ pub async fn within<F: Future>(limit: Duration, future: F) -> Option<F::Output> 
     }
 }
 
-/// D1, KV and Queue calls: generous for a busy platform, short enough that nothing waits forever.
+/// D1, Postgres, KV and Queue calls: generous for a busy platform, short enough that nothing waits forever.
 const BINDING_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A binding call bounded by [`BINDING_TIMEOUT`]; a timeout is an error like any other.

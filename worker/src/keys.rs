@@ -1,5 +1,6 @@
-//! API key administration, the pure part: the key format, validation of create/update bodies, and the public view
-//! of a key (which never includes its hash).
+//! API keys, the pure part: the key format, validation of create/update bodies, and the `api_keys` row in the
+//! shapes its readers need — [`KeyRecord`] (what authentication and admission read), [`KeyRow`] (the admin
+//! API's whole row), [`KeyFields`] (what an admin call sets) and [`KeyView`] (what it shows: never the hash).
 //!
 //! A key reads `sk-gw-<id>-<secret>`: a recognisable prefix, the 12-hex-digit public id (safe in logs and UIs), and
 //! 192 random bits. Only its SHA-256 is stored.
@@ -190,7 +191,27 @@ fn model_list(body: &Map<String, Value>) -> Result<Option<Option<Vec<String>>>, 
     }
 }
 
-/// One `api_keys` row as D1 returns it (everything but the hash).
+/// What the gateway knows about an active key (one row of `api_keys`); limits left `None` fall back to the
+/// gateway's defaults (requests) or to no limit (the rest).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct KeyRecord {
+    /// The key's public id: safe to log and show.
+    pub id: String,
+    pub user_id: String,
+    pub rpm: Option<u32>,
+    pub tpm: Option<u64>,
+    /// Token budget per `budget_period` (the seed's column name).
+    pub usage_limit: Option<u64>,
+    pub budget_period: Option<String>,
+    pub usd_limit: Option<f64>,
+    pub max_concurrency: Option<u32>,
+    /// JSON array of model ids, or `None` for any model.
+    pub allowed_models: Option<String>,
+    /// When the row last changed (RFC 3339): the version of the key's limits.
+    pub updated_at: String,
+}
+
+/// One `api_keys` row as the store returns it (everything but the hash).
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub struct KeyRow {
     pub id: String,
@@ -211,8 +232,8 @@ pub struct KeyRow {
 
 impl KeyRow {
     /// The key as the request path knows it (what authentication reads), for telling its Durable Object.
-    pub fn record(&self) -> crate::auth::KeyRecord {
-        crate::auth::KeyRecord {
+    pub fn record(&self) -> KeyRecord {
+        KeyRecord {
             id: self.id.clone(),
             user_id: self.user_id.clone(),
             rpm: self.rpm.and_then(|n| u32::try_from(n).ok()),

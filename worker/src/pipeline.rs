@@ -5,7 +5,7 @@
 //!       of the key, else the key's Durable Object) → forward
 //!       → reply (JSON, or a relayed stream) → decorate (security, CORS, rate-limit headers, request id)
 //!       → finish, after the response is handed over: relay the stream, settle the reservation,
-//!         enqueue the usage event (→ D1 ledger + PostHog, see `consumer`), report the key's leases, log
+//!         enqueue the usage event (→ the ledger + PostHog, see `consumer`), report the key's leases, log
 //! ```
 //!
 //! Each stage either passes the request on or returns an [`ApiError`]; `handle` renders errors in one place, so
@@ -29,7 +29,7 @@ use worker::{Context, Env, Headers, Request, Response, ResponseBuilder};
 use crate::admin::{self, AdminReply};
 use crate::admit;
 use crate::answer;
-use crate::auth::{self, KeyRecord};
+use crate::auth;
 use crate::bindings::{self, log_error, now_ms, random_bytes, within};
 use crate::catalog;
 use crate::config::{Config, UnpricedModel};
@@ -37,6 +37,7 @@ use crate::cors;
 use crate::endpoint::Endpoint;
 use crate::error::ApiError;
 use crate::forward::{self, Upstream};
+use crate::keys::KeyRecord;
 use crate::limiter::{self, Admission, Reservation};
 use crate::log::RequestLog;
 use crate::models;

@@ -10,9 +10,8 @@ use wasm_bindgen::JsValue;
 use worker::{Env, Error};
 
 use super::{group_expression, ledger::RowState, KEY_COLUMNS};
-use crate::auth::KeyRecord;
 use crate::bindings::{self, iso_time, number_param, text_param};
-use crate::keys::{KeyFields, KeyRow};
+use crate::keys::{KeyFields, KeyRecord, KeyRow};
 use crate::usage_event::UsageEvent;
 use crate::usage_report::{GroupBy, UsageFilter, UsageRow};
 

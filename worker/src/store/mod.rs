@@ -16,10 +16,9 @@ pub mod ledger;
 
 use worker::{Env, Error};
 
-use crate::auth::KeyRecord;
 use crate::bindings::iso_time;
 use crate::config::{Config, StoreKind};
-use crate::keys::{KeyFields, KeyRow};
+use crate::keys::{KeyFields, KeyRecord, KeyRow};
 use crate::usage_event::UsageEvent;
 use crate::usage_report::{GroupBy, UsageFilter, UsageRow};
 use ledger::RowState;

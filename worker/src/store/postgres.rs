@@ -20,9 +20,8 @@ use worker::postgres_tls::PassthroughTls;
 use worker::{Env, Error, SecureTransport, Socket};
 
 use super::{group_expression, ledger::RowState, KEY_COLUMNS};
-use crate::auth::KeyRecord;
 use crate::bindings::{self, iso_time, log_error};
-use crate::keys::{KeyFields, KeyRow};
+use crate::keys::{KeyFields, KeyRecord, KeyRow};
 use crate::usage_event::UsageEvent;
 use crate::usage_report::{GroupBy, UsageFilter, UsageRow};
 
