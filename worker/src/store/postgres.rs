@@ -7,9 +7,9 @@
 //!   decode into: one row type per table, whichever store filled it.
 //! - A ledger batch is one JSON parameter expanded with `jsonb_to_recordset`, as D1 expands it with `json_each`.
 //! - One connection per [`Postgres`] (one invocation), opened at its first statement; a failed statement drops it,
-//!   so the retry opens a new one.
+//!   and a retried one (after a failure or a timeout) opens a new one.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 use serde::de::DeserializeOwned;
@@ -174,8 +174,9 @@ impl Postgres {
     /// Runs a query that selects `T`'s columns; each row travels as one JSON object.
     async fn rows<T: DeserializeOwned>(&self, sql: &str, params: &[Param<'_>]) -> Result<Vec<T>, Error> {
         let sql = format!("SELECT row_to_json(r)::text FROM ({sql}) r");
+        let tried = Cell::new(false);
         let rows = bindings::retried("Postgres query", || async {
-            let client = self.client().await?;
+            let client = self.client(tried.replace(true)).await?;
             self.checked(client.query_typed(&sql, params).await)
         })
         .await?;
@@ -189,15 +190,15 @@ impl Postgres {
 
     /// Runs a statement; returns the rows it changed.
     async fn execute(&self, sql: &str, params: &[Param<'_>]) -> Result<u64, Error> {
+        let tried = Cell::new(false);
         bindings::retried("Postgres statement", || async {
-            let client = self.client().await?;
+            let client = self.client(tried.replace(true)).await?;
             self.checked(client.execute_typed(sql, params).await)
         })
         .await
     }
 
-    /// A statement's result; a failure drops the connection, so the next try opens a fresh one (a timed-out
-    /// try is dropped by `retried` and leaves the connection to the next statement).
+    /// A statement's result; a failure drops the connection, so the next statement opens a fresh one.
     fn checked<T>(&self, result: Result<T, tokio_postgres::Error>) -> Result<T, Error> {
         result.map_err(|e| {
             self.client.borrow_mut().take();
@@ -205,14 +206,19 @@ impl Postgres {
         })
     }
 
-    /// This invocation's connection, opened now if it is not open yet.
-    async fn client(&self) -> Result<Rc<Client>, Error> {
+    /// This invocation's connection, opened now if it is not open yet or if this is a retry (`fresh`: the try
+    /// before may have timed out on a connection that no longer answers).
+    async fn client(&self, fresh: bool) -> Result<Rc<Client>, Error> {
+        if fresh {
+            self.client.borrow_mut().take();
+        }
         if let Some(client) = self.client.borrow().clone() {
             return Ok(client);
         }
         let hyperdrive = self.env.hyperdrive(HYPERDRIVE)?;
         let config: tokio_postgres::Config = hyperdrive.connection_string().parse().map_err(pg_error)?;
-        // Hyperdrive answers the client's TLS request itself; a local server without TLS declines it.
+        // As workers-rs' example connects: the client asks for TLS (`sslmode` defaults to `prefer`) and the socket
+        // is upgraded if the server agrees; a local server without TLS declines and the connection stays plain.
         let socket = Socket::builder()
             .secure_transport(SecureTransport::StartTls)
             .connect(hyperdrive.host(), hyperdrive.port())?;
