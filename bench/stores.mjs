@@ -24,6 +24,7 @@ import { fileURLToPath } from 'node:url';
 import { psql, startServer } from '../scripts/postgres.mjs';
 import { GATEWAY_NAME, gatewayWorkerOptions, readGatewayConfig, startGateway } from '../scripts/runtime.mjs';
 import { DRIVER_NAME, consumerThroughput, driverGet, driverWorker } from './lib/driver.mjs';
+import { round } from './lib/procs.mjs';
 import { applyMigrations } from './lib/sql.mjs';
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..');
@@ -63,8 +64,8 @@ async function latency(url) {
   const times = [];
   for (let i = 0; i < REQUESTS; i++) times.push(await one());
   times.sort((a, b) => a - b);
-  const round = (n) => Math.round(n * 100) / 100;
-  return { requests: REQUESTS, p50_ms: round(percentile(times, 50)), p90_ms: round(percentile(times, 90)), p99_ms: round(percentile(times, 99)) };
+  const ms = (p) => round(percentile(times, p), 2);
+  return { requests: REQUESTS, p50_ms: ms(50), p90_ms: ms(90), p99_ms: ms(99) };
 }
 
 /** Sends `EVENTS` usage events and waits for the last Postgres row (polled with psql). */
@@ -130,7 +131,7 @@ async function measure(store, upstream, stateDir) {
     }
     await mf.dispose();
   }
-  results.lookup_ms = Math.round((results.auth_cache_off.p50_ms - results.auth_cache_on.p50_ms) * 100) / 100;
+  results.lookup_ms = round(results.auth_cache_off.p50_ms - results.auth_cache_on.p50_ms, 2);
   return results;
 }
 

@@ -8,6 +8,8 @@
 //       server in the foreground until stopped (SIGTERM/SIGINT, or stdin closing with --exit-with-stdin).
 //   node scripts/postgres.mjs migrate URL
 //       Applies migrations-postgres/*.sql that URL's database has not had yet (deploy: "$NEON_DATABASE_URL").
+//   node scripts/postgres.mjs which [NAME ...]
+//       Prints where the binaries are (by default initdb, postgres, pg_isready and psql); fails if one is missing.
 //
 // The server binaries come from PATH or Debian's /usr/lib/postgresql/<version>/bin (scripts/setup.sh installs
 // the `postgresql` package when they are missing). PostgreSQL refuses to run as root: as root, the cluster is
@@ -166,17 +168,17 @@ export function guardHyperdriveProxy(url) {
   };
 }
 
+/** A user's numeric user and group ids. */
 function ids(user) {
-  const out = run('id', ['-u', user], `id -u ${user}`).trim();
-  const group = run('id', ['-g', user], `id -g ${user}`).trim();
-  return [Number(out), Number(group)];
+  return ['-u', '-g'].map((flag) => Number(run('id', [flag, user], `id ${flag} ${user}`).trim()));
 }
 
 async function main() {
   const [command, ...rest] = process.argv.slice(2);
   if (command === 'which') {
-    // scripts/setup.sh: are the binaries here?
-    for (const name of ['initdb', 'postgres', 'pg_isready', 'psql']) console.log(pgBin(name));
+    // Where the binaries are (scripts/setup.sh: are they here at all; the test harness: its psql).
+    const names = rest.length ? rest : ['initdb', 'postgres', 'pg_isready', 'psql'];
+    for (const name of names) console.log(pgBin(name));
     return;
   }
   if (command === 'migrate' && rest.length === 1) {

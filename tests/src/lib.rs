@@ -716,7 +716,7 @@ impl Postgres {
         let reads = ["select", "with"].iter().any(|w| query.get(..w.len()).is_some_and(|s| s.eq_ignore_ascii_case(w)));
         let statement =
             if reads { format!("SELECT coalesce(json_agg(q), '[]')::text FROM ({query}) q") } else { sql.to_owned() };
-        let out = Command::new(pg_bin("psql"))
+        let out = Command::new(psql_bin())
             .args([self.url.as_str(), "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-c", &statement])
             .output()
             .expect("run psql");
@@ -737,28 +737,18 @@ impl Postgres {
     }
 }
 
-/// A PostgreSQL binary: on PATH, or in the newest /usr/lib/postgresql/<version>/bin (as scripts/postgres.mjs finds it).
-fn pg_bin(name: &str) -> PathBuf {
-    let on_path = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
-        .map(|dir| dir.join(name))
-        .find(|p| p.exists());
-    if let Some(path) = on_path {
-        return path;
-    }
-    let mut versions: Vec<u32> = std::fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    versions.sort_unstable();
-    versions
-        .iter()
-        .rev()
-        .map(|v| PathBuf::from(format!("/usr/lib/postgresql/{v}/bin/{name}")))
-        .find(|p| p.exists())
-        .unwrap_or_else(|| panic!("{name} not found: scripts/setup.sh installs PostgreSQL"))
+/// psql's path, as scripts/postgres.mjs finds the PostgreSQL binaries (one lookup for every tool).
+fn psql_bin() -> &'static Path {
+    static PSQL: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PSQL.get_or_init(|| {
+        let out = Command::new("node")
+            .arg(repo_root().join("scripts/postgres.mjs"))
+            .args(["which", "psql"])
+            .output()
+            .expect("run node");
+        assert!(out.status.success(), "psql not found: {}", String::from_utf8_lossy(&out.stderr));
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    })
 }
 
 /// The PostHog project key the tests give the gateway (when the PostHog stand-in runs).

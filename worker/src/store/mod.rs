@@ -49,7 +49,7 @@ impl Store {
         }
     }
 
-    /// Inserts a new key (its id chosen before, so a retried insert is the same row); `now` is its creation time.
+    /// Inserts a new key under the id chosen for it; `now` is its creation time.
     pub async fn insert_key(&self, id: &str, hash: &str, fields: &KeyFields, now_ms: u64) -> Result<(), Error> {
         match self {
             Self::D1(env) => d1::insert_key(env, id, hash, fields, now_ms).await,
