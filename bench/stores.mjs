@@ -12,12 +12,10 @@
 // Knobs: BENCH_STORE_REQUESTS (default 400 per run), BENCH_CONSUMER_EVENTS (default 5000).
 // Writes bench/results/stores.json and stores.md.
 
-import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { chmodSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
-import { createInterface } from 'node:readline';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 
@@ -25,6 +23,7 @@ import { psql, startServer } from '../scripts/postgres.mjs';
 import { GATEWAY_NAME, gatewayWorkerOptions, readGatewayConfig, startGateway } from '../scripts/runtime.mjs';
 import { DRIVER_NAME, consumerThroughput, driverGet, driverWorker } from './lib/driver.mjs';
 import { round } from './lib/procs.mjs';
+import { latencySummary, runBenchmark, startStandin, writeResults } from './lib/sequential.mjs';
 import { applyMigrations } from './lib/sql.mjs';
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..');
@@ -38,19 +37,6 @@ const KEY_ROW = `INSERT INTO api_keys (id, key_hash, user_id, name) VALUES ('ben
 const log = (message) => console.error(`[bench:stores] ${message}`);
 const cleanups = [];
 
-async function standin() {
-  const child = spawn(process.execPath, [join(ROOT, 'standins', 'openrouter.mjs'), '--port', '0', '--exit-with-stdin'], {
-    stdio: ['pipe', 'pipe', 'inherit'],
-  });
-  cleanups.push(() => child.kill('SIGTERM'));
-  const line = await new Promise((resolve) => createInterface({ input: child.stdout }).once('line', resolve));
-  return JSON.parse(line).listening;
-}
-
-function percentile(sorted, p) {
-  return sorted[Math.min(sorted.length - 1, Math.ceil((p / 100) * sorted.length) - 1)];
-}
-
 /** `REQUESTS` sequential GET /v1/models (after a warm-up), as latency percentiles in ms. */
 async function latency(url) {
   const one = async () => {
@@ -63,9 +49,7 @@ async function latency(url) {
   for (let i = 0; i < 50; i++) await one();
   const times = [];
   for (let i = 0; i < REQUESTS; i++) times.push(await one());
-  times.sort((a, b) => a - b);
-  const ms = (p) => round(percentile(times, p), 2);
-  return { requests: REQUESTS, p50_ms: ms(50), p90_ms: ms(90), p99_ms: ms(99) };
+  return latencySummary(times);
 }
 
 /** Sends `EVENTS` usage events and waits for the last Postgres row (polled with psql). */
@@ -158,23 +142,12 @@ async function main() {
   chmodSync(stateDir, 0o755); // PostgreSQL's own user must reach its cluster inside
   cleanups.push(() => rmSync(stateDir, { recursive: true, force: true }));
   readGatewayConfig();
-  const upstream = await standin();
+  const standin = await startStandin();
+  cleanups.push(standin.stop);
+  const upstream = standin.base;
   const results = { date: new Date().toISOString(), requests: REQUESTS, events: EVENTS };
   for (const store of ['d1', 'postgres']) results[store] = await measure(store, upstream, stateDir);
-  mkdirSync(OUT, { recursive: true });
-  writeFileSync(join(OUT, 'stores.json'), `${JSON.stringify(results, null, 2)}\n`);
-  writeFileSync(join(OUT, 'stores.md'), markdown(results));
-  process.stdout.write(`${markdown(results)}\n`);
+  writeResults(OUT, 'stores', results, markdown);
 }
 
-async function cleanup() {
-  for (const undo of cleanups.reverse()) await Promise.resolve().then(undo).catch(() => {});
-}
-
-main()
-  .then(cleanup, async (error) => {
-    log(`failed: ${error.stack ?? error.message}`);
-    await cleanup();
-    process.exitCode = 1;
-  })
-  .then(() => process.exit());
+runBenchmark(main, cleanups, log);

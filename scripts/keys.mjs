@@ -3,10 +3,12 @@
 //
 //   create --user ID [--name N] [--rpm N] [--tpm N] [--budget-tokens N] [--budget-usd X]
 //          [--period day|month|lifetime] [--concurrency N] [--models a/b,c/d]
+//          [--cache-ttl SECONDS] [--cache-scope key|user] [--cache-sampled true|false]
 //   list [--user ID] [--limit N] [--all]
 //   show ID
 //   update ID [--rpm N|none] [--tpm N|none] [--budget-tokens N|none] [--budget-usd X|none] [--period P]
 //          [--concurrency N|none] [--models a,b|none] [--name N] [--active true|false]
+//          [--cache-ttl SECONDS|none] [--cache-scope key|user] [--cache-sampled true|false]
 //   revoke ID
 //   usage [--user ID] [--key ID] [--from DATE] [--to DATE] [--group-by day|model|key|user|endpoint] [--csv]
 //
@@ -36,6 +38,9 @@ const OPTIONS = {
   concurrency: { type: 'string' },
   models: { type: 'string' },
   active: { type: 'string' },
+  'cache-ttl': { type: 'string' },
+  'cache-scope': { type: 'string' },
+  'cache-sampled': { type: 'string' },
   limit: { type: 'string' },
   from: { type: 'string' },
   to: { type: 'string' },
@@ -92,10 +97,13 @@ function keyFields(values) {
     allowed_models:
       values.models === undefined ? undefined : values.models === 'none' ? null : values.models.split(',').map((m) => m.trim()),
   };
-  if (values.active !== undefined) {
-    if (!['true', 'false'].includes(values.active)) throw new UsageError('--active expects true or false');
-    fields.active = values.active === 'true';
+  for (const [option, field] of [['active', 'active'], ['cache-sampled', 'cache_sampled']]) {
+    if (values[option] === undefined) continue;
+    if (!['true', 'false'].includes(values[option])) throw new UsageError(`--${option} expects true or false`);
+    fields[field] = values[option] === 'true';
   }
+  fields.cache_ttl_seconds = limit(values['cache-ttl'], 'cache-ttl');
+  fields.cache_scope = values['cache-scope'];
   return Object.fromEntries(Object.entries(fields).filter(([, v]) => v !== undefined));
 }
 
@@ -111,7 +119,7 @@ function table(rows, columns) {
   return [line(columns), line(widths.map((w) => '-'.repeat(w))), ...rows.map((r) => line(columns.map((c) => cell(r, c))))].join('\n');
 }
 
-const KEY_COLUMNS = ['id', 'user_id', 'name', 'active', 'rpm', 'tpm', 'usage_limit', 'budget_period', 'usd_limit', 'max_concurrency', 'allowed_models'];
+const KEY_COLUMNS = ['id', 'user_id', 'name', 'active', 'rpm', 'tpm', 'usage_limit', 'budget_period', 'usd_limit', 'max_concurrency', 'allowed_models', 'cache_ttl_seconds', 'cache_scope', 'cache_sampled'];
 
 function printKeys(opts, keys) {
   console.log(opts.json ? JSON.stringify(keys, null, 2) : table(keys, KEY_COLUMNS));
@@ -159,7 +167,7 @@ const commands = {
     const report = await call(opts, 'GET', `/admin/usage?${query}`);
     if (values.csv) return process.stdout.write(report);
     if (opts.json) return console.log(JSON.stringify(report, null, 2));
-    console.log(table(report.data, [report.group_by, 'requests', 'input_tokens', 'output_tokens', 'cached_tokens', 'cost_usd']));
+    console.log(table(report.data, [report.group_by, 'requests', 'input_tokens', 'output_tokens', 'cached_tokens', 'cost_usd', 'cache_hits', 'saved_cost_usd']));
   },
 };
 
@@ -167,7 +175,8 @@ async function main() {
   const { values, positionals } = parseArgs({ options: OPTIONS, allowPositionals: true });
   const [command, ...rest] = positionals;
   if (values.help || !command) {
-    const usage = (await import('node:fs')).readFileSync(new URL(import.meta.url), 'utf8').split('\n').slice(1, 22);
+    const lines = (await import('node:fs')).readFileSync(new URL(import.meta.url), 'utf8').split('\n').slice(1);
+    const usage = lines.slice(0, lines.findIndex((l) => !l.startsWith('//')));
     console.log(usage.map((l) => l.replace(/^\/\/ ?/, '')).join('\n'));
     return;
   }

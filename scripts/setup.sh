@@ -5,7 +5,9 @@
 #   3. npm packages from the lockfile (wrangler, miniflare, esbuild)
 #   4. PostgreSQL's server and psql (Debian's postgresql package), for the Postgres store's tests and
 #      `npm run dev -- --db neon`
-#   5. the Worker build (scripts/build.sh): the D1 bundle and the Postgres one
+#   5. the official OpenAI Python SDK, pinned (tests/sdk/requirements.txt), in a venv at .tools/python, for the
+#      tests that read the gateway with both official SDKs
+#   6. the Worker build (scripts/build.sh): the D1 bundle and the Postgres one
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -67,9 +69,24 @@ ensure_postgres() {
   apt-get update && apt-get install -y --no-install-recommends postgresql
 }
 
+ensure_python_sdk() {
+  local stamp=.tools/python/.requirements.sha
+  local want
+  want=$(sha256sum tests/sdk/requirements.txt | cut -d' ' -f1)
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    return
+  fi
+  say "installing the OpenAI Python SDK into .tools/python (tests/sdk/requirements.txt)"
+  rm -rf .tools/python
+  python3 -m venv .tools/python
+  .tools/python/bin/pip install --quiet --disable-pip-version-check --no-deps -r tests/sdk/requirements.txt
+  echo "$want" > "$stamp"
+}
+
 ensure_wasm_target
 ensure_cargo_tool worker-build "$WORKER_BUILD_VERSION" worker-build
 ensure_cargo_tool wasm-bindgen-cli "$WASM_BINDGEN_VERSION" wasm-bindgen
 ensure_npm_packages
 ensure_postgres
+ensure_python_sdk
 bash scripts/build.sh

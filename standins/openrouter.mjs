@@ -25,6 +25,9 @@
 //                `delta.tool_calls` (a head chunk with id, type, name and arguments "", then fragments of
 //                TOOL_FRAGMENT_CHARS code points), finish_reason "tool_calls"; chunks/chunk_bytes/max_tokens
 //                do not apply to it
+//   finish_reason         chat and legacy completions: the finish reason the answer reports instead of its own
+//                         (e.g. "error": OpenRouter's word for a provider that failed inside a 200 answer, or
+//                         "content_filter"); the answer's text is unchanged
 //   generation_lag_ms     how long this request's generation stays 404 after it ended (default --generation-lag-ms)
 //   error_event  Responses streams, `midstream_error`: response.failed (default) | error
 //   event_lines  Responses streams: false leaves out the `event: <type>` lines (data-only, as OpenRouter's samples)
@@ -529,7 +532,7 @@ function planCompletion(body, id, { messages, promptTokens, maxTokens, n = 1, an
     reasoningTexts: answer.reasoningTexts,
     texts: answer.texts,
     toolCall: answer.toolCall,
-    finishReason: answer.finishReason,
+    finishReason: typeof request.opts.finish_reason === 'string' ? request.opts.finish_reason : answer.finishReason,
     // The real counts (generations) and what goes on the wire (usage_override merged over them).
     promptTokens: prompt,
     completionTokens,

@@ -222,6 +222,15 @@ describe('openrouter stand-in', () => {
     assert.equal(JSON.parse(dataOf(frames.at(-2))).usage.completion_tokens, 3);
   });
 
+  it('reports the finish reason standin.finish_reason names, streamed or not', async () => {
+    const plain = await (await chat({ model: 'm', messages, standin: { finish_reason: 'error' } })).json();
+    assert.equal(plain.choices[0].finish_reason, 'error');
+    assert.equal(plain.choices[0].message.content, answer);
+    const frames = await streamFrames({ model: 'm', messages, standin: { finish_reason: 'content_filter' } });
+    assert.equal(JSON.parse(dataOf(frames.at(-3))).choices[0].finish_reason, 'content_filter');
+    assert.equal(frames.at(-1), 'data: [DONE]');
+  });
+
   it('returns OpenRouter errors with status, shape and Retry-After', async () => {
     const res = await chat({ model: 'm', stream: true, messages, standin: { scenario: 'error', retry_after: 7 } });
     assert.equal(res.status, 429);

@@ -543,7 +543,13 @@ fn create_keys(specs: &[KeySpec]) -> KeyRows {
         .map(|spec| {
             let id = format!("{}{}", spec.name, random_hex(4));
             let secret = format!("sk-gw-{id}-{}", random_hex(24));
-            let key = TestKey { id, user_id: format!("user-{}", spec.name), secret };
+            // `user-<name>`, unless the spec sets `user_id` (a SQL string literal) to give keys one owner.
+            let user_id = spec
+                .columns
+                .iter()
+                .find(|(column, _)| column == "user_id")
+                .map_or_else(|| format!("user-{}", spec.name), |(_, value)| value.trim_matches('\'').to_owned());
+            let key = TestKey { id, user_id, secret };
             (spec.name.clone(), (key, spec.columns.clone()))
         })
         .collect()
@@ -583,7 +589,7 @@ fn key_inserts(keys: &KeyRows) -> String {
             let mut names = vec!["id".to_owned(), "key_hash".to_owned(), "user_id".to_owned()];
             let mut values =
                 vec![format!("'{}'", k.id), format!("'{}'", sha256_hex(&k.secret)), format!("'{}'", k.user_id)];
-            for (column, value) in columns {
+            for (column, value) in columns.iter().filter(|(column, _)| column != "user_id") {
                 names.push(column.clone());
                 values.push(value.clone());
             }

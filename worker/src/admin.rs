@@ -140,7 +140,8 @@ async fn usage(query: &[(String, String)], store: &Store) -> Result<AdminReply, 
         .iter()
         .map(|r| {
             json!({group_by.column_name(): r.grp, "requests": r.requests, "input_tokens": r.input_tokens,
-                   "output_tokens": r.output_tokens, "cached_tokens": r.cached_tokens, "cost_usd": r.cost_usd})
+                   "output_tokens": r.output_tokens, "cached_tokens": r.cached_tokens, "cost_usd": r.cost_usd,
+                   "cache_hits": r.cache_hits, "saved_cost_usd": r.saved_cost_usd})
         })
         .collect();
     Ok(AdminReply::Json(200, json!({"object": "usage_report", "group_by": group_by.column_name(), "data": data})))
@@ -184,6 +185,8 @@ pub async fn own_usage(key: &KeyRecord, env: &Env, config: &Config) -> Result<Va
             "input_tokens": totals.as_ref().map_or(0, |t| t.input_tokens),
             "output_tokens": totals.as_ref().map_or(0, |t| t.output_tokens),
             "cost_usd": totals.as_ref().map_or(0.0, |t| t.cost_usd),
+            "cache_hits": totals.as_ref().map_or(0, |t| t.cache_hits),
+            "saved_cost_usd": totals.as_ref().map_or(0.0, |t| t.saved_cost_usd),
         },
     }))
 }

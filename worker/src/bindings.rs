@@ -12,6 +12,7 @@ use wasm_bindgen::prelude::*;
 use worker::{Env, Error};
 
 use crate::auth::AuthCache;
+use crate::cache;
 use crate::config::{Config, ConfigError};
 use crate::error::ApiError;
 use crate::keys::KeyRecord;
@@ -141,6 +142,41 @@ pub async fn store_models(env: &Env, models: &CachedModels, ttl_secs: u64) {
     if let Err(e) = put {
         log_error("kv_write_failed", &e.to_string());
     }
+}
+
+/// How long a response-cache lookup may take; a slower one is a miss (the request goes upstream).
+const CACHE_READ_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The response cache's entry under `kv_key`, if KV has one. A read that fails, is slow or finds something
+/// unreadable is a miss (and logged): the cache never fails a request.
+pub async fn cached_answer(env: &Env, kv_key: &str) -> Option<cache::Entry> {
+    let kv = env.kv(CACHE).ok()?;
+    let read = async { kv.get(kv_key).json::<cache::Entry>().await.map_err(Error::from) };
+    match within(CACHE_READ_TIMEOUT, read).await {
+        Some(Ok(found)) => found,
+        Some(Err(e)) => {
+            log_error("cache_read_failed", &e.to_string());
+            None
+        }
+        None => {
+            log_error("cache_read_failed", &format!("no answer within {} ms", CACHE_READ_TIMEOUT.as_millis()));
+            None
+        }
+    }
+}
+
+/// Stores an encoded entry for `ttl_secs` (KV keeps anything at least 60 s; the entry carries its own expiry).
+/// Returns whether KV took it.
+pub async fn store_answer(env: &Env, kv_key: &str, entry: String, ttl_secs: u64) -> bool {
+    let Ok(kv) = env.kv(CACHE) else { return false };
+    let put = match kv.put(kv_key, entry) {
+        Ok(put) => {
+            let expiration = ttl_secs.max(KV_MIN_TTL_SECS);
+            bounded("KV write", async { put.expiration_ttl(expiration).execute().await.map_err(Error::from) }).await
+        }
+        Err(e) => Err(e.into()),
+    };
+    put.map_err(|e| log_error("cache_write_failed", &e.to_string())).is_ok()
 }
 
 /// One structured error line for operators (`wrangler tail`); `detail` must never hold a secret.

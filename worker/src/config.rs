@@ -54,6 +54,9 @@ pub struct Config {
     /// How many times a reconciliation is tried (with backoff) before the estimate stands.
     pub reconcile_max_attempts: u32,
     pub models_cache_ttl_secs: u64,
+    /// The longest any answer is kept in the response cache, whatever a key or a request asks (0: the response
+    /// cache is off).
+    pub response_cache_max_ttl_secs: u64,
     pub auth_cache_ttl_secs: u64,
     pub auth_cache_max_entries: usize,
     pub posthog: Option<PostHogConfig>,
@@ -247,6 +250,13 @@ impl Config {
                 }
             },
             models_cache_ttl_secs: parse_num("CACHE_TTL_SECONDS", get("CACHE_TTL_SECONDS"), 300, 0, 86_400 * 30)?,
+            response_cache_max_ttl_secs: parse_num(
+                "RESPONSE_CACHE_MAX_TTL_SECONDS",
+                get("RESPONSE_CACHE_MAX_TTL_SECONDS"),
+                7 * 86_400,
+                0,
+                crate::cache::MAX_KEY_TTL_SECS,
+            )?,
             auth_cache_ttl_secs: parse_num("AUTH_CACHE_TTL_SECONDS", get("AUTH_CACHE_TTL_SECONDS"), 10, 0, 3600)?,
             auth_cache_max_entries: parse_num(
                 "AUTH_CACHE_MAX_ENTRIES",
@@ -350,6 +360,7 @@ mod tests {
         assert_eq!(c.max_tokens_default, 4096);
         assert_eq!(c.rate_limit_per_minute, 60);
         assert_eq!(c.models_cache_ttl_secs, 300);
+        assert_eq!(c.response_cache_max_ttl_secs, 7 * 86_400);
         assert_eq!(c.allowed_origins, AllowedOrigins::List(vec![]));
         assert!(c.posthog.is_none());
         assert!(c.openrouter_api_key.is_none());
@@ -373,6 +384,9 @@ mod tests {
         assert_eq!(e.map(|e| e.variable), Some("MAX_TOKENS_DEFAULT"));
         let e = config(&[("MAX_TOKENS_DEFAULT", "9000"), ("MAX_TOKENS_LIMIT", "8192")]).err();
         assert_eq!(e.map(|e| e.variable), Some("MAX_TOKENS_DEFAULT"));
+        let e = config(&[("RESPONSE_CACHE_MAX_TTL_SECONDS", "31536001")]).err();
+        assert_eq!(e.map(|e| e.variable), Some("RESPONSE_CACHE_MAX_TTL_SECONDS"));
+        assert_eq!(config(&[("RESPONSE_CACHE_MAX_TTL_SECONDS", "0")]).map(|c| c.response_cache_max_ttl_secs), Ok(0));
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! API keys, the pure part: the key format, validation of create/update bodies, and the `api_keys` row in the
-//! shapes its readers need — [`KeyRecord`] (what authentication and admission read), [`KeyRow`] (the admin
+//! API keys, the pure part: the key format, validation of create/update bodies (limits and the response cache's
+//! settings), and the `api_keys` row in the shapes its readers need — [`KeyRecord`] (what authentication and admission read), [`KeyRow`] (the admin
 //! API's whole row), [`KeyFields`] (what an admin call sets) and [`KeyView`] (what it shows: never the hash).
 //!
 //! A key reads `sk-gw-<id>-<secret>`: a recognisable prefix, the 12-hex-digit public id (safe in logs and UIs), and
@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+use crate::cache::{Scope, MAX_KEY_TTL_SECS};
 use crate::error::ApiError;
 
 pub const KEY_PREFIX: &str = "sk-gw-";
@@ -39,6 +40,11 @@ pub struct KeyFields {
     pub max_concurrency: Option<Option<u64>>,
     pub allowed_models: Option<Option<Vec<String>>>,
     pub active: Option<bool>,
+    /// The response cache: how long answers are kept (`Some(None)`: only requests that ask are cached), whose
+    /// answers an entry serves (`key` or `user`), and whether requests that sample are cached too.
+    pub cache_ttl_seconds: Option<Option<u64>>,
+    pub cache_scope: Option<String>,
+    pub cache_sampled: Option<bool>,
 }
 
 const LIMIT_FIELDS: [(&str, u64); 4] = [
@@ -64,6 +70,9 @@ pub fn parse_fields(raw: &[u8], creating: bool) -> Result<KeyFields, ApiError> {
             "usd_limit",
             "max_concurrency",
             "allowed_models",
+            "cache_ttl_seconds",
+            "cache_scope",
+            "cache_sampled",
         ]
     } else {
         &[
@@ -76,6 +85,9 @@ pub fn parse_fields(raw: &[u8], creating: bool) -> Result<KeyFields, ApiError> {
             "max_concurrency",
             "allowed_models",
             "active",
+            "cache_ttl_seconds",
+            "cache_scope",
+            "cache_sampled",
         ]
     };
     if let Some(unknown) = body.keys().find(|k| !allowed.contains(&k.as_str())) {
@@ -90,10 +102,13 @@ pub fn parse_fields(raw: &[u8], creating: bool) -> Result<KeyFields, ApiError> {
         name: text(&body, "name", 200)?,
         usd_limit: positive_number(&body, "usd_limit")?,
         allowed_models: model_list(&body)?,
-        active: match body.get("active") {
+        active: flag(&body, "active")?,
+        cache_sampled: flag(&body, "cache_sampled")?,
+        cache_ttl_seconds: positive_integer(&body, "cache_ttl_seconds", MAX_KEY_TTL_SECS)?,
+        cache_scope: match body.get("cache_scope") {
             None => None,
-            Some(Value::Bool(b)) => Some(*b),
-            Some(_) => return Err(ApiError::invalid_param("active", "'active' must be true or false.")),
+            Some(Value::String(s)) if Scope::parse(s).is_some() => Some(s.clone()),
+            Some(_) => return Err(ApiError::invalid_param("cache_scope", "'cache_scope' must be key or user.")),
         },
         budget_period: match body.get("budget_period") {
             None => None,
@@ -120,6 +135,14 @@ pub fn parse_fields(raw: &[u8], creating: bool) -> Result<KeyFields, ApiError> {
         return Err(ApiError::invalid_request("Nothing to update: give at least one field."));
     }
     Ok(fields)
+}
+
+fn flag(body: &Map<String, Value>, field: &str) -> Result<Option<bool>, ApiError> {
+    match body.get(field) {
+        None => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(_) => Err(ApiError::invalid_param(field, format!("'{field}' must be true or false."))),
+    }
 }
 
 /// `None` = absent, `Some(None)` = null, `Some(Some(s))` = a non-empty string without control characters.
@@ -209,6 +232,11 @@ pub struct KeyRecord {
     pub allowed_models: Option<String>,
     /// When the row last changed (RFC 3339): the version of the key's limits.
     pub updated_at: String,
+    /// The response cache's settings (see `cache::KeySettings`).
+    pub cache_ttl_seconds: Option<u64>,
+    pub cache_scope: Option<String>,
+    #[serde(default)]
+    pub cache_sampled: u8,
 }
 
 /// One `api_keys` row as the store returns it (everything but the hash).
@@ -228,6 +256,9 @@ pub struct KeyRow {
     pub created_at: String,
     pub updated_at: String,
     pub revoked_at: Option<String>,
+    pub cache_ttl_seconds: Option<u64>,
+    pub cache_scope: String,
+    pub cache_sampled: u8,
 }
 
 impl KeyRow {
@@ -244,6 +275,9 @@ impl KeyRow {
             max_concurrency: self.max_concurrency.and_then(|n| u32::try_from(n).ok()),
             allowed_models: self.allowed_models.clone(),
             updated_at: self.updated_at.clone(),
+            cache_ttl_seconds: self.cache_ttl_seconds,
+            cache_scope: Some(self.cache_scope.clone()),
+            cache_sampled: self.cache_sampled,
         }
     }
 }
@@ -266,6 +300,9 @@ pub struct KeyView {
     pub created_at: String,
     pub updated_at: String,
     pub revoked_at: Option<String>,
+    pub cache_ttl_seconds: Option<u64>,
+    pub cache_scope: String,
+    pub cache_sampled: bool,
     /// The plaintext key: present only in the response that created it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
@@ -289,6 +326,9 @@ impl KeyView {
             created_at: row.created_at,
             updated_at: row.updated_at,
             revoked_at: row.revoked_at,
+            cache_ttl_seconds: row.cache_ttl_seconds,
+            cache_scope: row.cache_scope,
+            cache_sampled: row.cache_sampled == 1,
             key: None,
         }
     }
@@ -361,6 +401,10 @@ mod tests {
             (json!({"user_id": 7}), "user_id"),
             (json!({"user_id": "u", "key_hash": "x"}), "key_hash"),
             (json!({"user_id": "u", "active": true}), "active"),
+            (json!({"user_id": "u", "cache_ttl_seconds": 0}), "cache_ttl_seconds"),
+            (json!({"user_id": "u", "cache_ttl_seconds": 400 * 86_400}), "cache_ttl_seconds"),
+            (json!({"user_id": "u", "cache_scope": "everyone"}), "cache_scope"),
+            (json!({"user_id": "u", "cache_sampled": 1}), "cache_sampled"),
         ];
         for (body, expected) in cases {
             assert_eq!(param(body.clone(), true).as_deref(), Some(expected), "{body}");
@@ -369,6 +413,31 @@ mod tests {
         assert_eq!(param(json!({"user_id": "moved"}), false).as_deref(), Some("user_id"), "a key's owner is fixed");
         assert!(parse(json!({}), false).is_err());
         assert!(parse_fields(b"[]", true).is_err());
+    }
+
+    #[test]
+    fn cache_settings_are_set_and_cleared() {
+        let f = parse(
+            json!({"user_id": "u", "cache_ttl_seconds": 3600, "cache_scope": "user", "cache_sampled": true}),
+            true,
+        )
+        .expect("valid");
+        assert_eq!(
+            (f.cache_ttl_seconds, f.cache_scope.as_deref(), f.cache_sampled),
+            (Some(Some(3600)), Some("user"), Some(true))
+        );
+        let f = parse(json!({"cache_ttl_seconds": null, "cache_scope": "key"}), false).expect("valid");
+        assert_eq!((f.cache_ttl_seconds, f.cache_scope.as_deref(), f.cache_sampled), (Some(None), Some("key"), None));
+        let row =
+            KeyRow { cache_ttl_seconds: Some(60), cache_scope: "user".into(), cache_sampled: 1, ..KeyRow::default() };
+        let view = serde_json::to_value(KeyView::from_row(row.clone())).expect("json");
+        assert_eq!((view["cache_ttl_seconds"].as_u64(), view["cache_scope"].as_str()), (Some(60), Some("user")));
+        assert_eq!(view["cache_sampled"], true);
+        let record = row.record();
+        assert_eq!(
+            (record.cache_ttl_seconds, record.cache_scope.as_deref(), record.cache_sampled),
+            (Some(60), Some("user"), 1)
+        );
     }
 
     #[test]

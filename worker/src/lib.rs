@@ -10,6 +10,7 @@ pub mod admit;
 pub mod answer;
 pub mod auth;
 pub mod bindings;
+pub mod cache;
 pub mod catalog;
 pub mod config;
 pub mod consumer;

@@ -61,6 +61,13 @@ pub struct RequestLog {
     /// How a stream ended: `done`, `upstream_error`, `cut_off`, `malformed`, `client_abort`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stream_end: Option<&'static str>,
+    /// The response cache, when it was in play: `hit` (answered from it) or `miss`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<&'static str>,
+    /// What became of a miss's answer: `stored`, `incomplete` (failed, cut off, unfinished, without usage),
+    /// `too_large`, `write_failed`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_store: Option<&'static str>,
 }
 
 impl RequestLog {

@@ -1,11 +1,13 @@
 //! The request path, as a straight line of named stages:
 //!
 //! ```text
-//! route → authenticate → read body → validate (per endpoint) → price → admit (`limiter`: the isolate's lease
-//!       of the key, else the key's Durable Object) → forward
-//!       → reply (JSON, or a relayed stream) → decorate (security, CORS, rate-limit headers, request id)
+//! route → authenticate → read body → validate (per endpoint) → look up the response cache (a usable entry
+//!       is admitted reserving nothing, and is the reply) → price → admit (`limiter`: the isolate's lease of
+//!       the key, else the key's Durable Object) → forward
+//!       → reply (JSON, or a relayed stream) → decorate (security, CORS, rate-limit and cache headers, request id)
 //!       → finish, after the response is handed over: relay the stream, settle the reservation,
-//!         enqueue the usage event (→ the ledger + PostHog, see `consumer`), report the key's leases, log
+//!         enqueue the usage event (→ the ledger + PostHog, see `consumer`), store a whole answer the cache
+//!         planned for, report the key's leases, log
 //! ```
 //!
 //! Each stage either passes the request on or returns an [`ApiError`]; `handle` renders errors in one place, so
@@ -31,6 +33,7 @@ use crate::admit;
 use crate::answer;
 use crate::auth;
 use crate::bindings::{self, log_error, now_ms, random_bytes, within};
+use crate::cache::{self, replay, Entry, Plan, Stored};
 use crate::catalog;
 use crate::config::{Config, UnpricedModel};
 use crate::cors;
@@ -61,8 +64,18 @@ struct Exchange {
     /// Headers describing the key's windows (from the limiter's exact state).
     rate_headers: Vec<(&'static str, String)>,
     answer: Answer,
+    /// What the response cache did for the request, when it was in play.
+    cache: Option<CacheUse>,
     /// Calls this request made to its key's object, and the rows they wrote.
     limiter_traffic: limiter::Traffic,
+}
+
+/// The response cache's part in a request.
+enum CacheUse {
+    /// Answered from the cache: billed $0, with the original answer's tokens.
+    Hit { age_secs: u64, saved_cost_usd: f64 },
+    /// Answered by the upstream: a whole answer (kept here once known) is stored as the plan says.
+    Miss { plan: Plan, answer: Option<Value> },
 }
 
 /// What admission granted, and what billing needs to know about the request.
@@ -143,6 +156,7 @@ pub async fn handle(req: Request, env: Env, ctx: Context) -> Response {
         admitted: None,
         rate_headers: Vec::new(),
         answer: Answer::default(),
+        cache: None,
         limiter_traffic: limiter::Traffic::default(),
     };
 
@@ -218,13 +232,24 @@ async fn model_request(
 ) -> Result<Reply, ApiError> {
     let key = authenticate(&req, env, config, exchange).await?;
     let client_signal = req.inner().signal();
+    let cache_control = header(&req, "cache-control");
     let raw = read_body(&mut req, config.max_request_bytes, config.client_body_timeout_secs).await?;
     let request = validate::validate(endpoint, &raw, config)?;
     exchange.log.model = Some(request.model.clone());
     exchange.log.streamed = request.stream;
+    let cache_plan = cache::plan(&request, &key, cache_control.as_deref(), config.response_cache_max_ttl_secs);
+    if let Some(plan) = &cache_plan {
+        if let Some(hit) = answer_from_cache(env, config, &key, &request, plan, exchange).await? {
+            return Ok(hit);
+        }
+    }
     let prompt_estimate = admit::estimate_prompt_tokens(&request);
     let reserve = reservation_for(env, config, &key, &request, prompt_estimate).await?;
     admit(env, config, &key, &request, prompt_estimate, reserve, exchange).await?;
+    if let Some(plan) = cache_plan {
+        exchange.log.cache = Some("miss");
+        exchange.cache = Some(CacheUse::Miss { plan, answer: None });
+    }
 
     let mut upstream = forward::post(config, endpoint, &request.forward_body).await?;
     let status = upstream.response.status_code();
@@ -235,10 +260,53 @@ async fn model_request(
     }
     exchange.answer.generated = true;
     if request.stream {
-        stream_reply(upstream, client_signal, &request, config, exchange.started_ms)
+        let assemble = exchange.cache.is_some();
+        stream_reply(upstream, client_signal, &request, config, exchange.started_ms, assemble)
     } else {
         body_reply(endpoint, &mut upstream, config, exchange).await
     }
+}
+
+/// Answers from the response cache when it holds a usable entry: the request is admitted like any other (its
+/// rate limit, revocation, allowed models) but reserves nothing, and the stored answer is the reply — as stored,
+/// or replayed as a stream. `Ok(None)`: a miss.
+async fn answer_from_cache(
+    env: &Env,
+    config: &Config,
+    key: &KeyRecord,
+    request: &ModelRequest,
+    plan: &Plan,
+    exchange: &mut Exchange,
+) -> Result<Option<Reply>, ApiError> {
+    let Some(max_age_secs) = plan.policy.max_age_secs else { return Ok(None) };
+    let now = now_ms();
+    let Some(entry) = bindings::cached_answer(env, &plan.kv_key).await.filter(|e| e.usable(now, max_age_secs)) else {
+        return Ok(None);
+    };
+    let served = entry.served();
+    let body = served.to_string();
+    let Ok(summary) = answer::read_body(request.endpoint, body.as_bytes()) else { return Ok(None) };
+    exchange.cache = Some(CacheUse::Hit { age_secs: entry.age_secs(now), saved_cost_usd: entry.original_cost() });
+    if let Err(refused) = admit(env, config, key, request, 0, Amount::default(), exchange).await {
+        exchange.cache = None;
+        return Err(refused);
+    }
+    exchange.log.cache = Some("hit");
+    exchange.log.served_model = summary.served_model;
+    let answer = &mut exchange.answer;
+    answer.usage = summary.usage;
+    answer.finish_reason = summary.finish_reason;
+    if capture_content(config) {
+        answer.completion_text = Some(summary.content);
+    }
+    if !request.stream {
+        return Ok(Some(Reply::now(json_response(200, body))));
+    }
+    exchange.log.ttft_ms = Some(now_ms().saturating_sub(exchange.started_ms));
+    let replayed = replay::stream(&served, request.include_usage);
+    Ok(Some(Reply::now(
+        ResponseBuilder::new().with_status(200).with_headers(sse_headers()).fixed(replayed.into_bytes()),
+    )))
 }
 
 /// What the request may consume at most: its prompt estimate plus its output bound (`max_tokens × n`) in
@@ -390,6 +458,9 @@ async fn body_reply(
     if capture_content(config) {
         answer.completion_text = Some(completion.content);
     }
+    if let Some(CacheUse::Miss { answer, .. }) = &mut exchange.cache {
+        *answer = serde_json::from_slice(&bytes).ok();
+    }
     let headers = Headers::new();
     set_headers(&headers, &[("content-type", "application/json".to_owned())]);
     copy_generation_id(&upstream.response, &headers);
@@ -403,23 +474,21 @@ fn stream_reply(
     request: &ModelRequest,
     config: &Config,
     started_ms: u64,
+    assemble: bool,
 ) -> Result<Reply, ApiError> {
     let Upstream { response, abort } = upstream;
     let worker::ResponseBody::Stream(body) = response.body() else {
         return Err(ApiError::upstream_malformed());
     };
     let scanner = SseScanner::new(request.endpoint, request.include_usage, capture_content(config));
+    let scanner = if assemble { scanner.assembling() } else { scanner };
     // A chat or legacy stream that needs no edit (the client asked for the usage chunk) goes on the runtime's
     // own pipe. A Responses stream is never edited, but is relayed by the gateway all the same: only that
     // relay can end a cut-off stream with `response.failed`, which its SDKs need to tell it from a whole one.
     let native = request.include_usage && request.endpoint != Endpoint::Responses;
     let delivery = if native { Delivery::Native } else { Delivery::Edited };
     let relay = Relay::new(body, delivery, abort, client_signal, scanner, started_ms)?;
-    let headers = Headers::new();
-    set_headers(
-        &headers,
-        &[("content-type", "text/event-stream; charset=utf-8".to_owned()), ("cache-control", "no-cache".to_owned())],
-    );
+    let headers = sse_headers();
     copy_generation_id(&response, &headers);
     let client = ResponseBuilder::new().with_status(200).with_headers(headers).stream(relay.client_body.clone());
     let job = StreamJob {
@@ -448,10 +517,13 @@ async fn finish(env: Env, config: Rc<Config>, mut exchange: Exchange, stream: Op
         let mut event = usage_event(&exchange, &key, admitted.asked, usage, source, admitted.captured_input.as_ref());
         if let Some(reservation) = admitted.reservation {
             event.admitted_at_ms = reservation.admitted_at_ms;
-            let traffic = reservation.settle(&env, admit::actual_amount(&usage), config.limiter_timeout_ms).await;
+            // A cache hit reserved nothing and used nothing of the key's tokens or budget.
+            let used = if event.cache_hit { Amount::default() } else { admit::actual_amount(&usage) };
+            let traffic = reservation.settle(&env, used, config.limiter_timeout_ms).await;
             exchange.limiter_traffic.add(traffic);
         }
         enqueue(&env, &event).await;
+        store_in_cache(&env, &mut exchange).await;
         let traffic = limiter::report_leases(&env, &key.id, config.limiter_timeout_ms).await;
         exchange.limiter_traffic.add(traffic);
     }
@@ -460,6 +532,22 @@ async fn finish(env: Env, config: Rc<Config>, mut exchange: Exchange, stream: Op
         exchange.log.limiter_rows = Some(exchange.limiter_traffic.rows_written);
     }
     worker::console_log!("{}", exchange.log.to_line());
+}
+
+/// Stores a miss's answer, if the request was whole (complete, successful, with its usage) and fits in KV.
+async fn store_in_cache(env: &Env, exchange: &mut Exchange) {
+    let Some(CacheUse::Miss { plan, answer }) = &mut exchange.cache else { return };
+    let stored = match answer.take().filter(|answer| cache::storable(plan.endpoint, answer)) {
+        None => Stored::Incomplete,
+        Some(answer) => match Entry::new(answer, now_ms(), plan.policy.ttl_secs).encode() {
+            None => Stored::TooLarge,
+            Some(entry) => match bindings::store_answer(env, &plan.kv_key, entry, plan.policy.ttl_secs).await {
+                true => Stored::Stored,
+                false => Stored::WriteFailed,
+            },
+        },
+    };
+    exchange.log.cache_store = Some(stored.label());
 }
 
 /// What the request is billed: the upstream's usage report, else an estimate of what was generated (priced at
@@ -491,6 +579,10 @@ fn usage_event(
     let answer = &exchange.answer;
     let content =
         captured_input.map(|input| usage_event::capture(input, answer.completion_text.as_deref().unwrap_or_default()));
+    let saved_cost_usd = match exchange.cache {
+        Some(CacheUse::Hit { saved_cost_usd, .. }) => Some(saved_cost_usd),
+        _ => None,
+    };
     UsageEvent {
         request_id: exchange.log.request_id.clone(),
         client_request_id: exchange.log.client_request_id.clone(),
@@ -516,6 +608,8 @@ fn usage_event(
         endpoint: asked.endpoint,
         temperature: asked.temperature,
         max_tokens: asked.max_tokens,
+        cache_hit: saved_cost_usd.is_some(),
+        saved_cost_usd: saved_cost_usd.unwrap_or(0.0),
         content,
     }
 }
@@ -597,6 +691,9 @@ async fn read_body(req: &mut Request, limit: usize, timeout_secs: u64) -> Result
 }
 
 fn record_stream(exchange: &mut Exchange, outcome: RelayOutcome) {
+    if let Some(CacheUse::Miss { answer, .. }) = &mut exchange.cache {
+        *answer = outcome.answer;
+    }
     let summary = outcome.summary;
     let log = &mut exchange.log;
     log.served_model = summary.served_model;
@@ -629,7 +726,8 @@ fn json_response(status: u16, body: String) -> Response {
     ResponseBuilder::new().with_status(status).with_headers(headers).fixed(body.into_bytes())
 }
 
-/// Adds what every response carries: security headers, CORS, rate-limit state, the request ids, and no caching.
+/// Adds what every response carries: security headers, CORS, rate-limit state, the request ids, no HTTP caching,
+/// and what the response cache did (`x-cache: HIT` with `age`, or `x-cache: MISS`).
 fn decorate(mut response: Response, exchange: &Exchange, cors_headers: &[(&'static str, String)]) -> Response {
     let headers = response.headers_mut();
     for (name, value) in SECURITY_HEADERS {
@@ -644,7 +742,24 @@ fn decorate(mut response: Response, exchange: &Exchange, cors_headers: &[(&'stat
     }
     set_headers(headers, cors_headers);
     set_headers(headers, &exchange.rate_headers);
+    match &exchange.cache {
+        Some(CacheUse::Hit { age_secs, .. }) => {
+            set_headers(headers, &[("x-cache", "HIT".to_owned()), ("age", age_secs.to_string())])
+        }
+        Some(CacheUse::Miss { .. }) => set_headers(headers, &[("x-cache", "MISS".to_owned())]),
+        None => {}
+    }
     response
+}
+
+/// The headers of an SSE stream (relayed or replayed).
+fn sse_headers() -> Headers {
+    let headers = Headers::new();
+    set_headers(
+        &headers,
+        &[("content-type", "text/event-stream; charset=utf-8".to_owned()), ("cache-control", "no-cache".to_owned())],
+    );
+    headers
 }
 
 fn copy_generation_id(upstream: &Response, headers: &Headers) {

@@ -87,6 +87,12 @@ pub fn ai_event(
     put("requested_model", json!(event.model));
     put("api_key_id", json!(event.key_id));
     put("usage_source", json!(event.usage_source.as_str()));
+    // The gateway's response cache (not the provider's prompt cache, which `$ai_cache_read_input_tokens` counts):
+    // a hit cost nothing; `cache_saved_usd` is what its original answer cost.
+    put("cache_hit", json!(event.cache_hit));
+    if event.cache_hit {
+        put("cache_saved_usd", json!(event.saved_cost_usd));
+    }
     if let Some(client_id) = &event.client_request_id {
         put("client_request_id", json!(client_id));
     }
@@ -169,6 +175,8 @@ mod tests {
             endpoint: Endpoint::ChatCompletions,
             temperature: Some(0.2),
             max_tokens: 500,
+            cache_hit: false,
+            saved_cost_usd: 0.0,
             content: Some(CapturedContent {
                 input: json!([{"role": "user", "content": "hi"}]),
                 output: "hello".into(),
@@ -199,6 +207,20 @@ mod tests {
         assert_eq!(p["$ai_total_cost_usd"], 0.002);
         assert!(p.get("$ai_input").is_none() && p.get("$ai_output_choices").is_none(), "privacy by default");
         assert_eq!(p["$ai_span_name"], "chat.completions");
+        assert_eq!(p["cache_hit"], false);
+        assert!(p.get("cache_saved_usd").is_none());
+    }
+
+    #[test]
+    fn a_cache_hit_costs_nothing_and_says_what_it_saved() {
+        let hit = UsageEvent { cost_usd: 0.0, cache_hit: true, saved_cost_usd: 0.002, ..event() };
+        let v = ai_event(&hit, "t", "u", Some(ModelPrice { prompt: 1e-6, completion: 2e-6, request: 0.0 }), false);
+        let p = &v["properties"];
+        assert_eq!((p["cache_hit"].as_bool(), p["cache_saved_usd"].as_f64()), (Some(true), Some(0.002)));
+        for cost in ["$ai_total_cost_usd", "$ai_input_cost_usd", "$ai_output_cost_usd"] {
+            assert_eq!(p[cost], 0.0, "{cost}");
+        }
+        assert_eq!((p["$ai_input_tokens"].as_u64(), p["$ai_output_tokens"].as_u64()), (Some(100), Some(50)));
     }
 
     #[test]

@@ -74,6 +74,8 @@ impl StreamEnd {
 #[derive(Debug, Clone)]
 pub struct RelayOutcome {
     pub summary: StreamSummary,
+    /// The whole answer as a `chat.completion`, when the scanner assembled it and the stream was whole.
+    pub answer: Option<serde_json::Value>,
     pub end: StreamEnd,
     /// Milliseconds from `started_ms` to the read carrying the first token.
     pub ttft_ms: Option<u64>,
@@ -528,8 +530,10 @@ fn upstream_end(summary: &StreamSummary) -> StreamEnd {
 /// The relay's outcome, from what it learnt.
 fn outcome(scan: Rc<RefCell<Scan>>, end: StreamEnd) -> RelayOutcome {
     let mut scan = scan.borrow_mut();
-    let scanner = std::mem::replace(&mut scan.scanner, SseScanner::new(Endpoint::ChatCompletions, false, false));
+    let mut scanner = std::mem::replace(&mut scan.scanner, SseScanner::new(Endpoint::ChatCompletions, false, false));
+    let answer = if end == StreamEnd::Done { scanner.take_answer() } else { None };
     RelayOutcome {
+        answer,
         summary: scanner.into_summary(),
         end,
         ttft_ms: scan.ttft_ms,

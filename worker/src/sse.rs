@@ -25,6 +25,7 @@ use serde::de::IgnoredAny;
 use serde_json::Value;
 
 use crate::answer::{responses_finish_reason, OutputItem, ResponseObject};
+use crate::cache::assemble::Assembly;
 use crate::endpoint::Endpoint;
 use crate::error::ApiError;
 use crate::usage::Usage;
@@ -103,6 +104,8 @@ pub struct SseScanner {
     stopped: bool,
     summary: StreamSummary,
     responses: ResponsesState,
+    /// The answer put back together, while the response cache may store it (chat completions only).
+    assembly: Option<Assembly>,
 }
 
 /// What a Responses stream's failure ending needs: the created response and the last sequence number.
@@ -125,7 +128,23 @@ impl SseScanner {
     pub fn new(endpoint: Endpoint, include_usage: bool, capture_text: bool) -> Self {
         let summary = StreamSummary { completion_text: capture_text.then(String::new), ..StreamSummary::default() };
         let responses = ResponsesState::default();
-        Self { endpoint, include_usage, pending: Vec::new(), stopped: false, summary, responses }
+        Self { endpoint, include_usage, pending: Vec::new(), stopped: false, summary, responses, assembly: None }
+    }
+
+    /// Also puts a chat completion stream back together, for the response cache (see [`Self::take_answer`]).
+    pub fn assembling(mut self) -> Self {
+        if self.endpoint == Endpoint::ChatCompletions {
+            self.assembly = Some(Assembly::new());
+        }
+        self
+    }
+
+    /// The whole answer as a `chat.completion`, if it was assembled and the stream reached its `[DONE]` with no
+    /// error (the gateway's or the upstream's).
+    pub fn take_answer(&mut self) -> Option<Value> {
+        let summary = &self.summary;
+        let whole = summary.done && summary.upstream_error.is_none() && summary.gateway_stop.is_none();
+        self.assembly.take().filter(|_| whole).and_then(Assembly::finish)
     }
 
     pub fn summary(&self) -> &StreamSummary {
@@ -151,6 +170,11 @@ impl SseScanner {
         while let Some(len) = next_event_len(&self.pending[consumed..]) {
             let event = &self.pending[consumed..consumed + len];
             consumed += len;
+            if let Some(assembly) = self.assembly.as_mut() {
+                if let Some(data) = event_data(event).filter(|d| d.as_ref() != b"[DONE]") {
+                    assembly.push(&data);
+                }
+            }
             let verdict = match self.endpoint {
                 Endpoint::Responses => classify_response_event(event, &mut self.summary, &mut self.responses),
                 _ => classify(event, self.include_usage, &mut self.summary),
@@ -627,6 +651,34 @@ mod tests {
         assert_eq!(s.finish_reason.as_deref(), Some("stop"));
         assert!(s.done && s.first_token_seen);
         assert_eq!(s.completion_chars, 2);
+    }
+
+    #[test]
+    fn a_whole_stream_is_put_back_together_for_the_cache_and_a_cut_one_is_not() {
+        let stream = full_stream();
+        let feed = |bytes: &[u8], finish: bool| {
+            let mut scanner = SseScanner::new(Endpoint::ChatCompletions, false, false).assembling();
+            for piece in bytes.chunks(7) {
+                scanner.push(piece);
+            }
+            if finish {
+                scanner.finish(false);
+            }
+            scanner.take_answer()
+        };
+        let answer = feed(stream.as_bytes(), true).expect("assembled");
+        assert_eq!(answer["object"], "chat.completion");
+        assert_eq!(answer["choices"][0]["message"]["content"], "Hello");
+        assert_eq!(answer["choices"][0]["finish_reason"], "stop");
+        assert_eq!(answer["usage"]["total_tokens"], 15);
+        let cut = stream.replace(DONE, "");
+        assert_eq!(feed(cut.as_bytes(), true), None, "no [DONE]: cut off");
+        let failed =
+            [content("Hel"), "data: {\"error\":{\"message\":\"boom\"}}\n\n".to_owned(), DONE.to_owned()].concat();
+        assert_eq!(feed(failed.as_bytes(), true), None, "the upstream's error");
+        let mut plain = SseScanner::new(Endpoint::ChatCompletions, false, false);
+        plain.push(stream.as_bytes());
+        assert_eq!(plain.take_answer(), None, "not assembled unless asked");
     }
 
     #[test]

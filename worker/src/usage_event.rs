@@ -53,9 +53,19 @@ pub struct UsageEvent {
     pub endpoint: Endpoint,
     pub temperature: Option<f64>,
     pub max_tokens: u32,
+    /// Answered from the response cache: `cost_usd` is 0, the token counts are the original answer's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cache_hit: bool,
+    /// What the original answer of a cache hit cost upstream.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub saved_cost_usd: f64,
     /// The request's messages and the answer's text, only when content capture is on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<CapturedContent>,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -197,10 +207,15 @@ mod tests {
             endpoint: Endpoint::ChatCompletions,
             temperature: None,
             max_tokens: 5,
+            cache_hit: false,
+            saved_cost_usd: 0.0,
             content: None,
         };
         let json = serde_json::to_string(&e).expect("serialize");
-        assert!(!json.contains("content"));
+        assert!(!json.contains("content") && !json.contains("cache_hit"));
         assert_eq!(serde_json::from_str::<UsageEvent>(&json).expect("parse"), e);
+        let hit = UsageEvent { cache_hit: true, saved_cost_usd: 0.25, cost_usd: 0.0, ..e };
+        let json = serde_json::to_string(&hit).expect("serialize");
+        assert_eq!(serde_json::from_str::<UsageEvent>(&json).expect("parse"), hit);
     }
 }

@@ -61,6 +61,10 @@ pub struct UsageRow {
     pub output_tokens: u64,
     pub cached_tokens: u64,
     pub cost_usd: f64,
+    /// Requests answered from the response cache (their tokens are not in the counts above), and what their
+    /// original answers cost.
+    pub cache_hits: u64,
+    pub saved_cost_usd: f64,
 }
 
 /// A time bound as accepted in `from`/`to`: `YYYY`, `YYYY-MM`, `YYYY-MM-DD`, or an RFC 3339 UTC time
@@ -89,16 +93,21 @@ pub fn parse_time_bound(field: &str, raw: Option<&str>) -> Result<Option<String>
 /// The rows as CSV: a header, one line per group, RFC 4180 quoting. Cells that a spreadsheet would run as a
 /// formula (starting with `=`, `+`, `-`, `@`, a tab or a carriage return, OWASP's list) are prefixed with `'`.
 pub fn to_csv(group_by: GroupBy, rows: &[UsageRow]) -> String {
-    let mut out = format!("{},requests,input_tokens,output_tokens,cached_tokens,cost_usd\r\n", group_by.column_name());
+    let mut out = format!(
+        "{},requests,input_tokens,output_tokens,cached_tokens,cost_usd,cache_hits,saved_cost_usd\r\n",
+        group_by.column_name()
+    );
     for row in rows {
         out.push_str(&format!(
-            "{},{},{},{},{},{}\r\n",
+            "{},{},{},{},{},{},{},{}\r\n",
             csv_cell(&row.grp),
             row.requests,
             row.input_tokens,
             row.output_tokens,
             row.cached_tokens,
-            row.cost_usd
+            row.cost_usd,
+            row.cache_hits,
+            row.saved_cost_usd
         ));
     }
     out
@@ -154,6 +163,8 @@ mod tests {
                 output_tokens: 5,
                 cached_tokens: 0,
                 cost_usd: 0.25,
+                cache_hits: 3,
+                saved_cost_usd: 0.5,
             },
             UsageRow {
                 grp: "a,\"b\"".into(),
@@ -162,6 +173,8 @@ mod tests {
                 output_tokens: 1,
                 cached_tokens: 1,
                 cost_usd: 0.0,
+                cache_hits: 0,
+                saved_cost_usd: 0.0,
             },
             UsageRow {
                 grp: "=cmd()".into(),
@@ -170,14 +183,19 @@ mod tests {
                 output_tokens: 0,
                 cached_tokens: 0,
                 cost_usd: 0.0,
+                cache_hits: 0,
+                saved_cost_usd: 0.0,
             },
         ];
         let csv = to_csv(GroupBy::Model, &rows);
         let lines: Vec<&str> = csv.split("\r\n").collect();
-        assert_eq!(lines[0], "model,requests,input_tokens,output_tokens,cached_tokens,cost_usd");
-        assert_eq!(lines[1], "openai/gpt-4o,2,10,5,0,0.25");
-        assert_eq!(lines[2], "\"a,\"\"b\"\"\",1,1,1,1,0");
-        assert_eq!(lines[3], "'=cmd(),1,0,0,0,0");
+        assert_eq!(
+            lines[0],
+            "model,requests,input_tokens,output_tokens,cached_tokens,cost_usd,cache_hits,saved_cost_usd"
+        );
+        assert_eq!(lines[1], "openai/gpt-4o,2,10,5,0,0.25,3,0.5");
+        assert_eq!(lines[2], "\"a,\"\"b\"\"\",1,1,1,1,0,0,0");
+        assert_eq!(lines[3], "'=cmd(),1,0,0,0,0,0,0");
         let sneaky = |grp: &str| UsageRow { grp: grp.into(), ..rows[2].clone() };
         let csv = to_csv(GroupBy::Model, &[sneaky("\t=cmd()"), sneaky("\r=cmd()")]);
         assert!(csv.contains("'\t=cmd(),"), "{csv}");

@@ -87,6 +87,32 @@ async fn key_lifecycle_create_use_limit_revoke() {
 }
 
 #[tokio::test]
+async fn a_key_created_with_a_cache_ttl_answers_repeats_from_the_cache() {
+    let created = create(json!({"user_id": user("cache"), "cache_ttl_seconds": 600})).await;
+    assert_eq!(
+        (created["cache_ttl_seconds"].as_u64(), created["cache_scope"].as_str(), created["cache_sampled"].as_bool()),
+        (Some(600), Some("key"), Some(false))
+    );
+    let key = created["key"].as_str().expect("key");
+    let body = json!({"messages": [{"role": "user", "content": random_hex(8)}], "temperature": 0, "standin": {}});
+    let ask = || async {
+        let response =
+            client().post(gateway().url("/v1/chat/completions")).bearer_auth(key).json(&body).send().await.expect("up");
+        let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        (header("x-cache"), header("x-request-id").expect("request id"))
+    };
+    let (first, request_id) = ask().await;
+    assert_eq!(first.as_deref(), Some("MISS"));
+    // Stored once the request's log line is written.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !gateway().request_logs().iter().any(|l| l["request_id"] == request_id.as_str() && l["cache_store"] == "stored") {
+        assert!(Instant::now() < deadline, "the answer was never stored:\n{}", gateway().logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(ask().await.0.as_deref(), Some("HIT"));
+}
+
+#[tokio::test]
 async fn listing_pages_through_every_key_without_secrets() {
     let owner = user("page");
     let mut ids = HashSet::new();
@@ -182,10 +208,11 @@ async fn usage_aggregates_the_ledger_and_exports_csv() {
     assert!(csv.headers()["content-type"].to_str().unwrap_or("").starts_with("text/csv"));
     let text = csv.text().await.expect("csv");
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines[0], "day,requests,input_tokens,output_tokens,cached_tokens,cost_usd");
+    assert_eq!(lines[0], "day,requests,input_tokens,output_tokens,cached_tokens,cost_usd,cache_hits,saved_cost_usd");
     assert_eq!(lines.len(), 2, "one day: {text}");
     let cells: Vec<&str> = lines[1].split(',').collect();
-    assert_eq!(cells.len(), 6);
+    assert_eq!(cells.len(), 8);
+    assert_eq!((cells[6], cells[7]), ("0", "0"), "no cache hits");
     assert_eq!(cells[1], "3");
     assert_eq!(cells[2].parse::<u64>().ok(), Some(expected_input));
     assert!((cells[5].parse::<f64>().unwrap_or(-1.0) - expected_cost).abs() < 1e-9);
@@ -327,6 +354,22 @@ async fn the_keys_cli_manages_keys_for_people_and_scripts() {
     let (ok, out, _) = cli(&["update", &id, "--rpm", "none", "--json"]);
     assert!(ok);
     assert!(serde_json::from_str::<Value>(&out).expect("json")[0]["rpm"].is_null());
+
+    // The response cache's settings.
+    let (ok, out, err) =
+        cli(&["update", &id, "--cache-ttl", "600", "--cache-scope", "user", "--cache-sampled", "true", "--json"]);
+    assert!(ok, "{err}");
+    let updated = &serde_json::from_str::<Value>(&out).expect("json")[0];
+    assert_eq!(
+        (updated["cache_ttl_seconds"].as_u64(), updated["cache_scope"].as_str(), updated["cache_sampled"].as_bool()),
+        (Some(600), Some("user"), Some(true))
+    );
+    let (ok, out, _) = cli(&["update", &id, "--cache-ttl", "none", "--json"]);
+    assert!(ok);
+    assert!(serde_json::from_str::<Value>(&out).expect("json")[0]["cache_ttl_seconds"].is_null());
+    let (ok, _, err) = cli(&["update", &id, "--cache-scope", "world"]);
+    assert!(!ok);
+    assert!(err.contains("cache_scope"), "{err}");
 
     let (ok, out, _) = cli(&["revoke", &id, "--json"]);
     assert!(ok);

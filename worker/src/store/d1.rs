@@ -9,7 +9,7 @@ use serde_json::json;
 use wasm_bindgen::JsValue;
 use worker::{Env, Error};
 
-use super::{group_expression, ledger::RowState, KEY_COLUMNS};
+use super::{group_expression, ledger::RowState, AGGREGATES, KEY_COLUMNS, RECORD_COLUMNS};
 use crate::bindings::{self, iso_time, number_param, text_param};
 use crate::keys::{KeyFields, KeyRecord, KeyRow};
 use crate::usage_event::UsageEvent;
@@ -21,13 +21,8 @@ use crate::usage_report::{GroupBy, UsageFilter, UsageRow};
 
 /// The active key with this hash, as authentication needs it.
 pub async fn active_key(env: &Env, hash: &str) -> Result<Option<KeyRecord>, Error> {
-    let rows: Vec<KeyRecord> = bindings::d1_rows(
-        env,
-        "SELECT id, user_id, rpm, tpm, usage_limit, budget_period, usd_limit, max_concurrency, allowed_models, \
-         updated_at FROM api_keys WHERE key_hash = ?1 AND active = 1",
-        &[JsValue::from_str(hash)],
-    )
-    .await?;
+    let sql = format!("SELECT {RECORD_COLUMNS} FROM api_keys WHERE key_hash = ?1 AND active = 1");
+    let rows: Vec<KeyRecord> = bindings::d1_rows(env, &sql, &[JsValue::from_str(hash)]).await?;
     Ok(rows.into_iter().next())
 }
 
@@ -48,11 +43,15 @@ pub async fn insert_key(env: &Env, id: &str, hash: &str, fields: &KeyFields, now
         number_param(fields.max_concurrency.flatten().map(|n| n as f64)),
         text_param(models.as_deref()),
         JsValue::from_str(&now),
+        number_param(fields.cache_ttl_seconds.flatten().map(|n| n as f64)),
+        JsValue::from_str(fields.cache_scope.as_deref().unwrap_or("key")),
+        JsValue::from_f64(if fields.cache_sampled == Some(true) { 1.0 } else { 0.0 }),
     ];
     bindings::d1_run(
         env,
         "INSERT INTO api_keys (id, key_hash, user_id, name, rpm, tpm, usage_limit, budget_period, usd_limit, \
-         max_concurrency, allowed_models, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)",
+         max_concurrency, allowed_models, created_at, updated_at, cache_ttl_seconds, cache_scope, cache_sampled) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12, ?13, ?14, ?15)",
         &params,
     )
     .await
@@ -76,6 +75,7 @@ pub async fn update_key(env: &Env, id: &str, fields: &KeyFields, now_ms: u64) ->
         ("tpm", fields.tpm),
         ("usage_limit", fields.usage_limit),
         ("max_concurrency", fields.max_concurrency),
+        ("cache_ttl_seconds", fields.cache_ttl_seconds),
     ] {
         if let Some(value) = value {
             set(column, number_param(value.map(|n| n as f64)));
@@ -90,6 +90,12 @@ pub async fn update_key(env: &Env, id: &str, fields: &KeyFields, now_ms: u64) ->
     if let Some(models) = &fields.allowed_models {
         let json = models.as_ref().map(|m| json!(m).to_string());
         set("allowed_models", text_param(json.as_deref()));
+    }
+    if let Some(scope) = &fields.cache_scope {
+        set("cache_scope", JsValue::from_str(scope));
+    }
+    if let Some(sampled) = fields.cache_sampled {
+        set("cache_sampled", JsValue::from_f64(if sampled { 1.0 } else { 0.0 }));
     }
     if let Some(active) = fields.active {
         set("active", JsValue::from_f64(if active { 1.0 } else { 0.0 }));
@@ -135,10 +141,7 @@ pub async fn usage(env: &Env, group_by: GroupBy, filter: &UsageFilter) -> Result
 /// The aggregate query and its four parameters (`user_id`, `key_id`, `from`, `to`; null = no filter).
 pub fn aggregate_sql(group_by: GroupBy) -> String {
     format!(
-        "SELECT {} AS grp, COUNT(*) AS requests, COALESCE(SUM(input_tokens), 0) AS input_tokens, \
-         COALESCE(SUM(output_tokens), 0) AS output_tokens, COALESCE(SUM(cached_tokens), 0) AS cached_tokens, \
-         COALESCE(SUM(cost), 0) AS cost_usd FROM usage_logs \
-         WHERE (?1 IS NULL OR user_id = ?1) AND (?2 IS NULL OR key_id = ?2) \
+        "SELECT {} AS grp, {AGGREGATES} FROM usage_logs WHERE (?1 IS NULL OR user_id = ?1) AND (?2 IS NULL OR key_id = ?2) \
          AND (?3 IS NULL OR created_at >= ?3) AND (?4 IS NULL OR created_at < ?4) \
          GROUP BY grp ORDER BY grp",
         group_expression(group_by)
@@ -184,16 +187,16 @@ pub async fn reconcile_failed(env: &Env, request_id: &str, now_ms: u64) -> Resul
 /// One row per element of the JSON array `?1`; a request id already there is skipped (redelivery).
 pub const INSERT_BATCH: &str = "INSERT INTO usage_logs (request_id, client_request_id, generation_id, key_id, \
 user_id, model, served_model, input_tokens, output_tokens, cached_tokens, reasoning_tokens, cost, usage_source, \
-status, streamed, finish_reason, error, latency_ms, ttft_ms, created_at, reconcile_state, endpoint) \
-SELECT json_extract(value, '$.request_id'), json_extract(value, '$.client_request_id'), \
+status, streamed, finish_reason, error, latency_ms, ttft_ms, created_at, reconcile_state, endpoint, cache_hit, \
+saved_cost) SELECT json_extract(value, '$.request_id'), json_extract(value, '$.client_request_id'), \
 json_extract(value, '$.generation_id'), json_extract(value, '$.key_id'), json_extract(value, '$.user_id'), \
 json_extract(value, '$.model'), json_extract(value, '$.served_model'), json_extract(value, '$.input_tokens'), \
 json_extract(value, '$.output_tokens'), json_extract(value, '$.cached_tokens'), \
 json_extract(value, '$.reasoning_tokens'), json_extract(value, '$.cost'), json_extract(value, '$.usage_source'), \
 json_extract(value, '$.status'), json_extract(value, '$.streamed'), json_extract(value, '$.finish_reason'), \
 json_extract(value, '$.error'), json_extract(value, '$.latency_ms'), json_extract(value, '$.ttft_ms'), \
-json_extract(value, '$.created_at'), json_extract(value, '$.reconcile_state'), json_extract(value, '$.endpoint') \
-FROM json_each(?1) WHERE true ON CONFLICT (request_id) DO NOTHING";
+json_extract(value, '$.created_at'), json_extract(value, '$.reconcile_state'), json_extract(value, '$.endpoint'), \
+json_extract(value, '$.cache_hit'), json_extract(value, '$.saved_cost') FROM json_each(?1) WHERE true ON CONFLICT (request_id) DO NOTHING";
 
 /// Where the batch's rows stand: PostHog's verdict and reconciliation.
 pub const ROW_STATES: &str = "SELECT request_id, posthog_state, reconcile_state FROM usage_logs \

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use crate::usage_event::UsageEvent;
 
 /// The columns a batch insert writes: the keys of each [`rows_json`] row.
-pub const COLUMNS: [&str; 22] = [
+pub const COLUMNS: [&str; 24] = [
     "request_id",
     "client_request_id",
     "generation_id",
@@ -32,6 +32,8 @@ pub const COLUMNS: [&str; 22] = [
     "created_at",
     "reconcile_state",
     "endpoint",
+    "cache_hit",
+    "saved_cost",
 ];
 
 /// Where a request's row stands (PostHog's verdict, reconciliation).
@@ -86,6 +88,8 @@ pub fn rows_json<'a>(
                 "created_at": created_at(e.timestamp_ms),
                 "reconcile_state": reconcile(e).then_some("pending"),
                 "endpoint": e.endpoint.as_str(),
+                "cache_hit": u8::from(e.cache_hit),
+                "saved_cost": e.saved_cost_usd,
             })
         })
         .collect();
@@ -130,6 +134,8 @@ mod tests {
             endpoint: Endpoint::ChatCompletions,
             temperature: None,
             max_tokens: 8,
+            cache_hit: true,
+            saved_cost_usd: 0.125,
             content: None,
         };
         let rows: Value = serde_json::from_str(&rows_json([&event], |ms| format!("t{ms}"), |_| true)).expect("json");
@@ -143,6 +149,7 @@ mod tests {
         assert_eq!(row["usage_source"], "estimated");
         assert_eq!(row["reconcile_state"], "pending");
         assert_eq!(row["client_request_id"], "c");
+        assert_eq!((row["cache_hit"].as_u64(), row["saved_cost"].as_f64()), (Some(1), Some(0.125)));
     }
 
     #[test]

@@ -150,7 +150,20 @@ impl Store {
 
 /// The columns of a [`KeyRow`]: every admin read selects these (never `key_hash`).
 const KEY_COLUMNS: &str = "id, user_id, name, active, rpm, tpm, usage_limit, budget_period, usd_limit, \
-max_concurrency, allowed_models, created_at, updated_at, revoked_at";
+max_concurrency, allowed_models, created_at, updated_at, revoked_at, cache_ttl_seconds, cache_scope, cache_sampled";
+
+/// The columns of a [`KeyRecord`]: what authentication reads of an active key.
+const RECORD_COLUMNS: &str = "id, user_id, rpm, tpm, usage_limit, budget_period, usd_limit, max_concurrency, \
+allowed_models, updated_at, cache_ttl_seconds, cache_scope, cache_sampled";
+
+/// What a usage report sums, the same in both dialects: the tokens and cost of the upstream's work, and apart
+/// from them the cache hits (which used no budget and cost nothing) and what their original answers cost.
+const AGGREGATES: &str = "COUNT(*) AS requests, \
+COALESCE(SUM(CASE WHEN cache_hit = 0 THEN input_tokens ELSE 0 END), 0) AS input_tokens, \
+COALESCE(SUM(CASE WHEN cache_hit = 0 THEN output_tokens ELSE 0 END), 0) AS output_tokens, \
+COALESCE(SUM(CASE WHEN cache_hit = 0 THEN cached_tokens ELSE 0 END), 0) AS cached_tokens, \
+COALESCE(SUM(cost), 0) AS cost_usd, COALESCE(SUM(cache_hit), 0) AS cache_hits, \
+COALESCE(SUM(saved_cost), 0) AS saved_cost_usd";
 
 /// The SQL expression a report groups on, the same in both dialects (fixed strings only: never built from input).
 fn group_expression(group_by: GroupBy) -> &'static str {

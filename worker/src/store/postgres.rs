@@ -19,7 +19,7 @@ use tokio_postgres::Client;
 use worker::postgres_tls::PassthroughTls;
 use worker::{Env, Error, SecureTransport, Socket};
 
-use super::{group_expression, ledger::RowState, KEY_COLUMNS};
+use super::{group_expression, ledger::RowState, AGGREGATES, KEY_COLUMNS, RECORD_COLUMNS};
 use crate::bindings::{self, iso_time, log_error};
 use crate::keys::{KeyFields, KeyRecord, KeyRow};
 use crate::usage_event::UsageEvent;
@@ -41,9 +41,8 @@ impl Postgres {
     }
 
     pub async fn active_key(&self, hash: &str) -> Result<Option<KeyRecord>, Error> {
-        let sql = "SELECT id, user_id, rpm, tpm, usage_limit, budget_period, usd_limit, max_concurrency, \
-                   allowed_models, updated_at FROM api_keys WHERE key_hash = $1 AND active = 1";
-        Ok(self.rows(sql, &[(&hash, Type::TEXT)]).await?.into_iter().next())
+        let sql = format!("SELECT {RECORD_COLUMNS} FROM api_keys WHERE key_hash = $1 AND active = 1");
+        Ok(self.rows(&sql, &[(&hash, Type::TEXT)]).await?.into_iter().next())
     }
 
     pub async fn insert_key(&self, id: &str, hash: &str, fields: &KeyFields, now_ms: u64) -> Result<(), Error> {
@@ -54,10 +53,14 @@ impl Postgres {
         let [rpm, tpm, usage_limit, max_concurrency] =
             [fields.rpm, fields.tpm, fields.usage_limit, fields.max_concurrency].map(|n| n.flatten().map(int));
         let usd_limit = fields.usd_limit.flatten();
+        let cache_ttl = fields.cache_ttl_seconds.flatten().map(int);
+        let cache_scope = fields.cache_scope.as_deref().unwrap_or("key");
+        let cache_sampled = i32::from(fields.cache_sampled == Some(true));
         let sql = "INSERT INTO api_keys (id, key_hash, user_id, name, rpm, tpm, usage_limit, budget_period, \
-                   usd_limit, max_concurrency, allowed_models, created_at, updated_at) \
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12)";
-        let params: [Param; 12] = [
+                   usd_limit, max_concurrency, allowed_models, created_at, updated_at, cache_ttl_seconds, \
+                   cache_scope, cache_sampled) \
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12, $13, $14, $15)";
+        let params: [Param; 15] = [
             (&id, Type::TEXT),
             (&hash, Type::TEXT),
             (&fields.user_id, Type::TEXT),
@@ -70,6 +73,9 @@ impl Postgres {
             (&max_concurrency, Type::INT8),
             (&models, Type::TEXT),
             (&now, Type::TEXT),
+            (&cache_ttl, Type::INT8),
+            (&cache_scope, Type::TEXT),
+            (&cache_sampled, Type::INT4),
         ];
         self.execute(sql, &params).await.map(drop)
     }
@@ -77,8 +83,9 @@ impl Postgres {
     pub async fn update_key(&self, id: &str, fields: &KeyFields, now_ms: u64) -> Result<(), Error> {
         let now = iso_time(now_ms);
         let name = fields.name.as_ref().map(|n| n.as_deref());
-        let limits =
-            [fields.rpm, fields.tpm, fields.usage_limit, fields.max_concurrency].map(|set| set.map(|n| n.map(int)));
+        let limits = [fields.rpm, fields.tpm, fields.usage_limit, fields.max_concurrency, fields.cache_ttl_seconds]
+            .map(|set| set.map(|n| n.map(int)));
+        let cache_sampled = fields.cache_sampled.map(i32::from);
         let models = fields.allowed_models.as_ref().map(|m| m.as_ref().map(|m| json!(m).to_string()));
         let active = fields.active.map(i32::from);
         let revoked_at = fields.active.map(|active| (!active).then(|| now.clone()));
@@ -87,7 +94,8 @@ impl Postgres {
         if let Some(name) = &name {
             sets.push(("name", (name, Type::TEXT)));
         }
-        for (column, value) in ["rpm", "tpm", "usage_limit", "max_concurrency"].into_iter().zip(&limits) {
+        let limit_columns = ["rpm", "tpm", "usage_limit", "max_concurrency", "cache_ttl_seconds"];
+        for (column, value) in limit_columns.into_iter().zip(&limits) {
             if let Some(value) = value {
                 sets.push((column, (value, Type::INT8)));
             }
@@ -100,6 +108,12 @@ impl Postgres {
         }
         if let Some(models) = &models {
             sets.push(("allowed_models", (models, Type::TEXT)));
+        }
+        if let Some(scope) = &fields.cache_scope {
+            sets.push(("cache_scope", (scope, Type::TEXT)));
+        }
+        if let Some(sampled) = &cache_sampled {
+            sets.push(("cache_sampled", (sampled, Type::INT4)));
         }
         if let (Some(active), Some(revoked_at)) = (&active, &revoked_at) {
             sets.push(("active", (active, Type::INT4)));
@@ -237,10 +251,7 @@ impl Postgres {
 /// The aggregate query and its four parameters (`user_id`, `key_id`, `from`, `to`; null = no filter).
 fn aggregate_sql(group_by: GroupBy) -> String {
     format!(
-        "SELECT {} AS grp, COUNT(*) AS requests, COALESCE(SUM(input_tokens), 0) AS input_tokens, \
-         COALESCE(SUM(output_tokens), 0) AS output_tokens, COALESCE(SUM(cached_tokens), 0) AS cached_tokens, \
-         COALESCE(SUM(cost), 0) AS cost_usd FROM usage_logs \
-         WHERE ($1::text IS NULL OR user_id = $1) AND ($2::text IS NULL OR key_id = $2) \
+        "SELECT {} AS grp, {AGGREGATES} FROM usage_logs WHERE ($1::text IS NULL OR user_id = $1) AND ($2::text IS NULL OR key_id = $2) \
          AND ($3::text IS NULL OR created_at >= $3) AND ($4::text IS NULL OR created_at < $4) \
          GROUP BY 1 ORDER BY 1",
         group_expression(group_by)
@@ -250,15 +261,15 @@ fn aggregate_sql(group_by: GroupBy) -> String {
 /// One row per element of the JSON array `$1`; a request id already there is skipped (redelivery).
 const INSERT_BATCH: &str = "INSERT INTO usage_logs (request_id, client_request_id, generation_id, key_id, \
 user_id, model, served_model, input_tokens, output_tokens, cached_tokens, reasoning_tokens, cost, usage_source, \
-status, streamed, finish_reason, error, latency_ms, ttft_ms, created_at, reconcile_state, endpoint) \
-SELECT request_id, client_request_id, generation_id, key_id, user_id, model, served_model, input_tokens, \
+status, streamed, finish_reason, error, latency_ms, ttft_ms, created_at, reconcile_state, endpoint, cache_hit, \
+saved_cost) SELECT request_id, client_request_id, generation_id, key_id, user_id, model, served_model, input_tokens, \
 output_tokens, cached_tokens, reasoning_tokens, cost, usage_source, status, streamed, finish_reason, error, \
-latency_ms, ttft_ms, created_at, reconcile_state, endpoint FROM jsonb_to_recordset($1::jsonb) AS r(\
+latency_ms, ttft_ms, created_at, reconcile_state, endpoint, cache_hit, saved_cost FROM jsonb_to_recordset($1::jsonb) AS r(\
 request_id text, client_request_id text, generation_id text, key_id text, user_id text, model text, \
 served_model text, input_tokens bigint, output_tokens bigint, cached_tokens bigint, reasoning_tokens bigint, \
 cost double precision, usage_source text, status integer, streamed integer, finish_reason text, error text, \
-latency_ms bigint, ttft_ms bigint, created_at text, reconcile_state text, endpoint text) \
-ON CONFLICT (request_id) DO NOTHING";
+latency_ms bigint, ttft_ms bigint, created_at text, reconcile_state text, endpoint text, cache_hit integer, \
+saved_cost double precision) ON CONFLICT (request_id) DO NOTHING";
 
 /// Where the batch's rows stand: PostHog's verdict and reconciliation.
 const ROW_STATES: &str = "SELECT request_id, posthog_state, reconcile_state FROM usage_logs \
