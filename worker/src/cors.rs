@@ -7,7 +7,7 @@ use crate::config::AllowedOrigins;
 const EXPOSED_HEADERS: &str =
     "x-request-id, x-client-request-id, retry-after, retry-after-ms, x-ratelimit-limit-requests, \
 x-ratelimit-remaining-requests, x-ratelimit-reset-requests, x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens, \
-x-ratelimit-reset-tokens, ratelimit, ratelimit-policy, x-generation-id";
+x-ratelimit-reset-tokens, ratelimit, ratelimit-policy, x-generation-id, x-cache, age";
 const ALLOWED_METHODS: &str = "GET, POST, OPTIONS";
 /// Used when a preflight names no headers; otherwise the requested list is echoed (the OpenAI SDKs send many
 /// `x-stainless-*` headers, and a fixed list would break them whenever they add one).
@@ -79,6 +79,7 @@ mod tests {
         let h = response_headers(Some("http://localhost:3000"), &list());
         assert_eq!(get(&h, "access-control-allow-origin"), Some("http://localhost:3000"));
         assert!(get(&h, "access-control-expose-headers").is_some_and(|v| v.contains("x-request-id")));
+        assert!(get(&h, "access-control-expose-headers").is_some_and(|v| v.contains("x-cache, age")));
     }
 
     #[test]
