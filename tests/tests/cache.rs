@@ -23,7 +23,7 @@ fn options(runtime: Runtime, store: Store) -> GatewayOptions {
         .var("RATE_LIMIT_PER_MINUTE", 100_000)
         .var("ADMIN_API_KEY", ADMIN_KEY)
         .key_with("cached", &[("cache_ttl_seconds", TTL)])
-        .key_with("short", &[("cache_ttl_seconds", "2")])
+        .key_with("short", &[("cache_ttl_seconds", "3")])
         .key_with("sampled", &[("cache_ttl_seconds", TTL), ("cache_sampled", "1")])
         .keys(&["plain"])
         // Two keys of one user sharing their answers, a third of that user keeping its own, and another user's.
@@ -123,7 +123,7 @@ async fn a_miss_is_stored_then_hit_until_it_expires() {
 
     let hit = send(gw, "short", &body(&m), &[]).await;
     assert_eq!((hit.status, hit.x_cache.as_deref()), (200, Some("HIT")));
-    assert!(hit.age.is_some_and(|age| age < 2), "age: {:?}", hit.age);
+    assert!(hit.age.is_some_and(|age| age < 3), "age: {:?}", hit.age);
     let (original, replayed) = (first.json(), hit.json());
     assert_eq!(replayed["id"], original["id"], "the stored answer");
     assert_eq!(replayed["choices"], original["choices"]);
@@ -134,9 +134,9 @@ async fn a_miss_is_stored_then_hit_until_it_expires() {
     let line = log_line(gw, "request_id", &hit.request_id).await;
     assert_eq!((line["cache"].as_str(), line.get("upstream_status")), (Some("hit"), None));
 
-    // The entry was stored with a 2 s TTL: after that it is a miss again (KV keeps it longer; the gateway does not
+    // The entry was stored with a 3 s TTL: after that it is a miss again (KV keeps it longer; the gateway does not
     // serve it).
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    tokio::time::sleep(Duration::from_millis(3100)).await;
     let expired = send(gw, "short", &body(&m), &[]).await;
     assert_eq!(expired.x_cache.as_deref(), Some("MISS"));
     assert_ne!(expired.id(), first.id(), "a new generation");

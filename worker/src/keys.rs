@@ -1,6 +1,7 @@
 //! API keys, the pure part: the key format, validation of create/update bodies (limits and the response cache's
-//! settings), and the `api_keys` row in the shapes its readers need — [`KeyRecord`] (what authentication and admission read), [`KeyRow`] (the admin
-//! API's whole row), [`KeyFields`] (what an admin call sets) and [`KeyView`] (what it shows: never the hash).
+//! settings), and the `api_keys` row in the shapes its readers need — [`KeyRecord`] (what authentication,
+//! admission and the response cache read), [`KeyRow`] (the admin API's whole row), [`KeyFields`] (what an admin
+//! call sets) and [`KeyView`] (what it shows: never the hash).
 //!
 //! A key reads `sk-gw-<id>-<secret>`: a recognisable prefix, the 12-hex-digit public id (safe in logs and UIs), and
 //! 192 random bits. Only its SHA-256 is stored.

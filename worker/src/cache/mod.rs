@@ -1,7 +1,8 @@
 //! The response cache, the pure part: whether a request may be answered from KV or have its answer stored there,
-//! under which KV key, and the stored entries. The KV calls are `bindings`'; the pipeline's `cache` stages use
-//! this. Only chat completions (streamed or not, each mode served from the other's answers: [`assemble`] puts a
-//! stream back together, [`replay`] plays an answer as a stream) and embeddings are cached.
+//! under which KV key, and the stored entries. The KV calls are `bindings`'; the pipeline's stages
+//! `answer_from_cache` and `store_in_cache` use this. Only chat completions (streamed or not, each mode served
+//! from the other's answers: [`assemble`] puts a stream back together, [`replay`] plays an answer as a stream)
+//! and embeddings are cached.
 //!
 //! - **Opt-in.** A key's `cache_ttl_seconds` caches that key's deterministic requests (`temperature: 0`, and
 //!   embeddings), and its sampled ones too with `cache_sampled`; a request's `Cache-Control: max-age=N` caches it
