@@ -344,7 +344,12 @@ async fn failing_sinks_lose_nothing_and_never_duplicate_ledger_rows() {
     let logs = gw.logs();
     let (tries, batches) = (logs.matches("store_call_retried").count(), logs.matches("ledger_write_failed").count());
     println!("faults: {tries} D1 statements failed and were tried again, {batches} ledger batches were redelivered");
-    assert!(tries >= 3 && batches >= 1, "each failed statement was tried three times, then the batch redelivered");
+    // A statement is tried three times, so every batch the consumer gave up on (`ledger_write_failed`, then
+    // redelivered) logged two retries first; statements that failed once or twice and then passed add more.
+    assert!(
+        batches >= 1 && tries >= 2 * batches,
+        "each failed statement was tried three times, then the batch redelivered"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
