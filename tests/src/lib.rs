@@ -423,6 +423,19 @@ impl Gateway {
             .collect()
     }
 
+    /// The request log line whose `field` is `value`, once the gateway has written it (a request's line comes
+    /// after its response: its stream relayed, its usage event sent, its answer stored in the response cache).
+    pub async fn request_log(&self, field: &str, value: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(line) = self.request_logs().into_iter().find(|l| l[field] == value) {
+                return line;
+            }
+            assert!(Instant::now() < deadline, "no log line with {field} = {value}:\n{}", self.logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The local D1 database file (SQLite) behind the `DB` binding.
     pub fn d1_file(&self) -> PathBuf {
         d1_file(&self.state_dir)

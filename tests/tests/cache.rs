@@ -91,22 +91,9 @@ async fn send(gw: &Gateway, key: &str, body: &Value, headers: &[(&str, &str)]) -
     Answer { status, request_id, x_cache, age, text: response.text().await.expect("body") }
 }
 
-/// The request's log line, once the gateway has written it (after the response: the answer is stored, the usage
-/// event sent, then the line written).
-async fn log_line(gw: &Gateway, field: &str, value: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(line) = gw.request_logs().into_iter().find(|l| l[field] == value) {
-            return line;
-        }
-        assert!(Instant::now() < deadline, "no log line with {field} = {value}:\n{}", gw.logs());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// What became of a miss's answer (the log's `cache_store`), once it is known.
 async fn store_of(gw: &Gateway, request_id: &str) -> String {
-    log_line(gw, "request_id", request_id).await["cache_store"].as_str().unwrap_or("(none)").to_owned()
+    gw.request_log("request_id", request_id).await["cache_store"].as_str().unwrap_or("(none)").to_owned()
 }
 
 async fn upstream_calls(gw: &Gateway, marker: &str) -> usize {
@@ -131,7 +118,7 @@ async fn a_miss_is_stored_then_hit_until_it_expires() {
     assert!(original["usage"]["cost"].as_f64().is_some_and(|c| c > 0.0));
     assert_eq!(replayed["usage"]["cost"], 0.0, "a hit costs the client nothing");
     assert_eq!(upstream_calls(gw, &m).await, 1, "the hit never reached the upstream");
-    let line = log_line(gw, "request_id", &hit.request_id).await;
+    let line = gw.request_log("request_id", &hit.request_id).await;
     assert_eq!((line["cache"].as_str(), line.get("upstream_status")), (Some("hit"), None));
 
     // The entry was stored with a 3 s TTL: after that it is a miss again (KV keeps it longer; the gateway does not
@@ -213,7 +200,7 @@ async fn the_cache_is_opt_in_and_cache_control_steers_it() {
     assert_ne!(refreshed.id(), first.id());
     let bypass = send(gw, "cached", &body(&m), &[("cache-control", "no-store")]).await;
     assert_eq!((bypass.status, bypass.x_cache.as_deref()), (200, None));
-    assert_eq!(log_line(gw, "request_id", &bypass.request_id).await.get("cache_store"), None);
+    assert_eq!(gw.request_log("request_id", &bypass.request_id).await.get("cache_store"), None);
     // The same request spelled differently (field order, 0.0, streamed or not, a `user`) is the same entry.
     let respelled = json!({"standin": {}, "max_tokens": 32, "user": "someone", "temperature": 0.0,
                            "messages": [{"content": m, "role": "user"}]});
@@ -298,7 +285,7 @@ fn ok<'a>(results: &'a Value, call: &str) -> &'a Value {
 /// Waits until the gateway stored the answers of these calls (found by their client request ids).
 async fn stored_by_client_id(gw: &Gateway, ids: &[String]) {
     for id in ids {
-        let line = log_line(gw, "client_request_id", id).await;
+        let line = gw.request_log("client_request_id", id).await;
         assert_eq!(line["cache_store"], "stored", "{id}: {line}");
     }
 }
@@ -446,7 +433,7 @@ async fn failed_answers_are_never_stored(gw: &Gateway) {
         .expect("x-request-id")
         .trim()
         .to_owned();
-    let line = log_line(gw, "request_id", &request_id).await;
+    let line = gw.request_log("request_id", &request_id).await;
     assert_eq!((line["stream_end"].as_str(), line["cache_store"].as_str()), (Some("client_abort"), Some("incomplete")));
     assert_eq!(send(gw, "cached", &request, &[]).await.x_cache.as_deref(), Some("MISS"));
 }
@@ -529,7 +516,7 @@ async fn hits_are_requests_billed_at_zero(gw: &Gateway) {
         }
         let hit = send(gw, "budget", &request, &[("x-client-request-id", &id(&format!("{n}-hit")))]).await;
         assert_eq!(hit.x_cache.as_deref(), Some("HIT"), "{}", hit.text);
-        log_line(gw, "request_id", &hit.request_id).await;
+        gw.request_log("request_id", &hit.request_id).await;
     }
     let second = send(gw, "budget", &body(&marker("other")), &[("x-client-request-id", &id("4-miss"))]).await;
     assert_eq!(second.x_cache.as_deref(), Some("MISS"));

@@ -24,6 +24,7 @@ use sha2::{Digest, Sha256};
 
 use crate::endpoint::Endpoint;
 use crate::keys::KeyRecord;
+use crate::usage::Usage;
 use crate::validate::ModelRequest;
 
 /// Fields of a request body that do not change the answer: how it is delivered, who the client says asked, and
@@ -93,13 +94,6 @@ impl Scope {
             "key" => Some(Scope::Key),
             "user" => Some(Scope::User),
             _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Scope::Key => "key",
-            Scope::User => "user",
         }
     }
 }
@@ -239,7 +233,7 @@ impl Entry {
 
     /// What the original answer cost upstream (what a hit saves).
     pub fn original_cost(&self) -> f64 {
-        self.answer["usage"]["cost"].as_f64().filter(|c| c.is_finite() && *c >= 0.0).unwrap_or(0.0)
+        Usage::from_json(&self.answer["usage"]).and_then(|usage| usage.cost).unwrap_or(0.0)
     }
 
     /// The answer as a hit serves it: the original's usage, at no cost (`usage.cost` is 0 where the upstream
